@@ -1,0 +1,88 @@
+"""The one forward context that patched operators read their batch metadata from.
+
+``PatchedModel`` builds a :class:`PatchContext` per batch composition (device copies of the CSP
+layout plus lazily built stitch indices) and activates it around the wrapped model's forward with
+:func:`forward_context`. Patched operators call :func:`get_forward_context`; when it returns
+``None`` they behave exactly like the unwrapped diffusers module, so the model's own full-image
+forward stays available as the correctness oracle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from patchedserve.layout import AttentionGroup, CSPLayout
+from patchedserve.patch.stitcher import HaloIndex, build_halo_index
+
+_state = threading.local()
+
+
+@dataclass
+class PatchContext:
+    """Device-side view of one :class:`CSPLayout`, shared by every patched operator of a forward."""
+
+    layout: CSPLayout
+    device: torch.device
+    patch_entry: torch.Tensor  # [N] long, entry index of each patch
+    entry_first_patch: torch.Tensor  # [R] long, first patch of each entry
+    entry_num_patches: torch.Tensor  # [R, 1] float32, patches per entry (segment sizes)
+    groups: list[AttentionGroup]
+    _halo: dict[tuple[int, int], HaloIndex] = field(default_factory=dict, repr=False)
+    _extra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, layout: CSPLayout, device: torch.device) -> PatchContext:
+        return cls(
+            layout=layout,
+            device=device,
+            patch_entry=torch.as_tensor(layout.patch_entry, device=device),
+            entry_first_patch=torch.as_tensor(layout.entry_offsets[:-1], device=device),
+            entry_num_patches=torch.as_tensor(
+                np.diff(layout.entry_offsets), dtype=torch.float32, device=device
+            ).view(-1, 1),
+            groups=layout.attention_groups(),
+        )
+
+    @property
+    def num_patches(self) -> int:
+        return self.layout.num_patches
+
+    @property
+    def num_entries(self) -> int:
+        return self.layout.num_entries
+
+    def halo_index(self, side: int, halo: int) -> HaloIndex:
+        """Stitch indices for patches of ``side`` pixels padded by ``halo`` (built once, then cached)."""
+        key = (side, halo)
+        if key not in self._halo:
+            self._halo[key] = build_halo_index(self.layout, side, halo, self.device)
+        return self._halo[key]
+
+    def cached(self, key: str, build: object) -> torch.Tensor:
+        """Memoise a per-composition tensor (e.g. SD3 position indices) under ``key``."""
+        if key not in self._extra:
+            assert callable(build)
+            self._extra[key] = build()
+        return self._extra[key]
+
+
+def get_forward_context() -> PatchContext | None:
+    """The active context, or ``None`` outside a patched forward."""
+    return getattr(_state, "ctx", None)
+
+
+@contextlib.contextmanager
+def forward_context(ctx: PatchContext) -> Iterator[PatchContext]:
+    """Activate ``ctx`` for the duration of one patched forward (thread-local, re-entrant safe)."""
+    previous = get_forward_context()
+    _state.ctx = ctx
+    try:
+        yield ctx
+    finally:
+        _state.ctx = previous

@@ -1,0 +1,166 @@
+"""``PatchedModel``: runs a diffusers denoiser over a CSP batch of mixed-resolution patches, exactly.
+
+Two entry points:
+
+* ``pm(latents=[...], timesteps=[...], ...)`` takes one entry per request, lays them out, runs one
+  forward and returns one output per request in input order (tests, simple callers).
+* ``pm.forward_batch(batch)`` takes a prebuilt :class:`PatchBatch` so the engine pays for the layout
+  only when the composition changes, and keeps latents in patch form between steps.
+
+Per-entry conditioning travels per entry (``[R, ...]``); timesteps and added conditions are
+expanded to patches because the model's embedding layers run per sample. Used by the engine.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+from patchedserve.errors import InvalidRequestError
+from patchedserve.layout import CSPLayout, merge_patches, split_latents
+from patchedserve.patch.context import PatchContext, forward_context
+from patchedserve.patch.wrap import wrap_sd3, wrap_unet
+
+
+@dataclass
+class PatchBatch:
+    """One model call's inputs, in layout order (R entries, N patches)."""
+
+    layout: CSPLayout
+    patches: torch.Tensor  # [N, C, p, p]
+    timesteps: torch.Tensor  # [R]
+    encoder_hidden_states: torch.Tensor  # [R, L, D]
+    pooled: torch.Tensor | None = None  # [R, Dp] SDXL text_embeds / SD3 pooled_projections
+    time_ids: torch.Tensor | None = None  # [R, 6] SDXL only
+
+
+class PatchedModel:
+    """Wraps a UNet2DConditionModel or SD3Transformer2DModel for patched execution (in place)."""
+
+    def __init__(
+        self,
+        model: UNet2DConditionModel | SD3Transformer2DModel,
+        patch_size: int = 256,
+        vae_scale_factor: int = 8,
+        context_cache_size: int = 32,
+    ) -> None:
+        self.model = model
+        self.is_sd3 = isinstance(model, SD3Transformer2DModel)
+        self.unit = self.min_patch_size(model, vae_scale_factor)
+        if patch_size <= 0 or patch_size % self.unit:
+            raise InvalidRequestError(
+                f"patch size {patch_size} px does not suit this model: it must be a positive multiple of "
+                f"{self.unit} px (vae factor {vae_scale_factor} x the denoiser's downsampling)",
+                field="patch_size",
+            )
+        self.patch_size = patch_size
+        self.vae_scale_factor = vae_scale_factor
+        self.latent_patch = patch_size // vae_scale_factor
+        if self.is_sd3:
+            wrap_sd3(model)  # type: ignore[arg-type]
+        else:
+            wrap_unet(model)  # type: ignore[arg-type]
+        self._contexts: OrderedDict[tuple, PatchContext] = OrderedDict()
+        self._cache_size = context_cache_size
+
+    @staticmethod
+    def min_patch_size(model: torch.nn.Module, vae_scale_factor: int = 8) -> int:
+        """Smallest legal patch side in image pixels for this denoiser."""
+        if isinstance(model, SD3Transformer2DModel):
+            return vae_scale_factor * int(model.config.patch_size)
+        if isinstance(model, UNet2DConditionModel):
+            downs = sum(1 for b in model.down_blocks if getattr(b, "downsamplers", None))
+            return vae_scale_factor * 2**downs
+        raise TypeError(f"unsupported denoiser {type(model).__name__}")
+
+    # ------------------------------------------------------------------ layout
+    def layout_for(self, sizes_px: Sequence[tuple[int, int]], entry_ids: Sequence[int] | None = None) -> CSPLayout:
+        """CSP layout for images of the given pixel sizes (height, width)."""
+        latent = []
+        for h, w in sizes_px:
+            if h <= 0 or w <= 0 or h % self.patch_size or w % self.patch_size:
+                raise InvalidRequestError(
+                    f"size {w}x{h} is not a multiple of the patch size {self.patch_size} px; allowed sizes "
+                    f"are multiples of {self.patch_size} in both width and height",
+                    field="size",
+                )
+            latent.append((h // self.vae_scale_factor, w // self.vae_scale_factor))
+        return CSPLayout.build(latent, self.latent_patch, entry_ids)
+
+    def context(self, layout: CSPLayout, device: torch.device) -> PatchContext:
+        """Device metadata for ``layout``, cached per composition (LRU)."""
+        key = (layout.sizes, layout.entry_ids, str(device))
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = PatchContext.build(layout, device)
+            self._contexts[key] = ctx
+            if len(self._contexts) > self._cache_size:
+                self._contexts.popitem(last=False)
+        else:
+            self._contexts.move_to_end(key)
+        return ctx
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def forward_batch(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
+        x = batch.patches
+        ctx = self.context(batch.layout, x.device)
+        per_patch = ctx.patch_entry
+        t = batch.timesteps.to(x.device)[per_patch]  # [N]
+        with forward_context(ctx):
+            if self.is_sd3:
+                if batch.pooled is None:
+                    raise ValueError("SD3 needs pooled projections")
+                out = self.model(
+                    hidden_states=x,
+                    timestep=t,
+                    encoder_hidden_states=batch.encoder_hidden_states,
+                    pooled_projections=batch.pooled[per_patch],
+                    return_dict=False,
+                )[0]
+            else:
+                added = None
+                if batch.time_ids is not None and batch.pooled is not None:
+                    added = {"text_embeds": batch.pooled[per_patch], "time_ids": batch.time_ids[per_patch]}
+                out = self.model(
+                    x, t, encoder_hidden_states=batch.encoder_hidden_states, added_cond_kwargs=added,
+                    return_dict=False,
+                )[0]
+        return out.contiguous()
+
+    def __call__(
+        self,
+        latents: Sequence[torch.Tensor],  # each [C, h, w]
+        timesteps: Sequence[float | int | torch.Tensor],
+        encoder_hidden_states: Sequence[torch.Tensor],  # each [L, D]
+        added_cond_kwargs: Sequence[Mapping[str, torch.Tensor]] | None = None,  # SDXL: text_embeds, time_ids
+        pooled_projections: Sequence[torch.Tensor] | None = None,  # SD3: each [Dp]
+    ) -> list[torch.Tensor]:  # each [C_out, h, w], input order
+        n = len(latents)
+        for name, seq in (("timesteps", timesteps), ("encoder_hidden_states", encoder_hidden_states)):
+            if len(seq) != n:
+                raise ValueError(f"{name} has {len(seq)} entries for {n} latents")
+        sizes = [(int(x.shape[-2]) * self.vae_scale_factor, int(x.shape[-1]) * self.vae_scale_factor) for x in latents]
+        layout = self.layout_for(sizes)
+        order = list(layout.entry_ids)
+        dev = latents[0].device
+        batch = PatchBatch(
+            layout=layout,
+            patches=split_latents([latents[i] for i in order], layout),
+            timesteps=torch.stack([torch.as_tensor(timesteps[i], dtype=torch.float32) for i in order]).to(dev),
+            encoder_hidden_states=torch.stack([encoder_hidden_states[i] for i in order]),
+        )
+        if pooled_projections is not None:
+            batch.pooled = torch.stack([pooled_projections[i] for i in order])
+        if added_cond_kwargs is not None:
+            batch.pooled = torch.stack([added_cond_kwargs[i]["text_embeds"] for i in order])
+            batch.time_ids = torch.stack([added_cond_kwargs[i]["time_ids"] for i in order])
+        outs = merge_patches(self.forward_batch(batch), layout)
+        result: list[torch.Tensor] = [torch.empty(0)] * n
+        for pos, i in enumerate(order):
+            result[i] = outs[pos]
+        return result

@@ -1,0 +1,74 @@
+"""The Patch Edge Stitcher: gives every patch a halo of its neighbours' border pixels.
+
+A convolution with kernel > 1 needs, at a patch border, the pixels of the adjacent patches
+(diagonals included) and zeros at the true image border. For a level where patches are ``side``
+pixels wide, :func:`build_halo_index` precomputes, once per batch composition, for every pixel of
+every padded patch ``[side + 2*halo]^2`` which patch and which pixel it reads. :func:`stitch` then
+builds all padded patches with a single gather; off-image pixels read an arbitrary in-range pixel
+and are zeroed by ``mask`` (the fused GroupNorm path folds that mask into its affine step instead).
+Called by ``ops_conv`` and ``ops_norm`` through the forward context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from patchedserve.layout import CSPLayout
+from patchedserve.layout.csp import SENTINEL
+
+
+@dataclass(frozen=True)
+class HaloIndex:
+    """Gather indices of one (side, halo) level of one composition."""
+
+    side: int
+    halo: int
+    flat_src: torch.Tensor  # [N*S*S] long, source pixel (patch*side*side + row*side + col), S = side+2*halo
+    mask: torch.Tensor  # [N, 1, S, S] float32, 0 where the padded pixel lies outside the image
+
+    @property
+    def padded(self) -> int:
+        return self.side + 2 * self.halo
+
+
+def build_halo_index(layout: CSPLayout, side: int, halo: int, device: torch.device) -> HaloIndex:
+    if not 0 <= halo <= side:
+        raise ValueError(f"halo {halo} must be between 0 and the patch side {side}")
+    s, h = side, halo
+    big = s + 2 * h
+    pos = np.arange(big) - h  # padded coordinate -> coordinate relative to the patch origin
+    step = np.where(pos < 0, -1, np.where(pos >= s, 1, 0))  # which neighbour along this axis
+    local = pos - step * s  # coordinate inside that neighbour
+    dr, dc = np.meshgrid(step, step, indexing="ij")  # [S, S]
+    lr, lc = np.meshgrid(local, local, indexing="ij")
+    src = layout.neighbours[:, dr + 1, dc + 1]  # [N, S, S]
+    inside = src != SENTINEL
+    flat = np.where(inside, src, 0) * (s * s) + (lr * s + lc)[None]  # [N, S, S]
+    return HaloIndex(
+        side=s,
+        halo=h,
+        flat_src=torch.as_tensor(np.ascontiguousarray(flat).reshape(-1), device=device),
+        mask=torch.as_tensor(inside.reshape(len(src), 1, big, big), dtype=torch.float32, device=device),
+    )
+
+
+def gather_halo(x: torch.Tensor, index: HaloIndex) -> torch.Tensor:  # [N, C, S, S] channels-last
+    """Padded patches without zeroing: off-image pixels hold garbage that the caller must mask.
+
+    ``x``: [N, C, side, side]. One ``index_select`` over the pixels of a channels-last view: each
+    gathered row is a contiguous run of C values, which is far cheaper than a strided gather
+    (measured on CPU: below the cost of ``F.pad`` for the same tensor). The result is
+    channels-last, which convolutions on CPU and GPU consume natively.
+    """
+    n, c = x.shape[:2]
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, c)  # [N*side*side, C]; a view for channels-last x
+    out = pixels.index_select(0, index.flat_src)  # [N*S*S, C]
+    return out.view(n, index.padded, index.padded, c).permute(0, 3, 1, 2)
+
+
+def stitch(x: torch.Tensor, index: HaloIndex) -> torch.Tensor:  # [N, C, S, S] channels-last
+    """Padded patches with neighbour halos and zeros at the image border. ``x``: [N, C, side, side]."""
+    return gather_halo(x, index).mul_(index.mask.to(x.dtype))

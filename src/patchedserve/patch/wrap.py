@@ -1,0 +1,87 @@
+"""Installs the patch-aware operators on a diffusers denoiser, in place, sharing its weights.
+
+One pass over the module tree decides, per module, which patched forward it gets: halo convs,
+per-image GroupNorms (fused with the following conv's halo where the block structure allows it),
+per-image attention processors, and for SD3 the positional embedding and context-stream norms.
+Anything the patched path cannot make exact is refused here, at construction, with a clear error.
+Called by ``PatchedModel``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import PatchEmbed
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from torch import nn
+
+from patchedserve.patch.hooks import is_patched
+from patchedserve.patch.ops_attention import PatchedAttnProcessor, PatchedJointAttnProcessor
+from patchedserve.patch.ops_conv import conv_halo, patch_conv2d
+from patchedserve.patch.ops_norm import patch_group_norm
+from patchedserve.patch.ops_sd3 import patch_context_norm, patch_pos_embed
+
+
+def _zero_preserving(act: nn.Module) -> bool:
+    with torch.no_grad():
+        return bool(act(torch.zeros(1)).abs().max() == 0)
+
+
+def _fusable_pairs(model: nn.Module) -> list[tuple[nn.GroupNorm, nn.Conv2d]]:
+    """(GroupNorm, Conv2d) pairs where only a zero-preserving activation sits between them."""
+    pairs: list[tuple[nn.GroupNorm, nn.Conv2d]] = []
+    for m in model.modules():
+        if isinstance(m, ResnetBlock2D) and _zero_preserving(m.nonlinearity):
+            if m.upsample is None and m.downsample is None:
+                pairs.append((m.norm1, m.conv1))
+            if m.time_embedding_norm == "default":
+                pairs.append((m.norm2, m.conv2))
+    if isinstance(model, UNet2DConditionModel) and model.conv_norm_out is not None:
+        if model.conv_act is not None and _zero_preserving(model.conv_act):
+            pairs.append((model.conv_norm_out, model.conv_out))
+    return [(n, c) for n, c in pairs if isinstance(n, nn.GroupNorm) and conv_halo(c) > 0]
+
+
+def _refuse_unsupported(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ConvTranspose2d | nn.Conv1d | nn.Conv3d):
+            raise ValueError(f"{name}: {type(m).__name__} is not supported by patched execution")
+        if isinstance(m, Downsample2D) and m.use_conv and m.padding == 0:
+            raise ValueError(f"{name}: Downsample2D with padding=0 pads asymmetrically; not supported")
+        if isinstance(m, Upsample2D) and (m.use_conv_transpose or not m.interpolate):
+            raise ValueError(f"{name}: Upsample2D without nearest interpolation is not supported")
+
+
+def wrap_unet(model: UNet2DConditionModel) -> None:
+    _refuse_unsupported(model)
+    pairs = _fusable_pairs(model)
+    fused_norms = {id(n): conv_halo(c) for n, c in pairs}
+    prepadded = {id(c) for _, c in pairs}
+    for m in model.modules():
+        if is_patched(m):
+            continue
+        if isinstance(m, nn.Conv2d):
+            patch_conv2d(m, prepadded=id(m) in prepadded)
+        elif isinstance(m, nn.GroupNorm):
+            patch_group_norm(m, emit_halo=fused_norms.get(id(m), 0))
+        elif isinstance(m, Attention) and not isinstance(m.processor, PatchedAttnProcessor):
+            m.set_processor(PatchedAttnProcessor(m.processor))
+
+
+def wrap_sd3(model: SD3Transformer2DModel) -> None:
+    _refuse_unsupported(model)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and conv_halo(m) > 0:
+            raise ValueError(f"{name}: SD3 convs with a halo are unexpected")
+        if isinstance(m, nn.GroupNorm):
+            raise ValueError(f"{name}: GroupNorm inside an SD3 transformer is unexpected")
+    if not is_patched(model.pos_embed):
+        assert isinstance(model.pos_embed, PatchEmbed)
+        patch_pos_embed(model.pos_embed)
+    for block in model.transformer_blocks:
+        if not is_patched(block.norm1_context):
+            patch_context_norm(block.norm1_context)
+        for attn in (block.attn, getattr(block, "attn2", None)):
+            if attn is not None and not isinstance(attn.processor, PatchedJointAttnProcessor):
+                attn.set_processor(PatchedJointAttnProcessor(attn.processor))
