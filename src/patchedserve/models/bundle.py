@@ -19,6 +19,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+from patchedserve.models.quiet import quiet_hf
+
 Family = Literal["sd15", "sd2", "sdxl", "sd3"]
 FAMILIES: tuple[Family, ...] = ("sd15", "sd2", "sdxl", "sd3")
 
@@ -169,5 +171,7 @@ class ModelBundle:
     def save_pretrained(self, folder: str | Path) -> Path:
         """Writes a diffusers-format folder (with model_index.json) that `load_model(folder)` reads back."""
         folder = Path(folder)
-        self.diffusers_pipeline(self.default_scheduler()).save_pretrained(folder, safe_serialization=True)
+        with quiet_hf():  # "text_encoder_3=None cannot be saved" is expected for sd3 without T5
+            pipe = self.diffusers_pipeline(self.default_scheduler())
+            pipe.save_pretrained(folder, safe_serialization=True)
         return folder

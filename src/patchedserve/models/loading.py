@@ -15,6 +15,7 @@ from typing import Any
 from patchedserve.errors import ModelLoadError
 from patchedserve.models.builtin import BUILTIN_MODELS
 from patchedserve.models.bundle import Family, GenerationDefaults, ModelBundle
+from patchedserve.models.quiet import quiet_hf
 
 PIPELINE_FAMILIES: dict[str, Family | None] = {
     "StableDiffusionPipeline": None,  # sd15 or sd2, told apart by the U-Net's cross-attention width
@@ -104,11 +105,13 @@ def load_folder(folder: Path) -> ModelBundle:
     index = read_model_index(folder)
     class_name = pipeline_class_name(index, folder)
     pipeline_class = getattr(diffusers, class_name)
-    extra: dict[str, Any] = {"local_files_only": True}
+    # Components saved as [null, null] (e.g. SD3 without T5) must be passed as None explicitly.
+    extra: dict[str, Any] = {k: None for k, v in index.items() if v == [None, None]}
     if class_name == "StableDiffusionPipeline":
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        pipe = pipeline_class.from_pretrained(folder, **extra)
+        with quiet_hf():
+            pipe = pipeline_class.from_pretrained(folder, local_files_only=True, **extra)
     except Exception as err:  # diffusers raises many types; all mean "this folder cannot be loaded"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"could not load the diffusers folder {folder}: {reason}") from err

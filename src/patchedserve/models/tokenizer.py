@@ -48,5 +48,5 @@ def build_clip_tokenizer() -> CLIPTokenizer:
                 vocab.setdefault(left + right, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    merge_lines = [f"{left} {right}" for left, right in merges]
-    return CLIPTokenizer(vocab=vocab, merges=merge_lines, model_max_length=CLIP_MAX_LENGTH)
+    # The tokenizers backend takes (left, right) pairs; transformers' annotation only names strings.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)  # type: ignore[arg-type]
