@@ -1,0 +1,65 @@
+"""The ``patchedserve`` command: a registry of subcommands and the one place errors become messages.
+
+Each subcommand lives with the code it drives, in a module listed in `SUBCOMMANDS` that exposes
+``add_parser(subparsers)``; the parser it adds sets ``handler``, a function ``(args) -> exit code``.
+To add a subcommand (serve, bench, ...), write such a module and list it here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import NoReturn
+
+# Library chatter (optional-dependency hints, deprecations) is noise on a command line.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from patchedserve.errors import PatchedServeError
+
+SUBCOMMANDS: tuple[str, ...] = (
+    "patchedserve.reference.commands",  # generate, run
+    "patchedserve.models.commands",  # models
+)
+"""Modules that each add one or more subcommands, in the order ``--help`` lists them."""
+
+USAGE_ERROR = 2
+"""Exit code of bad input, as argparse uses."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one ``error: ...`` line, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandParser(
+        prog="patchedserve",
+        description="Mixed-resolution, SLO-aware serving of text-to-image diffusion models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in SUBCOMMANDS:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand; bad input exits with code 2 and one ``error:`` line, never a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except PatchedServeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
