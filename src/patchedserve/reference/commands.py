@@ -49,6 +49,7 @@ def add_parser(subparsers: Any) -> None:
     )
     run.add_argument("--model", default=DEFAULT_MODEL)
     run.add_argument("--out-dir", type=Path, default=Path("outputs"))
+    run.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     run.set_defaults(handler=run_main_job)
 
 
@@ -77,7 +78,7 @@ def run_main_job(args: argparse.Namespace) -> int:
     print(f"generating {len(RUN_SIZES)} images with {pipeline.bundle.name}: {RUN_PROMPT!r}")
     for width, height in RUN_SIZES:
         result = pipeline.generate(
-            prompt=RUN_PROMPT, width=width, height=height, progress=sys.stderr.isatty()
+            prompt=RUN_PROMPT, width=width, height=height, steps=args.steps, progress=sys.stderr.isatty()
         )
         out = _default_path(args.out_dir, pipeline, result)
         _save(result, out)

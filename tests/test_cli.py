@@ -1,0 +1,93 @@
+"""The ``patchedserve`` command, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest: one thread is faster for tiny models
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "patchedserve.cli", *args]
+    return subprocess.Popen(
+        command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def run(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    proc = start(args, cwd)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def test_generate_writes_the_image_and_reports_timings(tmp_path: Path) -> None:
+    args = ["generate", "--model", "tiny-sd3", "--prompt", "a cat", "--size", "64x48", "--steps", "2"]
+    code, out, err = run([*args, "--out", "img/out.png"], tmp_path)
+    assert code == 0, err
+    assert Image.open(tmp_path / "img" / "out.png").size == (64, 48)
+    assert "wrote img/out.png" in out and "timings:" in out and "denoise" in out
+    assert "Traceback" not in err and "denoise:" not in err  # no progress bar without a terminal
+
+
+def test_run_writes_three_resolutions(tmp_path: Path) -> None:
+    code, out, err = run(["run", "--steps", "1", "--out-dir", "imgs"], tmp_path)
+    assert code == 0, err
+    sizes = sorted(Image.open(p).size for p in (tmp_path / "imgs").glob("*.png"))
+    assert sizes == [(512, 512), (512, 768), (768, 512)]
+    assert "done: 3 images in" in out
+
+
+def test_models_lists_the_builtins(tmp_path: Path) -> None:
+    code, out, _ = run(["models"], tmp_path)
+    assert code == 0
+    assert all(
+        name in out for name in ("tiny-sd15", "tiny-sdxl (default)" if False else "tiny-sdxl", "tiny-sd3")
+    )
+
+
+BAD_INPUTS: dict[str, tuple[list[str], str]] = {
+    "size-not-multiple": (["--size", "500x512"], "width must be a multiple of 32"),
+    "size-non-positive": (["--size", "512x0"], "height must be a multiple of 32"),
+    "size-above-max": (["--size", "4096x512"], "to 2048"),
+    "size-malformed": (["--size", "big"], "--size must be WIDTHxHEIGHT"),
+    "unknown-model": (["--model", "tiny-nothing"], "neither a built-in model"),
+    "missing-folder": (["--model", "no/such/folder"], "neither a built-in model"),
+    "malformed-folder": (["--model", "broken"], "not valid JSON"),
+    "steps-out-of-range": (["--steps", "0"], "steps must be from 1 to 500"),
+    "guidance-out-of-range": (["--guidance", "99"], "guidance_scale must be from 0 to 50"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, str]]:
+    """Runs every bad-input case at once: each one only imports and fails, so they overlap well."""
+    cwd = tmp_path_factory.mktemp("cli")
+    (cwd / "broken").mkdir()
+    (cwd / "broken" / "model_index.json").write_text("{oops")
+    procs = {
+        case: start(["generate", "--prompt", "a cat", *args, "--out", "never.png"], cwd)
+        for case, (args, _) in BAD_INPUTS.items()
+    }
+    results = {}
+    for case, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[case] = (proc.returncode, out, err)
+    assert not (cwd / "never.png").exists()
+    return results
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_error_line_and_exit_code_2(
+    case: str, bad_input_results: dict[str, tuple[int, str, str]]
+) -> None:
+    code, out, err = bad_input_results[case]
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert BAD_INPUTS[case][1] in err
+    assert "Traceback" not in err and out == ""
