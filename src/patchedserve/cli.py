@@ -22,6 +22,8 @@ from patchedserve.errors import PatchedServeError
 SUBCOMMANDS: tuple[str, ...] = (
     "patchedserve.reference.commands",  # generate, run
     "patchedserve.models.commands",  # models
+    "patchedserve.scheduler.commands",  # profile
+    "patchedserve.bench.commands",  # bench step, bench slo
 )
 """Modules that each add one or more subcommands, in the order ``--help`` lists them."""
 

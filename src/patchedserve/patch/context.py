@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -23,6 +24,32 @@ from patchedserve.patch.stitcher import HaloIndex, build_halo_index
 _state = threading.local()
 
 
+class Stopwatch:
+    """Accumulates wall time per named section (synchronising CUDA so GPU time is counted)."""
+
+    def __init__(self) -> None:
+        self.totals_s: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def section(self, name: str, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.totals_s[name] = self.totals_s.get(name, 0.0) + time.perf_counter() - start
+
+
+def timed(ctx: PatchContext, name: str) -> contextlib.AbstractContextManager[None]:
+    """A section of ``ctx.stopwatch``, or a no-op when nothing is being timed."""
+    if ctx.stopwatch is None:
+        return contextlib.nullcontext()
+    return ctx.stopwatch.section(name, ctx.device)
+
+
 @dataclass
 class PatchContext:
     """Device-side view of one :class:`CSPLayout`, shared by every patched operator of a forward."""
@@ -31,8 +58,10 @@ class PatchContext:
     device: torch.device
     patch_entry: torch.Tensor  # [N] long, entry index of each patch
     entry_first_patch: torch.Tensor  # [R] long, first patch of each entry
-    entry_num_patches: torch.Tensor  # [R, 1] float32, patches per entry (segment sizes)
+    entry_average: torch.Tensor  # [N, N] float32, row n averages over the patches of n's entry
     groups: list[AttentionGroup]
+    stopwatch: Stopwatch | None = None
+    """Set by benchmarks to time the stitcher and regrouping; None (free) otherwise."""
     _halo: dict[tuple[int, int], HaloIndex] = field(default_factory=dict, repr=False)
     _extra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -43,9 +72,7 @@ class PatchContext:
             device=device,
             patch_entry=torch.as_tensor(layout.patch_entry, device=device),
             entry_first_patch=torch.as_tensor(layout.entry_offsets[:-1], device=device),
-            entry_num_patches=torch.as_tensor(
-                np.diff(layout.entry_offsets), dtype=torch.float32, device=device
-            ).view(-1, 1),
+            entry_average=torch.as_tensor(_entry_average(layout), device=device),
             groups=layout.attention_groups(),
         )
 
@@ -70,6 +97,13 @@ class PatchContext:
             assert callable(build)
             self._extra[key] = build()
         return self._extra[key]
+
+
+def _entry_average(layout: CSPLayout) -> np.ndarray:  # [N, N] float32
+    """Segment mean as a matrix: one small matmul instead of scatter/gather ops per GroupNorm."""
+    same = layout.patch_entry[:, None] == layout.patch_entry[None, :]
+    counts = np.diff(layout.entry_offsets)[layout.patch_entry].astype(np.float32)
+    return (same / counts[:, None]).astype(np.float32)
 
 
 def get_forward_context() -> PatchContext | None:

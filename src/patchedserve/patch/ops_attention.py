@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from patchedserve.patch.context import PatchContext, get_forward_context
+from patchedserve.patch.context import PatchContext, get_forward_context, timed
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:  # [B, L, H*d] -> [B, H, L, d]
@@ -61,7 +61,8 @@ def grouped_attention(
             kh = attn.norm_k(kh)
         o = F.scaled_dot_product_attention(qh, kh, vh)
         outs.append(_merge_heads(o).reshape(g.patch_end - g.patch_start, t, inner))
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+    with timed(ctx, "regroup"):
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class PatchedAttnProcessor:
@@ -172,5 +173,7 @@ def _joint_groups(
         o = _merge_heads(o)  # [R_g, tokens + L, H*d]
         img_outs.append(o[:, :tokens].reshape(g.patch_end - g.patch_start, t, inner))
         ctx_outs.append(o[:, tokens:])
-    cat = torch.cat
-    return (cat(img_outs) if len(img_outs) > 1 else img_outs[0]), (cat(ctx_outs) if len(ctx_outs) > 1 else ctx_outs[0])
+    with timed(ctx, "regroup"):
+        img = torch.cat(img_outs) if len(img_outs) > 1 else img_outs[0]
+        context_out = torch.cat(ctx_outs) if len(ctx_outs) > 1 else ctx_outs[0]
+    return img, context_out

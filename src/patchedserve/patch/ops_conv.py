@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchedserve.patch.context import get_forward_context
+from patchedserve.patch.context import get_forward_context, timed
 from patchedserve.patch.hooks import set_patched_forward
 from patchedserve.patch.stitcher import stitch
 
@@ -54,7 +54,8 @@ def patch_conv2d(conv: nn.Conv2d, prepadded: bool = False) -> None:
             padded = x
         else:
             side = x.shape[-1]
-            padded = stitch(x, ctx.halo_index(side, halo))
+            with timed(ctx, "stitch"):
+                padded = stitch(x, ctx.halo_index(side, halo))
         out = F.conv2d(padded, conv.weight, conv.bias, stride, 0, 1, conv.groups)
         keep = side // stride
         if out.shape[-1] != keep:  # the unread surplus halo row/column of strided convs

@@ -1,0 +1,60 @@
+"""``patchedserve bench ...``: the benchmark command group (step; more join as modules)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from patchedserve.errors import InvalidRequestError
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"512x512,768x512"`` (width x height) -> [(height, width), ...]."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            w, h = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise InvalidRequestError(f"size {part!r} is not WIDTHxHEIGHT, e.g. 768x512", field="size") from None
+        sizes.append((h, w))
+    return sizes
+
+
+def parse_ints(text: str, field: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise InvalidRequestError(f"{field} must be comma-separated integers; got {text!r}", field=field) from None
+    if any(v < 1 for v in values):
+        raise InvalidRequestError(f"{field} values must be at least 1; got {text!r}", field=field)
+    return values
+
+
+def add_parser(subparsers: Any) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks that write JSON (and plots)")
+    group = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    step = group.add_parser("step", help="one patched step over a mixed set vs image-level baselines")
+    step.add_argument("--model", default="tiny-sdxl")
+    step.add_argument("--sizes", default="512x512,768x768,1024x1024", help="WxH list")
+    step.add_argument("--per-size", default="1,4", help="requests of each size, one mix per value")
+    step.add_argument("--patch-size", type=int, default=256, help="patch side in image pixels")
+    step.add_argument("--repeats", type=int, default=3)
+    step.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    step.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    step.add_argument("--json", type=Path, default=None, help="write the report here")
+    step.set_defaults(handler=run_step)
+
+
+def run_step(args: argparse.Namespace) -> int:
+    from patchedserve.bench.step import run_step_bench, summary_lines, write_report
+
+    report = run_step_bench(
+        args.model, parse_sizes(args.sizes), parse_ints(args.per_size, "per_size"), args.patch_size,
+        args.repeats, args.device, args.dtype,
+    )
+    write_report(report, args.json)
+    print("\n".join(summary_lines(report)))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0

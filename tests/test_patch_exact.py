@@ -1,0 +1,140 @@
+"""Patched execution equals each model's own full-image forward (the oracle), for random mixes.
+
+Relative error = max|patched - full| / max|full| must be <= 1e-4 in float32 for every request,
+for the three built-in families, at the smallest legal patch size and a larger one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from patchedserve.errors import InvalidRequestError
+from patchedserve.models import load_model
+from patchedserve.patch import PatchedModel
+
+FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3"]
+REL_TOL = 1e-4
+TEXT_LEN = 5
+
+
+@cache
+def patched(name: str, scale: int) -> PatchedModel:
+    denoiser = load_model(name).denoiser
+    return PatchedModel(denoiser, patch_size=PatchedModel.min_patch_size(denoiser) * scale)
+
+
+@dataclass(eq=False)
+class Req:
+    latent: torch.Tensor  # [C, h, w]
+    timestep: torch.Tensor  # []
+    text: torch.Tensor  # [L, D]
+    pooled: torch.Tensor | None  # [Dp]
+    time_ids: torch.Tensor | None  # [6]
+
+
+def make_request(pm: PatchedModel, grid: tuple[int, int], seed: int) -> Req:
+    g = torch.Generator().manual_seed(seed)
+    cfg = pm.model.config
+    lp = pm.latent_patch
+    latent = torch.randn(cfg.in_channels, grid[0] * lp, grid[1] * lp, generator=g)
+    t = torch.rand((), generator=g) * 999
+    if pm.is_sd3:
+        text = torch.randn(TEXT_LEN, cfg.joint_attention_dim, generator=g)
+        return Req(latent, t, text, torch.randn(cfg.pooled_projection_dim, generator=g), None)
+    text = torch.randn(TEXT_LEN, cfg.cross_attention_dim, generator=g)
+    if cfg.addition_embed_type == "text_time":
+        dp = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        return Req(latent, t, text, torch.randn(dp, generator=g), torch.rand(6, generator=g) * 1024)
+    return Req(latent, t, text, None, None)
+
+
+def run_patched(pm: PatchedModel, reqs: list[Req]) -> list[torch.Tensor]:
+    added = None
+    if reqs[0].time_ids is not None:
+        added = [{"text_embeds": r.pooled, "time_ids": r.time_ids} for r in reqs]
+    pooled = [r.pooled for r in reqs] if pm.is_sd3 else None
+    return pm(
+        latents=[r.latent for r in reqs],
+        timesteps=[r.timestep for r in reqs],
+        encoder_hidden_states=[r.text for r in reqs],
+        added_cond_kwargs=added,
+        pooled_projections=pooled,
+    )
+
+
+@torch.no_grad()
+def run_full(pm: PatchedModel, r: Req) -> torch.Tensor:
+    model = pm.model
+    if isinstance(model, SD3Transformer2DModel):
+        return model(
+            hidden_states=r.latent[None], timestep=r.timestep[None], encoder_hidden_states=r.text[None],
+            pooled_projections=r.pooled[None],
+        ).sample[0]
+    added = None if r.time_ids is None else {"text_embeds": r.pooled[None], "time_ids": r.time_ids[None]}
+    return model(r.latent[None], r.timestep[None], encoder_hidden_states=r.text[None], added_cond_kwargs=added).sample[0]
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a - ref).abs().max() / ref.abs().max())
+
+
+grids = st.lists(st.tuples(st.integers(1, 3), st.integers(1, 3)), min_size=1, max_size=6)
+
+
+LARGER = {"tiny-sd15": 2, "tiny-sdxl": 2, "tiny-sd3": 4}
+"""Patch size multiplier over the smallest legal patch for the "larger patch" case."""
+
+
+@pytest.mark.parametrize("larger", [False, True], ids=["min-patch", "larger-patch"])
+@pytest.mark.parametrize("name", FAMILIES)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grids=grids, seed=st.integers(0, 2**16))
+def test_patched_equals_full_image_forward(name: str, larger: bool, grids: list[tuple[int, int]], seed: int) -> None:
+    pm = patched(name, LARGER[name] if larger else 1)
+    reqs = [make_request(pm, g, seed + i) for i, g in enumerate(grids)]
+    outs = run_patched(pm, reqs)
+    for r, out in zip(reqs, outs, strict=True):
+        ref = run_full(pm, r)
+        assert out.shape == ref.shape
+        assert rel_err(out, ref) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_output_does_not_depend_on_batch_companions(name: str) -> None:
+    pm = patched(name, 1)
+    probe = make_request(pm, (2, 1), seed=7)
+    alone = run_patched(pm, [probe])[0]
+    crowds = [
+        [make_request(pm, (1, 1), 1), probe],
+        [make_request(pm, (3, 2), 2), probe, make_request(pm, (2, 1), 3), make_request(pm, (1, 3), 4)],
+    ]
+    for crowd in crowds:
+        out = run_patched(pm, crowd)[crowd.index(probe)]
+        assert rel_err(out, alone) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_wrapping_leaves_the_full_image_forward_intact(name: str) -> None:
+    pm = patched(name, 1)
+    r = make_request(pm, (2, 2), seed=3)
+    before = run_full(pm, r)
+    run_patched(pm, [r])
+    assert torch.equal(run_full(pm, r), before)
+
+
+def test_bad_patch_sizes_and_image_sizes_are_refused() -> None:
+    denoiser = load_model("tiny-sdxl").denoiser
+    unit = PatchedModel.min_patch_size(denoiser)
+    with pytest.raises(InvalidRequestError, match=f"multiple of {unit} px"):
+        PatchedModel(denoiser, patch_size=unit + 8)
+    pm = patched("tiny-sdxl", 1)
+    bad = torch.zeros(4, pm.latent_patch + 1, pm.latent_patch)
+    with pytest.raises(InvalidRequestError, match="multiple of the patch size"):
+        pm([bad], [torch.tensor(1.0)], [torch.zeros(TEXT_LEN, pm.model.config.cross_attention_dim)])
