@@ -150,7 +150,7 @@ def build_tiny_sd15() -> ModelBundle:
             layers_per_block=1,
             norm_num_groups=16,
             cross_attention_dim=_CLIP_L.hidden,
-            attention_head_dim=4,
+            attention_head_dim=(1, 2, 2),  # heads per level; one head keeps 64x64 self-attention cheap
         ),
     )
     return ModelBundle(
