@@ -1,0 +1,48 @@
+"""Engine configuration: one frozen dataclass, checked on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from patchedserve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an engine batches, schedules and where it runs."""
+
+    patch_size: int = 256
+    """Patch side in image pixels; every image side must be a multiple of it."""
+    policy: str = "fcfs"
+    """Scheduling policy: ``fcfs`` or ``slo``."""
+    max_running: int = 12
+    """Most requests denoised together in one step."""
+    max_waiting: int = 256
+    """Most queued requests; beyond it new requests are refused (HTTP 429)."""
+    slo_scale: float = 5.0
+    """Deadline = arrival + slo_scale x standalone latency when a request gives no ``slo_ms``."""
+    on_infeasible: str = "drop"
+    """``slo`` policy: ``drop`` requests that cannot make their deadline, or keep them ``best-effort``."""
+    device: str = "cpu"
+    """Torch device of the denoiser (``cpu``, ``cuda``, ``cuda:1``)."""
+    dtype: str = "float32"
+    """Denoiser dtype: float32, float16 or bfloat16."""
+    decode_in_thread: bool = True
+    """Decode finished images on a worker thread so denoising does not wait for the VAE."""
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1 or self.max_waiting < 1:
+            raise InvalidRequestError("max_running and max_waiting must be at least 1", field="max_running")
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}", "dtype")
+        if self.on_infeasible not in ("drop", "best-effort"):
+            raise InvalidRequestError("on_infeasible must be drop or best-effort", field="on_infeasible")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -1,0 +1,242 @@
+"""``Engine``: step-level continuous batching of mixed-resolution requests over one patched model.
+
+One iteration (``step``): take arrivals and cancellations from the thread-safe inbox, ask the
+scheduler for the active set, prepare joiners (batched prompt encoding, noise), run one patched
+denoising step for all running requests, report the step to the scheduler, and hand finished
+latents to the decode worker. Results arrive as ``concurrent.futures.Future`` objects, so the same
+engine serves blocking callers (``generate``), a background loop (``start``) and asyncio
+(``agenerate``). A failing request fails alone; nothing a request does stops the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from patchedserve.engine.batch import DenoiseBatch
+from patchedserve.engine.config import EngineConfig
+from patchedserve.engine.prepare import Preparer
+from patchedserve.engine.results import EngineObserver, GenerationResult
+from patchedserve.errors import InvalidRequestError, PatchedServeError
+from patchedserve.models import ModelBundle, decode_latents, load_model, validate_generation
+from patchedserve.patch import PatchedModel
+from patchedserve.request import GenerationRequest, Request, RequestStatus
+from patchedserve.scheduler import Scheduler, StepOutcome
+from patchedserve.engine.scheduling import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(PatchedServeError):
+    """The waiting queue is at ``max_waiting``; retry later."""
+
+
+class Engine:
+    """Serves many requests of different sizes and step counts on one model."""
+
+    def __init__(self, bundle: ModelBundle, config: EngineConfig | None = None,
+                 scheduler: Scheduler | None = None) -> None:
+        self.bundle = bundle
+        self.config = config or EngineConfig()
+        self.device = torch.device(self.config.device)
+        weight = next(bundle.denoiser.parameters())
+        if weight.device != self.device or weight.dtype != self.config.torch_dtype:
+            bundle.denoiser.to(self.device, self.config.torch_dtype)
+        self.model = PatchedModel(bundle.denoiser, self.config.patch_size, bundle.vae_scale_factor)
+        self.preparer = Preparer(bundle, self.device, self.config.torch_dtype)
+        self.batch = DenoiseBatch(self.model, self.preparer.samplers, self.device)
+        self.scheduler = scheduler or build_scheduler(self.config, bundle, self.model)
+        self.observers: list[EngineObserver] = []
+        self.clock = time.monotonic
+        self._ids = itertools.count()
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._cancels: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._futures: dict[int, Future[GenerationResult]] = {}
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode") if self.config.decode_in_thread else None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+
+    @classmethod
+    def from_model(cls, model: str | ModelBundle = "tiny-sdxl", **config: object) -> Engine:
+        """An engine for a built-in name or local folder; keyword arguments go to ``EngineConfig``."""
+        bundle = model if isinstance(model, ModelBundle) else load_model(model)
+        return cls(bundle, EngineConfig(**config))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, gen: GenerationRequest) -> Future[GenerationResult]:
+        """Validate and queue one request; its future resolves when it reaches a final state.
+
+        Raises:
+            InvalidRequestError: a field is out of range (message names it).
+            QueueFullError: ``max_waiting`` requests are already queued.
+        """
+        params = validate_generation(self.bundle, gen.width, gen.height, gen.steps, gen.guidance_scale,
+                                     gen.sampler, gen.seed)
+        lp = self.model.patch_size
+        if params.width % lp or params.height % lp:
+            raise InvalidRequestError(
+                f"size {params.width}x{params.height} is not a multiple of this engine's patch size {lp} px; "
+                f"allowed sizes are multiples of {lp} in both width and height", field="size")
+        if self.scheduler.num_waiting + self._inbox.qsize() >= self.config.max_waiting:
+            raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting); retry later")
+        req = Request(
+            request_id=next(self._ids), prompt=gen.prompt, negative_prompt=gen.negative_prompt, params=params,
+            arrival_s=self.clock(), num_patches=(params.width // lp) * (params.height // lp), slo_ms=gen.slo_ms,
+        )
+        future: Future[GenerationResult] = Future()
+        future.request_id = req.request_id  # type: ignore[attr-defined]
+        self._futures[req.request_id] = future
+        self._inbox.put(req)
+        self._wake.set()
+        return future
+
+    def cancel(self, request_id: int) -> None:
+        """Remove a request at the next step boundary (no-op when it already ended)."""
+        self._cancels.put(request_id)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    def has_work(self) -> bool:
+        s = self.scheduler
+        return not self._inbox.empty() or not self._cancels.empty() or s.num_waiting > 0 or s.num_running > 0
+
+    def step(self) -> None:
+        """One iteration: admit, prepare, denoise one step, retire finished requests."""
+        now = self.clock()
+        self._drain_inbox(now)
+        out = self.scheduler.schedule(now)
+        for r in out.dropped:
+            self._resolve(r)
+        if out.admitted:
+            self._prepare(out.admitted)
+        running = [r for r in out.running if r.status == RequestStatus.RUNNING]
+        if not running:
+            return
+        start = self.clock()
+        try:
+            self.batch.sync(running)
+            self.batch.step()
+        except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the loop
+            log.exception("denoising step failed")
+            self.batch = DenoiseBatch(self.model, self.preparer.samplers, self.device)
+            self._fail([r.request_id for r in running], f"denoising step failed: {err}")
+            return
+        end = self.clock()
+        for r in out.admitted:
+            r.timings.first_step_s = start
+        for done in self.scheduler.update_from_output(StepOutcome(running, end - start, end)):
+            self._retire(done)
+        num_patches = sum(r.num_patches * r.num_entries for r in running)
+        for o in self.observers:
+            o.on_step(end - start, num_patches, len(running), self.scheduler.num_waiting)
+
+    def _drain_inbox(self, now: float) -> None:
+        while not self._inbox.empty():
+            self.scheduler.add_request(self._inbox.get(), now)
+        cancels = []
+        while not self._cancels.empty():
+            cancels.append(self._cancels.get())
+        for r in self.scheduler.finish_requests(cancels, RequestStatus.CANCELLED):
+            r.error = "cancelled"
+            self._resolve(r)
+
+    def _prepare(self, admitted: list[Request]) -> None:
+        try:
+            self.preparer.prepare(admitted)
+        except Exception as err:  # noqa: BLE001
+            log.exception("request preparation failed")
+            self._fail([r.request_id for r in admitted], f"preparation failed: {err}")
+            return
+        now = self.clock()
+        for r in admitted:
+            r.timings.encoded_s = now
+
+    def _fail(self, ids: Sequence[int], message: str) -> None:
+        for r in self.scheduler.finish_requests(ids, RequestStatus.FAILED):
+            r.error = message
+            self._resolve(r)
+
+    def _retire(self, r: Request) -> None:
+        """Take a fully denoised request out and decode it (on the worker thread if configured)."""
+        latents = self.batch.final_latents(r).clone()  # [C, h, w]
+        r.timings.denoised_s = self.clock()
+        r.state.clear()
+        if self._decoder is None:
+            self._decode(r, latents)
+        else:
+            self._decoder.submit(self._decode, r, latents)
+
+    def _decode(self, r: Request, latents: torch.Tensor) -> None:
+        try:
+            image = decode_latents(self.bundle, latents[None])[0]
+        except Exception as err:  # noqa: BLE001 - a failed decode fails this request alone
+            log.exception("decode failed for request %d", r.request_id)
+            r.status, r.error = RequestStatus.FAILED, f"decode failed: {err}"
+            self._resolve(r)
+            return
+        r.status = RequestStatus.FINISHED
+        self._resolve(r, image)
+
+    def _resolve(self, r: Request, image: object = None) -> None:
+        r.timings.finished_s = self.clock()
+        r.state.clear()
+        result = GenerationResult.of(r, image)  # type: ignore[arg-type]
+        for o in self.observers:
+            o.on_result(r, result)
+        future = self._futures.pop(r.request_id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    # ------------------------------------------------------------------ front ends
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate all requests (blocking); results in input order."""
+        futures = [self.submit(g) for g in requests]
+        while not all(f.done() for f in futures):
+            if self._loop is None and self.has_work():
+                self.step()
+            else:
+                time.sleep(0.005)
+        return [f.result() for f in futures]
+
+    async def agenerate(self, gen: GenerationRequest) -> GenerationResult:
+        """Asyncio front: needs the background loop (``start``)."""
+        if self._loop is None:
+            raise RuntimeError("call Engine.start() before agenerate")
+        return await asyncio.wrap_future(self.submit(gen))
+
+    def start(self) -> None:
+        """Run the loop on a background thread (for servers)."""
+        if self._loop is not None:
+            return
+        self._stop.clear()
+        self._loop = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._loop.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._loop is not None:
+            self._loop.join()
+            self._loop = None
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.has_work():
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001 - the loop must survive anything
+                    log.exception("engine iteration failed")
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
