@@ -1,0 +1,168 @@
+"""The engine against the reference pipeline: same image whatever a request was batched with."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import pytest
+
+from patchedserve.engine import Engine, GenerationResult, QueueFullError
+from patchedserve.errors import InvalidRequestError
+from patchedserve.reference import ReferencePipeline
+from patchedserve.request import GenerationRequest, RequestStatus
+
+MAX_PIXEL_DIFF = 2  # out of 255
+
+
+@cache
+def reference(model: str) -> ReferencePipeline:
+    return ReferencePipeline.from_model(model)
+
+
+def reference_image(model: str, g: GenerationRequest) -> np.ndarray:
+    image = reference(model).generate(
+        prompt=g.prompt, negative_prompt=g.negative_prompt, width=g.width, height=g.height, steps=g.steps,
+        guidance_scale=g.guidance_scale, seed=g.seed, sampler=g.sampler,
+    ).image
+    return np.asarray(image, dtype=np.int16)
+
+
+def assert_matches_reference(model: str, g: GenerationRequest, result: GenerationResult) -> None:
+    assert result.status == RequestStatus.FINISHED, result.error
+    assert result.image is not None and result.image.size == (g.width, g.height)
+    diff = np.abs(np.asarray(result.image, dtype=np.int16) - reference_image(model, g)).max()
+    assert diff <= MAX_PIXEL_DIFF
+
+
+@pytest.fixture
+def sdxl_engine() -> Engine:
+    engine = Engine.from_model("tiny-sdxl", patch_size=64, decode_in_thread=False)
+    yield engine
+    engine.stop()
+
+
+MIXED = [
+    GenerationRequest("a red fox", width=128, height=64, steps=4, seed=1, sampler="euler"),
+    GenerationRequest("a dog", width=64, height=64, steps=3, guidance_scale=1.0, seed=2, sampler="euler"),
+    GenerationRequest("a cow", negative_prompt="blurry", width=64, height=192, steps=5, seed=3, sampler="dpmpp_2m"),
+    GenerationRequest("a fox", width=128, height=128, steps=2, guidance_scale=3.0, seed=4, sampler="ddim"),
+]
+
+
+def test_mixed_batch_equals_reference_for_every_request(sdxl_engine: Engine) -> None:
+    results = sdxl_engine.generate(MIXED)
+    for g, r in zip(MIXED, results, strict=True):
+        assert_matches_reference("tiny-sdxl", g, r)
+
+
+def test_sd3_flow_matching_mixed_batch_equals_reference() -> None:
+    engine = Engine.from_model("tiny-sd3", patch_size=32, decode_in_thread=False)
+    reqs = [
+        GenerationRequest("a boat", width=64, height=32, steps=3, seed=5),
+        GenerationRequest("a lake", width=32, height=32, steps=2, guidance_scale=1.0, seed=6),
+        GenerationRequest("a hill", width=96, height=64, steps=4, guidance_scale=4.0, seed=7),
+    ]
+    try:
+        for g, r in zip(reqs, engine.generate(reqs), strict=True):
+            assert_matches_reference("tiny-sd3", g, r)
+    finally:
+        engine.stop()
+
+
+def test_requests_join_and_leave_at_every_step(sdxl_engine: Engine) -> None:
+    # A new request arrives before every step while earlier ones finish at different steps, so the
+    # batch composition changes at every step boundary, in both directions.
+    arrivals = [
+        GenerationRequest(f"prompt {i}", width=64 * (1 + i % 2), height=64 * (1 + i // 3), steps=2 + i % 3,
+                          guidance_scale=1.0 if i % 2 else 4.0, seed=10 + i, sampler=("euler", "dpmpp_2m")[i % 2])
+        for i in range(6)
+    ]
+    futures, compositions = [], []
+    for g in arrivals:
+        futures.append(sdxl_engine.submit(g))
+        sdxl_engine.step()
+        compositions.append(tuple(r.request_id for r in sdxl_engine.scheduler.running))
+    while sdxl_engine.has_work():
+        sdxl_engine.step()
+    assert len(set(compositions)) == len(compositions)  # every step saw a different running set
+    for g, f in zip(arrivals, futures, strict=True):
+        assert_matches_reference("tiny-sdxl", g, f.result(timeout=0))
+
+
+def test_cancellation_frees_the_request_and_the_rest_go_on(sdxl_engine: Engine) -> None:
+    keep = GenerationRequest("stay", width=64, height=64, steps=4, seed=1)
+    drop = GenerationRequest("leave", width=128, height=64, steps=6, seed=2)
+    f_keep, f_drop = sdxl_engine.submit(keep), sdxl_engine.submit(drop)
+    sdxl_engine.step()
+    sdxl_engine.step()
+    sdxl_engine.cancel(f_drop.request_id)  # type: ignore[attr-defined]
+    sdxl_engine.step()
+    cancelled = f_drop.result(timeout=0)
+    assert cancelled.status == RequestStatus.CANCELLED and cancelled.image is None
+    assert all(r.request_id != f_drop.request_id for r in sdxl_engine.scheduler.running)  # type: ignore[attr-defined]
+    while sdxl_engine.has_work():
+        sdxl_engine.step()
+    assert_matches_reference("tiny-sdxl", keep, f_keep.result(timeout=0))
+
+
+def test_a_failing_decode_fails_only_its_request(sdxl_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import patchedserve.engine.engine as engine_module
+
+    real = engine_module.decode_latents
+
+    def flaky(bundle, latents):  # type: ignore[no-untyped-def]
+        if latents.shape[-1] == 16:  # the 128 px wide request
+            raise RuntimeError("boom")
+        return real(bundle, latents)
+
+    monkeypatch.setattr(engine_module, "decode_latents", flaky)
+    good = GenerationRequest("fine", width=64, height=64, steps=2, seed=1)
+    bad = GenerationRequest("broken", width=128, height=64, steps=2, seed=2)
+    r_good, r_bad = sdxl_engine.generate([good, bad])
+    assert r_bad.status == RequestStatus.FAILED and "boom" in (r_bad.error or "")
+    assert_matches_reference("tiny-sdxl", good, r_good)
+
+
+def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(sdxl_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = sdxl_engine.model.forward_batch
+
+    def once_broken(batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device lost")
+        return real(batch)
+
+    monkeypatch.setattr(sdxl_engine.model, "forward_batch", once_broken)
+    first = sdxl_engine.generate([GenerationRequest("x", width=64, height=64, steps=3, seed=1)])[0]
+    assert first.status == RequestStatus.FAILED and "device lost" in (first.error or "")
+    later = GenerationRequest("y", width=64, height=64, steps=2, seed=2)
+    assert_matches_reference("tiny-sdxl", later, sdxl_engine.generate([later])[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"width": 96}, "size"),  # a multiple of the model unit but not of the 64 px patch
+        ({"width": 0}, "width"),
+        ({"steps": 0}, "steps"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"sampler": "nope"}, "sampler"),
+    ],
+)
+def test_bad_requests_are_refused_with_the_field(sdxl_engine: Engine, kwargs: dict, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        sdxl_engine.submit(GenerationRequest("p", **{"width": 64, "height": 64, **kwargs}))
+    assert err.value.field == field
+
+
+def test_a_full_queue_refuses_new_requests() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=64, max_waiting=2)
+    try:
+        engine.submit(GenerationRequest("a", width=64, height=64, steps=1))
+        engine.submit(GenerationRequest("b", width=64, height=64, steps=1))
+        with pytest.raises(QueueFullError):
+            engine.submit(GenerationRequest("c", width=64, height=64, steps=1))
+    finally:
+        engine.stop()
