@@ -1,0 +1,288 @@
+"""Profiling: time random mixes on the patched model, fit the ``LatencyPredictor``, report its error.
+
+``run_profile`` is what ``patchedserve profile`` runs (about 200 mixes, a few minutes on a CPU);
+``profile_quick`` is what the server runs at start-up when it was given no profile (a few dozen
+small mixes, seconds). Both time ``PatchedModel.forward_batch`` on random inputs shaped like real
+requests (the model's own prompt encoding gives the text shapes).
+
+Noise: a shared machine is noisy in bursts, so the mixes are timed in interleaved rounds (a burst
+hits one repeat of many mixes, not every repeat of a few) and each mix keeps the median of its
+repeats. Every mix is warmed up once first, which also builds its layout context the way the
+engine does once per composition.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from typing import Any
+
+import torch
+
+from patchedserve.models import ModelBundle
+from patchedserve.patch import PatchBatch, PatchedModel
+from patchedserve.scheduler.features import FEATURE_NAMES, Entry
+from patchedserve.scheduler.predictor import LatencyPredictor, Overhead, StepSample, mape
+
+DEFAULT_PATCH_SIZE = 256
+"""Patch side in pixels profiled by default: the engine's default patch size."""
+DEFAULT_SIZES: tuple[tuple[int, int], ...] = (
+    (256, 256),
+    (512, 256),
+    (256, 512),
+    (512, 512),
+    (768, 512),
+    (512, 768),
+    (768, 768),
+)
+"""(width, height) drawn for the requests of a mix: 1 to 9 patches of 256 px, square and not."""
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What ``run_profile`` measures."""
+
+    patch_size: int = DEFAULT_PATCH_SIZE
+    """Patch side in pixels; must be the engine's."""
+    mixes: int = 200
+    """Random mixes to time."""
+    sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES
+    """(width, height) of the requests, drawn uniformly."""
+    max_requests: int = 12
+    """Requests per mix are drawn uniformly from 1..max_requests (the engine's active-set cap)."""
+    cfg_share: float = 0.5
+    """Probability that a request runs classifier-free guidance."""
+    repeats: int = 3
+    """Timed runs of each mix (after one warm-up); the median is kept."""
+    test_fraction: float = 0.25
+    """Share of the mixes held out of the fit to measure the error."""
+    seed: int = 0
+    """Seed of the mix draw, the split and the inputs."""
+
+    def __post_init__(self) -> None:
+        if self.mixes < 4 or self.repeats < 1 or self.max_requests < 1 or not self.sizes:
+            raise ValueError("need mixes >= 4, repeats >= 1, max_requests >= 1 and at least one size")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+QUICK = ProfileConfig(mixes=24, sizes=((256, 256), (512, 256), (512, 512)), max_requests=6, repeats=1)
+"""The start-up profile: small mixes only, about 5 s for the tiny models on a CPU."""
+
+
+@dataclass
+class ProfileResult:
+    """A fitted predictor with the evidence for it."""
+
+    predictor: LatencyPredictor
+    """Fitted on the training split."""
+    train: list[StepSample]
+    """Mixes the fit saw."""
+    test: list[StepSample]
+    """Held-out mixes."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """Error figures, sizes, wall time (what ``--json`` writes)."""
+
+
+def draw_mixes(config: ProfileConfig, rng: random.Random) -> list[tuple[Entry, ...]]:
+    """Random mixes: 1..max_requests requests, each a random size with CFG on or off."""
+    mixes = []
+    for _ in range(config.mixes):
+        n = rng.randint(1, config.max_requests)
+        mix = tuple((*rng.choice(config.sizes), rng.random() < config.cfg_share) for _ in range(n))
+        mixes.append(mix)
+    return mixes
+
+
+class BatchMaker:
+    """Random ``PatchBatch``es for mixes, with the model's real conditioning shapes."""
+
+    def __init__(self, bundle: ModelBundle, pm: PatchedModel, seed: int) -> None:
+        from patchedserve.models.text import encode_prompts
+
+        self.pm = pm
+        self.device = bundle.device
+        self.dtype = bundle.dtype
+        self.channels = bundle.latent_channels
+        cond = encode_prompts(bundle, [""])[0]
+        self.text = cond.prompt_embeds  # [L, D]
+        self.pooled = cond.pooled  # [Dp] or None
+        self.has_time_ids = bundle.family == "sdxl"
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, mix: Sequence[Entry]) -> PatchBatch:
+        sizes = [(h, w) for w, h, cfg in mix for _ in range(2 if cfg else 1)]  # one per entry
+        layout = self.pm.layout_for(sizes)
+        r, p = len(sizes), self.pm.latent_patch
+        g = self.generator
+        patches = torch.randn(layout.num_patches, self.channels, p, p, generator=g)  # [N, C, p, p]
+        batch = PatchBatch(
+            layout=layout,
+            patches=patches.to(self.device, self.dtype),
+            timesteps=(torch.rand(r, generator=g) * 999).to(self.device),  # [R]
+            encoder_hidden_states=self.text.expand(r, -1, -1).contiguous(),  # [R, L, D]
+        )
+        if self.pooled is not None:
+            batch.pooled = self.pooled.expand(r, -1).contiguous()  # [R, Dp]
+        if self.has_time_ids:
+            f = self.pm.vae_scale_factor
+            ids = [[h * f, w * f, 0, 0, h * f, w * f] for h, w in layout.sizes]  # layout order
+            batch.time_ids = torch.tensor(ids, dtype=self.dtype, device=self.device)  # [R, 6]
+        return batch
+
+
+def _timer(device: torch.device) -> Callable[[], float]:
+    if device.type == "cuda":
+
+        def clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return clock
+    return time.perf_counter
+
+
+def time_mixes(
+    pm: PatchedModel, make: BatchMaker, mixes: Sequence[tuple[Entry, ...]], repeats: int, block: int = 16
+) -> list[list[float]]:
+    """Seconds of each timed run of each mix.
+
+    Mixes are taken ``block`` at a time (fewer than the patched model keeps layout contexts for);
+    within a block they run in rounds, warm-up round first, so a burst of noise from other
+    processes lands on one repeat of several mixes instead of every repeat of one.
+    """
+    clock = _timer(make.device)
+    times: list[list[float]] = [[] for _ in mixes]
+    for first in range(0, len(mixes), block):
+        batches = [make(mix) for mix in mixes[first : first + block]]
+        for round_index in range(repeats + 1):
+            for i, batch in enumerate(batches, start=first):
+                start = clock()
+                pm.forward_batch(batch)
+                if round_index:  # round 0 warms up and builds the layout context
+                    times[i].append(clock() - start)
+    return times
+
+
+def measure_overhead(bundle: ModelBundle, sizes: Sequence[tuple[int, int]], repeats: int = 3) -> Overhead:
+    """Median prompt-encoding time, and VAE decode time as base + per-megapixel cost over ``sizes``."""
+    from patchedserve.models.text import encode_prompts
+    from patchedserve.models.vae import decode_latents
+
+    clock = _timer(bundle.device)
+
+    def median_time(fn: Callable[[], object]) -> float:
+        fn()
+        runs = []
+        for _ in range(repeats):
+            start = clock()
+            fn()
+            runs.append(clock() - start)
+        return statistics.median(runs)
+
+    encode_s = median_time(lambda: encode_prompts(bundle, ["a photo of a cat", ""], negative=[False, True]))
+    f, c = bundle.vae_scale_factor, bundle.latent_channels
+    points = []
+    for w, h in sorted(set(sizes), key=lambda s: s[0] * s[1]):
+        latents = torch.randn(1, c, h // f, w // f, device=bundle.device, dtype=bundle.dtype)
+        points.append((w * h / 1e6, median_time(partial(decode_latents, bundle, latents))))
+    if len(points) == 1:
+        return Overhead(encode_s=encode_s, decode_s_per_mpx=points[0][1] / points[0][0])
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    slope, base = statistics.linear_regression(xs, ys)
+    if base < 0.0:  # keep the parts non-negative: all of it per pixel
+        slope, base = sum(ys) / sum(xs), 0.0
+    return Overhead(encode_s=encode_s, decode_base_s=base, decode_s_per_mpx=max(slope, 0.0))
+
+
+def run_profile(
+    bundle: ModelBundle,
+    config: ProfileConfig = ProfileConfig(),
+    pm: PatchedModel | None = None,
+    with_overhead: bool = True,
+) -> ProfileResult:
+    """Times ``config.mixes`` random mixes, fits on a training split, measures the held-out error.
+
+    Args:
+        bundle: the model, already on its device and dtype.
+        config: what to measure.
+        pm: the patched model to time (default: a new one over ``bundle.denoiser``).
+        with_overhead: also measure prompt encoding and VAE decoding.
+    """
+    start = time.perf_counter()
+    if pm is None:
+        pm = PatchedModel(
+            bundle.denoiser, patch_size=config.patch_size, vae_scale_factor=bundle.vae_scale_factor
+        )
+    rng = random.Random(config.seed)
+    mixes = draw_mixes(config, rng)
+    times = time_mixes(pm, BatchMaker(bundle, pm, config.seed), mixes, config.repeats)
+    samples = [StepSample(mix, statistics.median(t)) for mix, t in zip(mixes, times, strict=True)]
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    n_test = max(1, round(config.test_fraction * len(samples)))
+    test = [samples[i] for i in order[:n_test]]
+    train = [samples[i] for i in order[n_test:]]
+    overhead = measure_overhead(bundle, config.sizes) if with_overhead else Overhead()
+    meta = {
+        "model": bundle.name,
+        "family": bundle.family,
+        "device": str(bundle.device),
+        "dtype": str(bundle.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "config": {**asdict(config), "sizes": [list(s) for s in config.sizes]},
+    }
+    predictor = LatencyPredictor.fit(train, pm.patch_size, overhead=overhead, meta=meta)
+    report = error_report(predictor, train, test)
+    report["noise_pct"] = 100.0 * statistics.median(_spread(t) for t in times)
+    report["wall_s"] = time.perf_counter() - start
+    report["meta"] = meta
+    return ProfileResult(predictor, train, test, report)
+
+
+def _spread(runs: Sequence[float]) -> float:
+    """Relative spread (max - min) / median of one mix's repeats: the measurement noise."""
+    return (max(runs) - min(runs)) / statistics.median(runs)
+
+
+def error_report(
+    predictor: LatencyPredictor, train: Sequence[StepSample], test: Sequence[StepSample]
+) -> dict[str, Any]:
+    """Error figures of ``predictor`` on the training and held-out mixes (percent)."""
+
+    def errors(samples: Sequence[StepSample]) -> list[float]:
+        return [100.0 * abs(predictor.predict_step(s.entries) / s.latency_s - 1.0) for s in samples]
+
+    held = sorted(errors(test))
+    return {
+        "heldout_mape": sum(held) / len(held),
+        "heldout_p90_ape": held[min(len(held) - 1, int(0.9 * len(held)))],
+        "heldout_max_ape": held[-1],
+        "train_mape": mape([predictor.predict_step(s.entries) for s in train], [s.latency_s for s in train]),
+        "n_train": len(train),
+        "n_test": len(test),
+        "coef": dict(zip(FEATURE_NAMES, predictor.coef, strict=True)),
+    }
+
+
+def profile_quick(bundle: ModelBundle, pm: PatchedModel | None = None, seed: int = 0) -> LatencyPredictor:
+    """A rough predictor in seconds, for a server started without ``--profile``.
+
+    The online update corrects its scale within a few dozen steps; its shape (how large mixes
+    cost) is extrapolated from small ones, so a real profile is better.
+    """
+    patch_size = pm.patch_size if pm is not None else DEFAULT_PATCH_SIZE
+    config = QUICK if patch_size == QUICK.patch_size else replace(QUICK, patch_size=patch_size)
+    if seed != config.seed:
+        config = replace(config, seed=seed)
+    result = run_profile(bundle, config, pm=pm, with_overhead=False)
+    predictor = LatencyPredictor.fit(
+        [*result.train, *result.test],
+        result.predictor.patch_size,
+        meta={**result.predictor.meta, "quick": True},
+    )
+    return predictor
