@@ -16,6 +16,9 @@ from typing import NoReturn
 # Library chatter (optional-dependency hints, deprecations) is noise on a command line.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Spinning OpenMP workers stall each other when the CPU is shared (measured 10x slower steps on a
+# busy 2-core machine); passive waiting costs little when it is idle. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from patchedserve.errors import PatchedServeError
 
