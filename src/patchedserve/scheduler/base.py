@@ -1,7 +1,9 @@
 """Queue and active-set bookkeeping shared by every policy; policies only decide admission.
 
-Owns the waiting queue (arrival order), the active set, completion at the last step and early
-removal. Subclasses implement ``_admit``, which moves requests from ``waiting`` to ``running``.
+Owns the waiting queue (arrival order), the active set, deadlines (set at ``add_request``),
+completion at the last step, early removal, and feeding each executed step to the latency
+predictor's online update. Subclasses implement ``_admit``, which moves requests from
+``waiting`` to ``running`` (and may drop or, later, preempt).
 """
 
 from __future__ import annotations
@@ -10,19 +12,46 @@ from abc import abstractmethod
 from collections.abc import Iterable
 
 from patchedserve.request import Request, RequestStatus
+from patchedserve.scheduler.config import SchedulerConfig
+from patchedserve.scheduler.deadline import assign_deadline, entry_of
 from patchedserve.scheduler.interface import Scheduler, SchedulerOutput, StepOutcome
+from patchedserve.scheduler.predictor import LatencyPredictor
 
 
 class QueueScheduler(Scheduler):
-    def __init__(self, max_running: int) -> None:
-        if max_running < 1:
-            raise ValueError("max_running must be at least 1")
-        self.max_running = max_running
+    """Bookkeeping of a policy; see the module docstring.
+
+    Args:
+        max_running: cap on the active set (kept first for ``FCFSScheduler(n)``); must agree with
+            ``config.max_running`` when both are given.
+        predictor: step-latency predictor; needed for deadlines of requests without ``slo_ms``.
+        config: the policy's knobs (default: ``SchedulerConfig`` with this ``max_running``).
+    """
+
+    policy: str = ""
+    """Name ``make_scheduler`` knows this policy by."""
+
+    def __init__(
+        self,
+        max_running: int | None = None,
+        predictor: LatencyPredictor | None = None,
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        if config is None:
+            config = SchedulerConfig(policy=self.policy or "fcfs", max_running=max_running or 12)
+        if max_running is not None and max_running != config.max_running:
+            raise ValueError(
+                f"max_running {max_running} differs from config.max_running {config.max_running}"
+            )
+        self.config = config
+        self.max_running = config.max_running
+        self.predictor = predictor
         self.waiting: list[Request] = []
         self.running: list[Request] = []
 
     def add_request(self, request: Request, now_s: float) -> None:
         request.status = RequestStatus.WAITING
+        assign_deadline(request, self.predictor, self.config.slo_scale)
         self.waiting.append(request)
 
     def schedule(self, now_s: float) -> SchedulerOutput:
@@ -40,6 +69,8 @@ class QueueScheduler(Scheduler):
         """Move requests from ``self.waiting`` to ``self.running`` (recording them in ``out``)."""
 
     def update_from_output(self, outcome: StepOutcome) -> list[Request]:
+        if self.predictor is not None and self.config.observe_steps and outcome.running:
+            self.predictor.observe([entry_of(r) for r in outcome.running], outcome.latency_s)
         done = [r for r in outcome.running if r.steps_left <= 0 and r in self.running]
         if done:
             self.running = [r for r in self.running if r.steps_left > 0]

@@ -9,6 +9,8 @@ from patchedserve.scheduler.interface import SchedulerOutput
 class FCFSScheduler(QueueScheduler):
     """Admits waiting requests in arrival order while fewer than ``max_running`` are active."""
 
+    policy = "fcfs"
+
     def _admit(self, now_s: float, out: SchedulerOutput) -> None:
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting.pop(0)

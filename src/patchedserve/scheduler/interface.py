@@ -25,6 +25,9 @@ class SchedulerOutput:
     """Requests that join in this step (a subset of ``running``)."""
     dropped: list[Request] = field(default_factory=list)
     """Requests refused in this call; their status is DROPPED and ``error`` says why."""
+    preempted: list[Request] = field(default_factory=list)
+    """Requests moved from the active set back to the queue in this call (WAITING again; the engine
+    keeps their latents for when they are admitted again). No policy preempts yet."""
 
 
 @dataclass(frozen=True)

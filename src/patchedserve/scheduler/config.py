@@ -1,0 +1,57 @@
+"""``SchedulerConfig``: the knobs of every scheduling policy, checked on construction.
+
+Built by the engine (from its own config or the server's ``--policy``/``--on-infeasible`` flags)
+and passed to ``make_scheduler``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from patchedserve.errors import InvalidRequestError
+
+POLICIES: tuple[str, ...] = ("fcfs", "slo")
+"""Policy names ``make_scheduler`` knows."""
+ON_INFEASIBLE: tuple[str, ...] = ("drop", "best-effort")
+"""What the ``slo`` policy does with a request that cannot make its deadline."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How a policy admits requests."""
+
+    policy: str = "slo"
+    """``fcfs`` (arrival order) or ``slo`` (least slack first, admission control)."""
+    max_running: int = 12
+    """Most requests in the active set (the paper's batch cap)."""
+    slo_scale: float = 5.0
+    """A request without ``slo_ms`` gets deadline = arrival + slo_scale x its standalone latency."""
+    on_infeasible: str = "drop"
+    """``drop``: refuse a request that cannot make its deadline even alone; ``best-effort``: keep it,
+    served after every request that can still make its deadline."""
+    relaxed_slack: float = 1.0
+    """When the most urgent waiting request has more slack than this (spare time in units of its
+    standalone latency), admit the candidate that adds the most work per second of step time."""
+    observe_steps: bool = True
+    """Feed every executed step's latency to the predictor's online update."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise InvalidRequestError(
+                f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}", field="policy"
+            )
+        if self.max_running < 1:
+            raise InvalidRequestError(
+                f"max_running must be at least 1; got {self.max_running}", "max_running"
+            )
+        if not self.slo_scale > 0.0:
+            raise InvalidRequestError(f"slo_scale must be positive; got {self.slo_scale}", field="slo_scale")
+        if self.on_infeasible not in ON_INFEASIBLE:
+            raise InvalidRequestError(
+                f"on_infeasible must be one of {', '.join(ON_INFEASIBLE)}; got {self.on_infeasible!r}",
+                field="on_infeasible",
+            )
+        if self.relaxed_slack < 0.0:
+            raise InvalidRequestError(
+                f"relaxed_slack must be >= 0; got {self.relaxed_slack}", field="relaxed_slack"
+            )

@@ -1,0 +1,217 @@
+"""Scheduling policies on a synthetic clock with a synthetic (and, where it matters, exact) predictor.
+
+Steps take exactly the predicted latency, so "the predictor is right" holds by construction and
+every deadline miss would be the policy's fault.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from patchedserve.errors import InvalidRequestError
+from patchedserve.models.validation import GenerationParams
+from patchedserve.request import Request, RequestStatus
+from patchedserve.scheduler import (
+    FCFSScheduler,
+    LatencyPredictor,
+    QueueScheduler,
+    SchedulerConfig,
+    StepOutcome,
+    entry_of,
+    make_scheduler,
+    standalone_s,
+)
+
+PATCH = 256
+COEF = (0.010, 0.004, 0.0005, 0.001, 0.0005, 0.0005, 0.002, 0.001)
+"""Synthetic seconds per feature: 10 ms per step, 4 ms per patch, attention 0.5 ms per patch²..."""
+
+
+def predictor() -> LatencyPredictor:
+    return LatencyPredictor(coef=COEF, patch_size=PATCH)
+
+
+def request(
+    i: int,
+    size: int = 512,
+    steps: int = 10,
+    cfg: bool = False,
+    arrival_s: float = 0.0,
+    slo_ms: float | None = None,
+) -> Request:
+    params = GenerationParams(
+        width=size, height=size, steps=steps, guidance_scale=5.0 if cfg else 1.0, sampler="euler", seed=i
+    )
+    return Request(
+        request_id=i,
+        prompt="",
+        negative_prompt="",
+        params=params,
+        arrival_s=arrival_s,
+        num_patches=(size // PATCH) ** 2,
+        slo_ms=slo_ms,
+    )
+
+
+def scheduler(policy: str = "slo", **knobs: object) -> QueueScheduler:
+    return make_scheduler(policy, predictor(), SchedulerConfig(**knobs))  # type: ignore[arg-type]
+
+
+@dataclass
+class Trace:
+    """What a simulated run did."""
+
+    finished_s: dict[int, float] = field(default_factory=dict)
+    admitted: list[int] = field(default_factory=list)
+    dropped: list[Request] = field(default_factory=list)
+    max_running: int = 0
+
+
+def simulate(s: QueueScheduler, requests: list[Request]) -> Trace:
+    """Runs the engine loop on a virtual clock; each step takes exactly the predicted latency."""
+    p = predictor()
+    pending = sorted(requests, key=lambda r: r.arrival_s)
+    trace, now = Trace(), 0.0
+    while pending or s.num_waiting or s.num_running:
+        while pending and pending[0].arrival_s <= now:
+            s.add_request(pending.pop(0), now)
+        out = s.schedule(now)
+        trace.admitted += [r.request_id for r in out.admitted]
+        trace.dropped += out.dropped
+        trace.max_running = max(trace.max_running, len(out.running))
+        if not out.running:
+            if not pending:
+                assert not s.num_waiting, "requests wait on an idle machine"
+                break
+            now = pending[0].arrival_s
+            continue
+        latency = p.predict_step([entry_of(r) for r in out.running])
+        for r in out.running:
+            r.step_index += 1
+        now += latency
+        for r in s.update_from_output(StepOutcome(out.running, latency, now)):
+            r.status = RequestStatus.FINISHED
+            trace.finished_s[r.request_id] = now
+    return trace
+
+
+def workload(seed: int, n: int = 60, rate_per_s: float = 4.0) -> list[Request]:
+    rng = random.Random(seed)
+    now, out = 0.0, []
+    for i in range(n):
+        now += rng.expovariate(rate_per_s)
+        slo = rng.choice([None, None, rng.uniform(300, 3000)])
+        out.append(request(i, rng.choice([256, 512, 768]), rng.randint(4, 20), rng.random() < 0.5, now, slo))
+    return out
+
+
+def test_infeasible_request_is_dropped_with_a_reason() -> None:
+    s = scheduler()
+    solo_s = standalone_s(request(0), predictor())
+    late = request(1, slo_ms=1000 * solo_s / 2)
+    s.add_request(late, 0.0)
+    out = s.schedule(0.0)
+    assert out.dropped == [late] and not out.admitted
+    assert late.status == RequestStatus.DROPPED
+    assert late.error is not None and "deadline" in late.error
+    assert s.num_waiting == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_admitted_requests_meet_their_deadlines_when_the_predictor_is_right(seed: int) -> None:
+    requests = workload(seed)
+    trace = simulate(scheduler(), requests)
+    assert trace.dropped, "the workload should overload the machine"
+    by_id = {r.request_id: r for r in requests}
+    assert set(trace.admitted) == set(trace.finished_s)
+    for rid, done_s in trace.finished_s.items():
+        deadline = by_id[rid].deadline_s
+        assert deadline is not None and done_s <= deadline + 1e-9
+
+
+def test_least_slack_first_under_pressure() -> None:
+    # Slack rules alone (relaxed_slack=inf); arrival order is the opposite of urgency.
+    s = scheduler(max_running=1, relaxed_slack=math.inf)
+    solo_s = standalone_s(request(0), predictor())
+    for i, scale in enumerate([8.0, 4.0, 2.0]):
+        s.add_request(request(i, slo_ms=1000 * solo_s * scale), 0.0)
+    assert [r.request_id for r in s.schedule(0.0).admitted] == [2]
+    trace = simulate(s, [])
+    assert trace.admitted == [1, 0]
+
+
+def test_throughput_preference_when_slack_is_relaxed() -> None:
+    def pick(relaxed_slack: float) -> int:
+        s = scheduler(max_running=2, relaxed_slack=relaxed_slack)
+        s.add_request(request(0, size=512), 0.0)
+        assert [r.request_id for r in s.schedule(0.0).admitted] == [0]
+        s.add_request(request(1, size=768, slo_ms=60_000), 0.0)  # less slack (larger), arrived first
+        s.add_request(request(2, size=512, slo_ms=80_000), 0.0)  # shares the step with request 0
+        return s.schedule(0.0).admitted[0].request_id
+
+    assert pick(relaxed_slack=1.0) == 2  # relaxed: most work per second of added step time
+    assert pick(relaxed_slack=math.inf) == 1  # never relaxed: least slack
+
+
+def test_admission_keeps_active_requests_on_time() -> None:
+    p = predictor()
+    s = scheduler(max_running=12)
+    tight = request(0, size=768, steps=20)
+    tight.slo_ms = 1000 * standalone_s(tight, p) * 1.05  # only just makes it alone
+    s.add_request(tight, 0.0)
+    assert s.schedule(0.0).admitted == [tight]
+    s.add_request(request(1, size=768, steps=20, slo_ms=600_000), 0.0)
+    assert not s.schedule(0.0).admitted  # would push the active request past its deadline
+    tight.step_index = tight.params.steps - 1  # nearly done: room now
+    assert [r.request_id for r in s.schedule(0.0).admitted] == [1]
+
+
+def test_active_set_cap_is_respected() -> None:
+    for policy in ("fcfs", "slo"):
+        requests = [request(i, size=256, steps=5, slo_ms=600_000) for i in range(30)]
+        trace = simulate(scheduler(policy, max_running=3), requests)
+        assert trace.max_running == 3 and len(trace.finished_s) == 30
+
+
+def test_best_effort_keeps_infeasible_requests_and_serves_them_last() -> None:
+    s = scheduler(on_infeasible="best-effort", max_running=1)
+    solo_s = standalone_s(request(0), predictor())
+    hopeless = request(0, slo_ms=1000 * solo_s / 4)
+    fine = request(1, slo_ms=1000 * solo_s * 10)
+    trace = simulate(s, [hopeless, fine])
+    assert not trace.dropped
+    assert trace.admitted == [1, 0]
+    assert hopeless.status == RequestStatus.FINISHED
+
+
+def test_fcfs_admits_in_arrival_order_and_sets_deadlines() -> None:
+    s = scheduler("fcfs", max_running=2)
+    requests = [request(i, size=768 if i % 2 else 256, arrival_s=0.1 * i) for i in range(5)]
+    requests[3].slo_ms = 2500
+    trace = simulate(s, requests)
+    assert trace.admitted == [0, 1, 2, 3, 4]
+    assert requests[3].deadline_s == pytest.approx(0.3 + 2.5)
+    assert requests[0].deadline_s == pytest.approx(5.0 * standalone_s(requests[0], predictor()))
+
+
+def test_fcfs_still_builds_from_a_cap_alone() -> None:
+    s = FCFSScheduler(2)
+    for i in range(3):
+        s.add_request(request(i), 0.0)
+    assert [r.request_id for r in s.schedule(0.0).admitted] == [0, 1]
+    assert s.waiting[0].deadline_s is None  # no predictor, no slo_ms
+
+
+def test_make_scheduler_rejects_unknown_policies_and_slo_without_predictor() -> None:
+    with pytest.raises(InvalidRequestError, match="fcfs, slo") as err:
+        make_scheduler("edf", predictor())
+    assert err.value.field == "policy"
+    with pytest.raises(InvalidRequestError, match="predictor"):
+        make_scheduler("slo", None)
+    with pytest.raises(InvalidRequestError) as bad:
+        SchedulerConfig(on_infeasible="retry")
+    assert bad.value.field == "on_infeasible"
