@@ -115,6 +115,30 @@ def test_sd3_prompt_is_clip_then_t5_zeros() -> None:
     assert cond.prompt_embeds[77:].abs().max() == 0 and cond.prompt_embeds[:77, 96:].abs().max() == 0
 
 
+def test_sd3_with_t5_equals_diffusers_encode_prompt() -> None:
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -0.5)]
+    pieces += [(c, -1.0) for c in letters] + [("\u2581" + c, -1.5) for c in letters]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=128, d_ff=64, d_kv=16, num_layers=1, num_heads=2)
+    t5 = T5EncoderModel(config).eval()
+    base = load_model("tiny-sd3")
+    bundle = dataclasses.replace(
+        base, text_encoders=[*base.text_encoders, t5], tokenizers=[*base.tokenizers, tokenizer]
+    )
+    pipe = bundle.diffusers_pipeline(bundle.default_scheduler())
+    want, want_neg, want_pooled, _ = pipe.encode_prompt("a cat", None, None, negative_prompt=None)
+    got, neg = encode_prompts(bundle, ["a cat", ""], negative=[False, True])
+    # Batch of 2 vs diffusers' batches of 1: T5's matmuls may round differently in the last bits.
+    torch.testing.assert_close(got.prompt_embeds, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(neg.prompt_embeds, want_neg[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.pooled, want_pooled[0], rtol=1e-5, atol=1e-5)
+    assert got.prompt_embeds[77:].abs().max() > 0  # the T5 part is real, not zeros
+
+
 def test_sdxl_time_ids_are_size_crop_size() -> None:
     assert sdxl_time_ids(load_model("tiny-sdxl"), 768, 512).tolist() == [768, 512, 0, 0, 768, 512]
 
