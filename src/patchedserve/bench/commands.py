@@ -45,6 +45,17 @@ def add_parser(subparsers: Any) -> None:
     step.add_argument("--json", type=Path, default=None, help="write the report here")
     step.set_defaults(handler=run_step)
 
+    burst = group.add_parser("burst", help="engine throughput on a burst vs the reference one at a time")
+    burst.add_argument("--model", default="tiny-sdxl")
+    burst.add_argument("--sizes", default="512x512,768x768,1024x1024", help="WxH list, cycled")
+    burst.add_argument("--count", type=int, default=12)
+    burst.add_argument("--steps", type=int, default=10)
+    burst.add_argument("--guidance", type=float, default=5.0)
+    burst.add_argument("--patch-size", type=int, default=256)
+    burst.add_argument("--max-running", type=int, default=12)
+    burst.add_argument("--json", type=Path, default=None)
+    burst.set_defaults(handler=run_burst)
+
 
 def run_step(args: argparse.Namespace) -> int:
     from patchedserve.bench.step import run_step_bench, summary_lines, write_report
@@ -57,4 +68,19 @@ def run_step(args: argparse.Namespace) -> int:
     print("\n".join(summary_lines(report)))
     if args.json:
         print(f"wrote {args.json}")
+    return 0
+
+
+def run_burst(args: argparse.Namespace) -> int:
+    from patchedserve.bench.burst import run_burst_bench
+    from patchedserve.bench.step import write_report
+
+    report = run_burst_bench(args.model, parse_sizes(args.sizes), args.count, args.steps, args.guidance,
+                             args.patch_size, args.max_running)
+    write_report(report, args.json)
+    print(
+        f"{report['count']} requests x {report['steps']} steps on {report['model']}: engine "
+        f"{report['engine_images_per_min']:.2f} img/min ({report['engine_s']:.1f} s), reference one at a time "
+        f"{report['reference_images_per_min']:.2f} img/min ({report['reference_s']:.1f} s), x{report['speedup']:.2f}"
+    )
     return 0

@@ -8,8 +8,9 @@ per-channel multiply-add. (``torch.var_mean`` would be the obvious way to get th
 is an order of magnitude slower than the GroupNorm kernel on CPU.)
 
 When GroupNorm feeds a convolution through an activation with ``act(0) == 0`` (ResNet blocks,
-``conv_norm_out``), the norm gathers the raw neighbour halo and normalises the padded patch in the
-same pass, folding the off-image mask into it: the conv then skips its own gather. Installed by
+``conv_norm_out``), the norm writes its output into a pixel buffer with one extra zero row and
+returns the padded patches gathered from it: the halo comes out of the normalisation pass with no
+masking pass, and the conv skips its own gather (the activation maps the zero border to zero). Installed by
 ``PatchedModel``.
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from patchedserve.patch.context import PatchContext, get_forward_context, timed
 from patchedserve.patch.hooks import set_patched_forward
-from patchedserve.patch.stitcher import gather_halo
+from patchedserve.patch.stitcher import gather_from_buffer, pixel_buffer
 
 
 def _per_channel(v: torch.Tensor, channels: int) -> torch.Tensor:  # [N, G] -> [N, C]
@@ -67,16 +68,16 @@ def patch_group_norm(norm: nn.GroupNorm, emit_halo: int = 0) -> None:
         out0, mean_p, rstd_p = patch_stats(norm, x)
         mean_e, rstd_e = entry_stats(mean_p, rstd_p, norm.eps, ctx)
         w, b = _weight_bias(norm, c, x.device)
-        if not emit_halo:  # re-base the patch-normalised output onto the entry statistics
-            scale = _per_channel(rstd_e / rstd_p, c) * w
-            shift = _per_channel((mean_p - mean_e) * rstd_e, c) * w + b
-            return torch.addcmul(shift.view(view).to(x.dtype), out0, scale.view(view).to(x.dtype))
-        index = ctx.halo_index(x.shape[-1], emit_halo)
+        # Re-base the patch-normalised output onto the entry statistics (and apply the affine).
+        scale = (_per_channel(rstd_e / rstd_p, c) * w).view(view).to(x.dtype)
+        shift = (_per_channel((mean_p - mean_e) * rstd_e, c) * w + b).view(view).to(x.dtype)
+        if not emit_halo:
+            return torch.addcmul(shift, out0, scale)
+        # Fused halo: normalise into a pixel buffer with a zero row, then one gather builds every
+        # padded patch (neighbours' normalised borders, zeros at the image border).
+        buf, normed = pixel_buffer(n, c, x.shape[-1], x)
+        torch.addcmul(shift, out0, scale, out=normed)
         with timed(ctx, "stitch"):
-            padded = gather_halo(x, index)  # [N, C, S, S] raw, off-image pixels unmasked
-        scale = _per_channel(rstd_e, c) * w
-        shift = b - _per_channel(mean_e, c) * scale
-        out = torch.addcmul(shift.view(view).to(x.dtype), padded, scale.view(view).to(x.dtype))
-        return out.mul_(index.mask.to(x.dtype))  # [N, C, p + 2h, p + 2h]
+            return gather_from_buffer(buf, n, ctx.halo_index(x.shape[-1], emit_halo))  # [N, C, p+2h, p+2h]
 
     set_patched_forward(norm, forward)

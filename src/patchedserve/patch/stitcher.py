@@ -27,6 +27,7 @@ class HaloIndex:
     side: int
     halo: int
     flat_src: torch.Tensor  # [N*S*S] long, source pixel (patch*side*side + row*side + col), S = side+2*halo
+    flat_src_zero: torch.Tensor  # [N*S*S] long, like flat_src but off-image pixels read row N*side*side
     mask: torch.Tensor  # [N, 1, S, S] float32, 0 where the padded pixel lies outside the image
 
     @property
@@ -47,10 +48,12 @@ def build_halo_index(layout: CSPLayout, side: int, halo: int, device: torch.devi
     src = layout.neighbours[:, dr + 1, dc + 1]  # [N, S, S]
     inside = src != SENTINEL
     flat = np.where(inside, src, 0) * (s * s) + (lr * s + lc)[None]  # [N, S, S]
+    zero_row = np.where(inside, flat, len(src) * s * s)
     return HaloIndex(
         side=s,
         halo=h,
         flat_src=torch.as_tensor(np.ascontiguousarray(flat).reshape(-1), device=device),
+        flat_src_zero=torch.as_tensor(np.ascontiguousarray(zero_row).reshape(-1), device=device),
         mask=torch.as_tensor(inside.reshape(len(src), 1, big, big), dtype=torch.float32, device=device),
     )
 
@@ -67,6 +70,21 @@ def gather_halo(x: torch.Tensor, index: HaloIndex) -> torch.Tensor:  # [N, C, S,
     pixels = x.permute(0, 2, 3, 1).reshape(-1, c)  # [N*side*side, C]; a view for channels-last x
     out = pixels.index_select(0, index.flat_src)  # [N*S*S, C]
     return out.view(n, index.padded, index.padded, c).permute(0, 3, 1, 2)
+
+
+def pixel_buffer(n: int, c: int, side: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``[N*side*side + 1, C]`` buffer whose last row is zero, and a channels-last
+    ``[N, C, side, side]`` view of the rest for a producer to write into (``out=``). Gathering from
+    it with ``flat_src_zero`` yields zero halos at the image border without a masking pass."""
+    buf = torch.empty(n * side * side + 1, c, device=like.device, dtype=like.dtype)
+    buf[-1].zero_()
+    return buf, buf[:-1].view(n, side, side, c).permute(0, 3, 1, 2)
+
+
+def gather_from_buffer(buf: torch.Tensor, n: int, index: HaloIndex) -> torch.Tensor:  # [N, C, S, S]
+    """Padded patches (zeros off-image) from a :func:`pixel_buffer`; channels-last."""
+    out = buf.index_select(0, index.flat_src_zero)  # [N*S*S, C]
+    return out.view(n, index.padded, index.padded, buf.shape[1]).permute(0, 3, 1, 2)
 
 
 def stitch(x: torch.Tensor, index: HaloIndex) -> torch.Tensor:  # [N, C, S, S] channels-last
