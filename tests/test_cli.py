@@ -1,4 +1,4 @@
-"""The ``patchedserve`` command, run as a user runs it: in a subprocess."""
+"""The ``patchedserve`` command: one generate and every bad input run as a user runs them, in a subprocess."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from patchedserve.cli import main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest: one thread is faster for tiny models
 
@@ -35,20 +37,18 @@ def test_generate_writes_the_image_and_reports_timings(tmp_path: Path) -> None:
     assert "Traceback" not in err and "denoise:" not in err  # no progress bar without a terminal
 
 
-def test_run_writes_three_resolutions(tmp_path: Path) -> None:
-    code, out, err = run(["run", "--steps", "1", "--out-dir", "imgs"], tmp_path)
-    assert code == 0, err
+def test_run_writes_three_resolutions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # In-process (same code path as the console script) to save a second interpreter start.
+    assert main(["run", "--steps", "1", "--out-dir", str(tmp_path / "imgs")]) == 0
     sizes = sorted(Image.open(p).size for p in (tmp_path / "imgs").glob("*.png"))
     assert sizes == [(512, 512), (512, 768), (768, 512)]
-    assert "done: 3 images in" in out
+    assert "done: 3 images in" in capsys.readouterr().out
 
 
-def test_models_lists_the_builtins(tmp_path: Path) -> None:
-    code, out, _ = run(["models"], tmp_path)
-    assert code == 0
-    assert all(
-        name in out for name in ("tiny-sd15", "tiny-sdxl (default)" if False else "tiny-sdxl", "tiny-sd3")
-    )
+def test_models_lists_the_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("tiny-sd15", "tiny-sdxl", "tiny-sd3")) and "(default)" in out
 
 
 BAD_INPUTS: dict[str, tuple[list[str], str]] = {
