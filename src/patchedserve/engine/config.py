@@ -29,6 +29,8 @@ class EngineConfig:
     """Torch device of the denoiser (``cpu``, ``cuda``, ``cuda:1``)."""
     dtype: str = "float32"
     """Denoiser dtype: float32, float16 or bfloat16."""
+    profile: str | None = None
+    """Latency profile (``patchedserve profile --out``); without one, ``slo`` profiles briefly at start."""
     decode_in_thread: bool = True
     """Decode finished images on a worker thread so denoising does not wait for the VAE."""
 

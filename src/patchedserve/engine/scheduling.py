@@ -1,4 +1,4 @@
-"""Builds the engine's scheduling policy from its config (``fcfs`` or ``slo``)."""
+"""Builds the engine's scheduling policy (``fcfs`` or ``slo``) and its latency predictor."""
 
 from __future__ import annotations
 
@@ -6,14 +6,29 @@ from patchedserve.engine.config import EngineConfig
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import ModelBundle
 from patchedserve.patch import PatchedModel
-from patchedserve.scheduler import FCFSScheduler, Scheduler
+from patchedserve.scheduler import LatencyPredictor, QueueScheduler, SchedulerConfig, make_scheduler
+from patchedserve.scheduler.profile import profile_quick
 
-POLICIES = ("fcfs", "slo")
+
+def build_predictor(config: EngineConfig, bundle: ModelBundle, model: PatchedModel) -> LatencyPredictor | None:
+    """The profile's predictor; a quick start-up profile for ``slo`` without one; else None."""
+    if config.profile is not None:
+        predictor = LatencyPredictor.load(config.profile)
+        if predictor.patch_size != model.patch_size:
+            raise InvalidRequestError(
+                f"profile {config.profile} was measured with patch size {predictor.patch_size} px but the "
+                f"engine uses {model.patch_size} px; profile again with --patch-size {model.patch_size}",
+                field="profile",
+            )
+        return predictor
+    if config.policy == "slo":
+        return profile_quick(bundle, model)
+    return None
 
 
-def build_scheduler(config: EngineConfig, bundle: ModelBundle, model: PatchedModel) -> Scheduler:
-    if config.policy == "fcfs":
-        return FCFSScheduler(config.max_running)
-    raise InvalidRequestError(
-        f"policy must be one of {', '.join(POLICIES)}; got {config.policy!r}", field="policy"
+def build_scheduler(config: EngineConfig, bundle: ModelBundle, model: PatchedModel) -> QueueScheduler:
+    policy_config = SchedulerConfig(
+        policy=config.policy, max_running=config.max_running, slo_scale=config.slo_scale,
+        on_infeasible=config.on_infeasible,
     )
+    return make_scheduler(config.policy, build_predictor(config, bundle, model), policy_config)
