@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck clean
+.PHONY: install run images test lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Serves the default model over HTTP and prints a request ready to paste; Ctrl-C stops it.
 run: $(STAMP)
+	$(BIN)/patchedserve serve --model tiny-sdxl --host 127.0.0.1 --port 8000
+
+# Three images at different resolutions into ./outputs/, no server.
+images: $(STAMP)
 	$(BIN)/patchedserve run
 
 test: $(STAMP)

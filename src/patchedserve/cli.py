@@ -27,6 +27,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "patchedserve.models.commands",  # models
     "patchedserve.scheduler.commands",  # profile
     "patchedserve.bench.commands",  # bench step, bench slo
+    "patchedserve.server.commands",  # serve
 )
 """Modules that each add one or more subcommands, in the order ``--help`` lists them."""
 

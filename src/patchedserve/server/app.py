@@ -1,0 +1,114 @@
+"""`create_app`: the OpenAI-compatible HTTP front of one engine. Called by ``patchedserve serve`` and tests.
+
+Routes:
+
+* ``POST /v1/images/generations`` - the OpenAI Images API (plus diffusion extension fields);
+  an optional ``X-Request-ID`` header names the generation so it can be cancelled.
+* ``POST /v1/images/generations/{id}/cancel`` - cancel a running generation.
+* ``GET /v1/models``, ``GET /v1/models/{id}`` - the served model, in OpenAI list format.
+* ``GET /health`` - liveness and queue sizes.
+* ``GET /metrics`` - Prometheus text.
+
+The app does not own the engine's loop: the caller starts the engine before serving and stops it
+after. The app registers its metrics observer on the engine and removes it at shutdown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from patchedserve.engine import Engine
+from patchedserve.server.errors import APIError, install_error_handlers
+from patchedserve.server.generation import CLIENT_GONE_STATUS, ClientDisconnected, ImageService
+from patchedserve.server.metrics import ServerMetrics
+from patchedserve.server.schemas import (
+    ErrorResponse,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 404, 409, 429, 500, 503)
+}
+"""Documented error statuses (the OpenAPI page at /docs)."""
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """An app serving ``engine``'s model; start the engine (``engine.start()``) before serving."""
+    metrics = ServerMetrics(engine)
+    service = ImageService(engine)
+    created = int(time.time())
+    card = ModelCard(id=engine.bundle.name, created=created)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if metrics in engine.observers:
+            engine.observers.remove(metrics)
+
+    app = FastAPI(
+        title="patchedserve",
+        summary=f"OpenAI-compatible image generation with {engine.bundle.name}",
+        lifespan=lifespan,
+    )
+    engine.observers.append(metrics)
+    app.state.metrics = metrics
+    app.state.service = service
+    install_error_handlers(app)
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
+    async def generate_images(
+        body: ImageGenerationRequest,
+        request: Request,
+        x_request_id: Annotated[str | None, Header()] = None,
+    ) -> ImagesResponse | Response:
+        try:
+            return await service.generate(body, request, x_request_id)
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_GONE_STATUS)
+
+    @app.post("/v1/images/generations/{gen_id}/cancel", responses=ERROR_RESPONSES)
+    async def cancel_generation(gen_id: str) -> dict[str, Any]:
+        num_open = service.cancel(gen_id)
+        return {"id": gen_id, "object": "image.generation.cancel", "cancelled": True, "num_open": num_open}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[card])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def get_model(model_id: str) -> ModelCard:
+        if model_id != card.id:
+            raise APIError(
+                404,
+                f"model {model_id!r} is not served here; this server serves {card.id!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return card
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": card.id,
+                "queue_length": engine.scheduler.num_waiting,
+                "active_requests": engine.scheduler.num_running,
+            }
+        )
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

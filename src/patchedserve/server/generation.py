@@ -1,0 +1,207 @@
+"""`ImageService`: one images request end to end, between the HTTP route and the engine.
+
+Owns the request's life on the server: submit its ``n`` engine requests, wait for them while
+watching for the client to go away, cancel whatever is still queued or running when the request
+ends early (disconnect, cancel call, one image failing), encode the images as PNG off the event loop
+and build the response. Keeps the in-flight generations by id for ``POST .../{id}/cancel``.
+Called by the routes in `server.app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+import uuid
+from collections.abc import Awaitable
+from concurrent.futures import Future
+from typing import Any
+
+import PIL.Image
+from starlette.requests import Request
+
+from patchedserve.engine import Engine, GenerationResult, QueueFullError
+from patchedserve.errors import InvalidRequestError
+from patchedserve.request import GenerationRequest, RequestStatus
+from patchedserve.server.errors import APIError
+from patchedserve.server.schemas import (
+    GenerationInfo,
+    ImageData,
+    ImageGenerationRequest,
+    ImageInfo,
+    ImagesResponse,
+)
+
+CLIENT_GONE_STATUS = 499
+"""Status logged for a request whose client disconnected (nginx's convention; nobody reads it)."""
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its images were ready."""
+
+
+class ImageService:
+    """Turns images requests into engine requests and engine results into responses."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.inflight: dict[str, list[Future[GenerationResult]]] = {}
+        """Generation id -> its engine futures, while the HTTP request is open."""
+        self.cancelled: set[str] = set()
+        """Ids cancelled by a cancel call, so their response says so."""
+
+    async def generate(
+        self, body: ImageGenerationRequest, http: Request, gen_id: str | None
+    ) -> ImagesResponse:
+        """Runs one images request; raises `APIError` or `ClientDisconnected`."""
+        self._check_model(body.model)
+        gen_id = gen_id or f"img-{uuid.uuid4().hex[:24]}"
+        if gen_id in self.inflight:
+            raise APIError(
+                409,
+                f"a generation with id {gen_id!r} is already running",
+                param="X-Request-ID",
+                code="duplicate_id",
+            )
+        futures: list[Future[GenerationResult]] = []
+        self.inflight[gen_id] = futures
+        try:
+            for gen in self._engine_requests(body):
+                futures.append(self._submit(gen))
+            results = await wait_results(futures, wait_for_disconnect(http))
+            if results is None:
+                raise ClientDisconnected
+            failed = [r for r in results if r is not None and not r.ok]
+            if failed:
+                raise self._result_error(failed[0], gen_id)
+            finished = [r for r in results if r is not None]
+            return await self._response(gen_id, finished)
+        finally:
+            del self.inflight[gen_id]
+            self.cancelled.discard(gen_id)
+            for f in futures:
+                if not f.done():
+                    self.engine.cancel(f.request_id)  # type: ignore[attr-defined]
+
+    def cancel(self, gen_id: str) -> int:
+        """Cancels the engine requests of an in-flight generation; returns how many were still open."""
+        futures = self.inflight.get(gen_id)
+        if futures is None:
+            raise APIError(404, f"no generation with id {gen_id!r} is running", param="id", code="not_found")
+        self.cancelled.add(gen_id)
+        open_futures = [f for f in futures if not f.done()]
+        for f in open_futures:
+            self.engine.cancel(f.request_id)  # type: ignore[attr-defined]
+        return len(open_futures)
+
+    def _check_model(self, model: str | None) -> None:
+        name = self.engine.bundle.name
+        if model is not None and model != name:
+            raise APIError(
+                400,
+                f"model {model!r} is not served here; this server serves {name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @staticmethod
+    def _engine_requests(body: ImageGenerationRequest) -> list[GenerationRequest]:
+        width, height = body.resolution()
+        return [
+            GenerationRequest(
+                prompt=body.prompt,
+                negative_prompt=body.negative_prompt,
+                width=width,
+                height=height,
+                steps=body.num_inference_steps,
+                guidance_scale=body.guidance_scale,
+                seed=body.seed + i,
+                sampler=body.sampler,
+                slo_ms=body.slo_ms,
+            )
+            for i in range(body.n)
+        ]
+
+    def _submit(self, gen: GenerationRequest) -> Future[GenerationResult]:
+        try:
+            return self.engine.submit(gen)
+        except InvalidRequestError as err:
+            raise APIError.invalid(err) from err
+        except QueueFullError as err:
+            raise APIError.queue_full(str(err)) from err
+
+    def _result_error(self, result: GenerationResult, gen_id: str) -> APIError:
+        reason = result.error or "no reason given"
+        if result.status == RequestStatus.DROPPED:
+            return APIError(
+                503,
+                f"the scheduler dropped this request: {reason}",
+                type="server_error",
+                code="slo_infeasible",
+            )
+        if result.status == RequestStatus.CANCELLED:
+            by = "by a cancel call" if gen_id in self.cancelled else "by the server"
+            return APIError(409, f"generation {gen_id!r} was cancelled {by}", code="request_cancelled")
+        return APIError(500, f"generation failed: {reason}", type="server_error", code="generation_failed")
+
+    async def _response(self, gen_id: str, results: list[GenerationResult]) -> ImagesResponse:
+        images = await asyncio.gather(*(asyncio.to_thread(encode_png, r.image) for r in results))
+        infos = [
+            ImageInfo(
+                request_id=r.request_id,
+                width=r.params.width,
+                height=r.params.height,
+                steps=r.params.steps,
+                guidance_scale=r.params.guidance_scale,
+                sampler=r.params.sampler,
+                seed=r.params.seed,
+                timings=r.timings,
+                deadline_met=r.deadline_met,
+            )
+            for r in results
+        ]
+        first = results[0].params
+        return ImagesResponse(
+            created=int(time.time()),
+            data=[ImageData(b64_json=b64) for b64 in images],
+            size=f"{first.width}x{first.height}",
+            patchedserve=GenerationInfo(id=gen_id, model=self.engine.bundle.name, images=infos),
+        )
+
+
+def encode_png(image: PIL.Image.Image | None) -> str:
+    """A finished image as base64 PNG (runs on a worker thread: encoding a large image takes a while)."""
+    if image is None:
+        raise ValueError("a finished result carries no image")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+async def wait_for_disconnect(http: Request) -> None:
+    """Returns when the client disconnects; the body was read already, so nothing else arrives."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def wait_results(
+    futures: list[Future[GenerationResult]], disconnected: Awaitable[None]
+) -> list[GenerationResult | None] | None:
+    """Waits until every result is in or one is not FINISHED; None when ``disconnected`` fires first.
+
+    Results not in yet when one fails are None.
+    """
+    waiters = [asyncio.wrap_future(f) for f in futures]
+    watcher = asyncio.ensure_future(disconnected)
+    pending: set[asyncio.Future[Any]] = {watcher, *waiters}
+    try:
+        while any(not w.done() for w in waiters):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                return None
+            if any(not w.result().ok for w in waiters if w in done):
+                break
+    finally:
+        watcher.cancel()
+    return [w.result() if w.done() else None for w in waiters]

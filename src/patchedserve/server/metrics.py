@@ -1,0 +1,86 @@
+"""Prometheus metrics of one served engine, on the app's own registry (so tests can build many apps).
+
+`ServerMetrics` is an `EngineObserver`: the engine loop calls ``on_step`` after every denoising step
+and ``on_result`` when a request ends; the queue gauges read the scheduler when scraped, so they
+are right even while the engine idles. `server.app` creates one per app and serves ``render()`` at
+``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from patchedserve.engine import Engine, GenerationResult
+from patchedserve.request import Request, RequestStatus
+
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+"""Request latency buckets: tiny models on CPU up to large images on a busy GPU."""
+STEP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Step latency buckets."""
+PATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+"""Patches-per-step buckets (both CFG branches counted)."""
+
+FINAL_STATES = (RequestStatus.FINISHED, RequestStatus.DROPPED, RequestStatus.CANCELLED, RequestStatus.FAILED)
+
+
+class ServerMetrics:
+    """The server's metrics; register with ``engine.observers.append(metrics)``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        scheduler = engine.scheduler
+        r = self.registry
+        self.queue_length = Gauge(
+            "patchedserve_queue_length", "Requests waiting to join the denoising batch.", registry=r
+        )
+        self.queue_length.set_function(lambda: scheduler.num_waiting)
+        self.active_requests = Gauge(
+            "patchedserve_active_requests", "Requests in the denoising batch.", registry=r
+        )
+        self.active_requests.set_function(lambda: scheduler.num_running)
+        self.step_patches = Histogram(
+            "patchedserve_step_patches", "Patches denoised per step.", buckets=PATCH_BUCKETS, registry=r
+        )
+        self.step_latency = Histogram(
+            "patchedserve_step_latency_seconds",
+            "Wall time of one denoising step.",
+            buckets=STEP_BUCKETS_S,
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "patchedserve_request_latency_seconds",
+            "Arrival to finished image, by WIDTHxHEIGHT.",
+            ["resolution"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.requests = Counter(
+            "patchedserve_requests", "Requests that ended, by final status.", ["status"], registry=r
+        )
+        for status in FINAL_STATES:
+            self.requests.labels(status.name.lower())
+        self.slo = Counter(
+            "patchedserve_slo_requests",
+            "Requests with a deadline, by whether it was met.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("met", "missed"):
+            self.slo.labels(outcome)
+
+    def on_step(self, latency_s: float, num_patches: int, num_running: int, num_waiting: int) -> None:
+        self.step_latency.observe(latency_s)
+        self.step_patches.observe(num_patches)
+
+    def on_result(self, request: Request, result: GenerationResult) -> None:
+        self.requests.labels(result.status.name.lower()).inc()
+        latency_s = result.timings.get("latency_s")
+        if result.ok and latency_s is not None:
+            p = result.params
+            self.request_latency.labels(f"{p.width}x{p.height}").observe(latency_s)
+        if result.deadline_met is not None:
+            self.slo.labels("met" if result.deadline_met else "missed").inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,178 @@
+"""HTTP schema of the OpenAI-compatible server: pydantic models, used only at the HTTP edge.
+
+Owns the request and response bodies of ``POST /v1/images/generations`` and ``GET /v1/models`` and
+the OpenAI error object. `server.app` parses requests with these and serialises responses from them;
+everything past the edge uses the engine's dataclasses (`GenerationRequest`, `GenerationResult`).
+
+Unknown fields are refused (``extra="forbid"``): the official clients send only the fields a caller
+set, so an unknown one is almost always a typo of an extension field (``steps`` for
+``num_inference_steps``) that would otherwise silently fall back to a default. OpenAI fields that
+cannot change our output are accepted and ignored (``user``, ``safety_identifier``); those we cannot
+honour are refused by value (``response_format="url"``, ``output_format="jpeg"``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_IMAGES = 10
+"""Most images one request may ask for (``n``), as in the OpenAI API."""
+
+SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
+"""``WIDTHxHEIGHT`` in pixels, e.g. ``768x512``."""
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of ``POST /v1/images/generations``: the OpenAI fields plus diffusion extensions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    """Text to generate from; must not be blank."""
+    model: str | None = None
+    """The served model's name, or omitted."""
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    """Images to generate; image ``i`` uses seed ``seed + i`` so they differ."""
+    size: str | None = None
+    """``WIDTHxHEIGHT`` in pixels, or ``auto``/omitted for the model's default."""
+    response_format: str | None = None
+    """Only ``b64_json`` (the default here); this server keeps no files to link to."""
+    output_format: str | None = None
+    """Only ``png``."""
+    user: str | None = None
+    """Accepted and ignored (an end-user identifier in the OpenAI API)."""
+    safety_identifier: str | None = None
+    """Accepted and ignored."""
+    negative_prompt: str = ""
+    """Extension: text to steer away from."""
+    num_inference_steps: int | None = None
+    """Extension: denoising steps; omitted means the model's default."""
+    guidance_scale: float | None = None
+    """Extension: classifier-free guidance scale; <= 1 turns guidance off."""
+    seed: int = Field(default=0, ge=0)
+    """Extension: seed of the first image's noise."""
+    sampler: str | None = None
+    """Extension: sampler name; omitted means the model's default."""
+    slo_ms: float | None = Field(default=None, gt=0)
+    """Extension: latency objective in milliseconds from arrival."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto" and SIZE_PATTERN.fullmatch(value) is None:
+            raise ValueError(f"size must be WIDTHxHEIGHT in pixels (e.g. 512x512) or auto; got {value!r}")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _only_b64(cls, value: str | None) -> str | None:
+        if value not in (None, "b64_json"):
+            raise ValueError(
+                f"response_format {value!r} is not supported: this server returns images inline, "
+                "only response_format='b64_json' is supported"
+            )
+        return value
+
+    @field_validator("output_format")
+    @classmethod
+    def _only_png(cls, value: str | None) -> str | None:
+        if value not in (None, "png"):
+            raise ValueError(f"output_format {value!r} is not supported; only png is")
+        return value
+
+    def resolution(self) -> tuple[int | None, int | None]:
+        """(width, height) in pixels; (None, None) for the model's default."""
+        match = None if self.size is None else SIZE_PATTERN.fullmatch(self.size)
+        if match is None:
+            return None, None
+        return int(match.group(1)), int(match.group(2))
+
+
+class ImageData(BaseModel):
+    """One generated image."""
+
+    b64_json: str
+    """The PNG file, base64-encoded."""
+    revised_prompt: str | None = None
+    """Always null: prompts are used as given."""
+
+
+class ImageInfo(BaseModel):
+    """Extension: how one image was made and how long each stage took."""
+
+    request_id: int
+    """The engine's id of this image's request."""
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    seed: int
+    timings: dict[str, float | None]
+    """Seconds from arrival: queue_s, encode_done_s, denoise_done_s, latency_s."""
+    deadline_met: bool | None
+    """Whether the image finished before its deadline (null without one)."""
+
+
+class GenerationInfo(BaseModel):
+    """Extension block of an images response."""
+
+    id: str
+    """This generation's id (the ``X-Request-ID`` header when the client sent one)."""
+    model: str
+    images: list[ImageInfo]
+    """One entry per image, in ``data`` order."""
+
+
+class ImagesResponse(BaseModel):
+    """Response of ``POST /v1/images/generations``."""
+
+    created: int
+    """Unix time in seconds."""
+    data: list[ImageData]
+    size: str
+    """``WIDTHxHEIGHT`` of the images."""
+    output_format: Literal["png"] = "png"
+    patchedserve: GenerationInfo
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "patchedserve"
+
+
+class ModelList(BaseModel):
+    """Response of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorObject(BaseModel):
+    """The OpenAI error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    """The request field at fault, when one is."""
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error response."""
+
+    error: ErrorObject

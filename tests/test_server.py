@@ -1,0 +1,302 @@
+"""The HTTP server, called as users call it: a real uvicorn server, the openai client and httpx.
+
+One started engine (tiny-sdxl, 64 px patches) serves most tests; a second engine whose loop never
+runs fills its queue for the 429 test. Images are 64-128 px with 2-3 steps so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from openai import OpenAI
+from PIL import Image
+
+from patchedserve.engine import Engine, GenerationResult
+from patchedserve.models import validate_generation
+from patchedserve.request import GenerationRequest, RequestStatus
+from patchedserve.server import create_app
+from patchedserve.server.generation import ImageService
+
+MODEL = "tiny-sdxl"
+FAST = {"num_inference_steps": 2}
+"""Extension fields that keep a test image cheap."""
+LONG = {"size": "64x64", "num_inference_steps": 500}
+"""A request that takes many seconds: what tests cancel."""
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Runs ``app`` on uvicorn in a thread, on a free port; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    eng = Engine.from_model(MODEL, patch_size=64, max_running=12, max_waiting=64)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def url(engine: Engine) -> Iterator[str]:
+    with serving(create_app(engine)) as base:
+        yield base
+
+
+@pytest.fixture
+def http(url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def post(http: httpx.Client, body: dict[str, Any]) -> httpx.Response:
+    return http.post("/v1/images/generations", json=body)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    sample = f"{name}{{{wanted}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def png_size(b64: str) -> tuple[int, int]:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return image.size
+
+
+def test_openai_client_gets_pngs_of_each_size_concurrently(url: str) -> None:
+    client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+    sizes = ["64x64", "128x64", "64x128", "128x128"]
+
+    def generate(size: str) -> Any:
+        return client.images.generate(
+            model=MODEL, prompt=f"a cat {size}", size=size, response_format="b64_json", n=2,
+            extra_body={**FAST, "seed": 7},
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(len(sizes)) as pool:
+        responses = list(pool.map(generate, sizes))
+    for size, resp in zip(sizes, responses, strict=True):
+        width, height = (int(side) for side in size.split("x"))
+        assert [png_size(img.b64_json) for img in resp.data] == [(width, height)] * 2
+        assert resp.data[0].b64_json != resp.data[1].b64_json  # seed, seed + 1
+        info = resp.to_dict()["patchedserve"]
+        assert [img["seed"] for img in info["images"]] == [7, 8]
+        assert info["images"][0]["steps"] == 2 and info["images"][0]["timings"]["latency_s"] > 0
+
+
+def test_defaults_fill_unset_fields(http: httpx.Client) -> None:
+    resp = post(http, {"prompt": "a dog", "size": "auto", "num_inference_steps": 1})
+    assert resp.status_code == 200, resp.text
+    assert png_size(resp.json()["data"][0]["b64_json"]) == (512, 512)  # the model's default size
+
+
+def test_models_and_health(url: str, http: httpx.Client) -> None:
+    client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert http.get(f"/v1/models/{MODEL}-nope").status_code == 404
+    health = http.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+BAD_INPUTS: dict[str, tuple[dict[str, Any], str | None]] = {
+    "no-prompt": ({"size": "64x64"}, "prompt"),
+    "empty-prompt": ({"prompt": "  "}, "prompt"),
+    "prompt-not-string": ({"prompt": 5}, "prompt"),
+    "n-zero": ({"n": 0}, "n"),
+    "n-above-10": ({"n": 11}, "n"),
+    "n-string": ({"n": "2"}, "n"),
+    "size-malformed": ({"size": "big"}, "size"),
+    "size-not-unit": ({"size": "100x64"}, "size"),
+    "size-not-patch": ({"size": "96x64"}, "size"),
+    "size-too-big": ({"size": "4096x64"}, "size"),
+    "steps-zero": ({"num_inference_steps": 0}, "num_inference_steps"),
+    "steps-too-many": ({"num_inference_steps": 501}, "num_inference_steps"),
+    "steps-float": ({"num_inference_steps": 2.5}, "num_inference_steps"),
+    "guidance-string": ({"guidance_scale": "high"}, "guidance_scale"),
+    "guidance-negative": ({"guidance_scale": -1}, "guidance_scale"),
+    "seed-negative": ({"seed": -1}, "seed"),
+    "slo-zero": ({"slo_ms": 0}, "slo_ms"),
+    "unknown-model": ({"model": "dall-e-3"}, "model"),
+    "unknown-sampler": ({"sampler": "heun"}, "sampler"),
+    "url-format": ({"response_format": "url"}, "response_format"),
+    "jpeg-format": ({"output_format": "jpeg"}, "output_format"),
+    "unknown-field": ({"steps": 2}, "steps"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_400_naming_the_field(http: httpx.Client, case: str) -> None:
+    fields, param = BAD_INPUTS[case]
+    body = {"prompt": "a cat", "size": "64x64", **FAST, **fields}
+    body = {k: v for k, v in body.items() if not (case == "no-prompt" and k == "prompt")}
+    resp = post(http, body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert param in error["message"]
+    if case == "url-format":
+        assert "only response_format='b64_json' is supported" in error["message"]
+
+
+@pytest.mark.parametrize("raw", ["{prompt:", "[1, 2]", ""])
+def test_malformed_body_is_400(http: httpx.Client, raw: str) -> None:
+    resp = http.post("/v1/images/generations", content=raw, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_full_queue_is_429_with_retry_after() -> None:
+    stalled = Engine.from_model(MODEL, patch_size=64, max_waiting=1)
+    try:
+        stalled.submit(GenerationRequest(prompt="first", width=64, height=64, steps=2))  # loop never runs
+        with serving(create_app(stalled)) as base:
+            resp = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "size": "64x64"})
+        assert resp.status_code == 429, resp.text
+        assert resp.headers["Retry-After"] == "1"
+        assert resp.json()["error"]["code"] == "queue_full"
+    finally:
+        stalled.stop()
+
+
+def test_metrics_count_steps_and_results(http: httpx.Client) -> None:
+    before = http.get("/metrics").text
+    for name in (
+        "patchedserve_queue_length",
+        "patchedserve_active_requests",
+        "patchedserve_step_patches",
+        "patchedserve_step_latency_seconds",
+        "patchedserve_requests_total",
+        "patchedserve_slo_requests_total",
+    ):
+        assert f"# TYPE {name.removesuffix('_total')}" in before
+    resp = post(http, {"prompt": "a cat", "size": "128x64", **FAST})
+    assert resp.status_code == 200, resp.text
+    after = http.get("/metrics").text
+    assert metric(after, "patchedserve_requests_total", status="finished") == (
+        metric(before, "patchedserve_requests_total", status="finished") + 1
+    )
+    latency = "patchedserve_request_latency_seconds_count"
+    assert metric(after, latency, resolution="128x64") == metric(before, latency, resolution="128x64") + 1
+    steps = "patchedserve_step_latency_seconds_count"
+    assert metric(after, steps) >= metric(before, steps) + 2
+
+
+def test_client_disconnect_cancels_the_engine_request(engine: Engine, http: httpx.Client, url: str) -> None:
+    cancelled = 'patchedserve_requests_total{status="cancelled"}'
+    before = metric(http.get("/metrics").text, cancelled)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/images/generations", json={"prompt": "a slow cat", **LONG}, timeout=1.0)
+    assert wait_for(lambda: metric(http.get("/metrics").text, cancelled) == before + 1)
+    assert wait_for(lambda: engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0)
+
+
+def test_cancel_endpoint_ends_a_running_generation(http: httpx.Client) -> None:
+    assert http.post("/v1/images/generations/job-1/cancel").status_code == 404
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            http.post,
+            "/v1/images/generations",
+            json={"prompt": "a cat", **LONG},
+            headers={"X-Request-ID": "job-1"},
+        )
+        assert wait_for(lambda: http.post("/v1/images/generations/job-1/cancel").status_code == 200)
+        resp = pending.result(timeout=30)
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["error"]["code"] == "request_cancelled"
+
+
+@pytest.mark.parametrize(
+    ("status", "http_status", "code"),
+    [(RequestStatus.DROPPED, 503, "slo_infeasible"), (RequestStatus.FAILED, 500, "generation_failed")],
+)
+def test_unfinished_results_map_to_openai_errors(
+    engine: Engine, status: RequestStatus, http_status: int, code: str
+) -> None:
+    params = validate_generation(engine.bundle)
+    result = GenerationResult(0, status, None, params, {}, error="deadline cannot be met")
+    err = ImageService(engine)._result_error(result, "img-1")
+    assert (err.status, err.body.error.code) == (http_status, code)
+    assert "deadline cannot be met" in err.body.error.message
+
+
+def test_serve_command_prints_a_request_ready_to_paste(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "patchedserve.cli", "serve", "--port", "0", "--patch-size", "64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def read() -> None:
+        for line in proc.stdout or ():
+            lines.put(line)
+        lines.put("")  # end of output: the server exited
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        first = lines.get(timeout=120)
+        match = re.search(r"serving tiny-sdxl at (http://127\.0\.0\.1:\d+)", first)
+        assert match, first
+        body = ""
+        while "python3 -c" not in body and (line := lines.get(timeout=10)):
+            body += line
+        payload = json.loads(re.search(r"-d '(\{.*\})'", body).group(1))  # type: ignore[union-attr]
+        assert payload["model"] == MODEL and payload["size"] == "512x512"
+        assert httpx.get(f"{match.group(1)}/health", timeout=10).json()["status"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
