@@ -77,3 +77,12 @@ def test_bad_requests_fail_before_any_work(kwargs: dict[str, object], field: str
     with pytest.raises(InvalidRequestError) as info:
         ReferencePipeline.from_model("tiny-sdxl").generate(PROMPT, **kwargs)  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+def test_progress_bar_only_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    pipeline = ReferencePipeline.from_model("tiny-sd3")
+    pipeline.generate(PROMPT, **{**SMALL, "steps": 2})  # type: ignore[arg-type]
+    assert "denoise" not in capsys.readouterr().err
+    pipeline.generate(PROMPT, **{**SMALL, "steps": 2}, progress=True)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "denoise" in err and "2/2" in err
