@@ -31,9 +31,11 @@ from fastapi import FastAPI
 from openai import OpenAI
 from PIL import Image
 
-from patchedserve.engine import Engine, GenerationResult
-from patchedserve.models import validate_generation
+from patchedserve.engine import Engine, EngineConfig, GenerationResult
+from patchedserve.models import load_model, validate_generation
 from patchedserve.request import GenerationRequest, RequestStatus
+from patchedserve.scheduler import LatencyPredictor, SchedulerConfig, make_scheduler
+from patchedserve.scheduler.features import FEATURE_NAMES
 from patchedserve.server import create_app
 from patchedserve.server.generation import ImageService
 
@@ -257,18 +259,40 @@ def test_cancel_endpoint_ends_a_running_generation(http: httpx.Client) -> None:
     assert resp.json()["error"]["code"] == "request_cancelled"
 
 
-@pytest.mark.parametrize(
-    ("status", "http_status", "code"),
-    [(RequestStatus.DROPPED, 503, "slo_infeasible"), (RequestStatus.FAILED, 500, "generation_failed")],
-)
-def test_unfinished_results_map_to_openai_errors(
-    engine: Engine, status: RequestStatus, http_status: int, code: str
-) -> None:
+def test_slo_policy_drop_is_503_and_deadlines_are_counted() -> None:
+    # A synthetic predictor (30 ms per step and patch) spares the engine's start-up profile.
+    predictor = LatencyPredictor(coef=(0.03,) * len(FEATURE_NAMES), patch_size=64)
+    scheduler = make_scheduler("slo", predictor, SchedulerConfig(on_infeasible="drop"))
+    slo_engine = Engine(load_model(MODEL), EngineConfig(patch_size=64, policy="slo"), scheduler=scheduler)
+    slo_engine.start()
+    try:
+        with serving(create_app(slo_engine)) as base, httpx.Client(base_url=base, timeout=60) as http:
+            dropped = post(http, {"prompt": "a cat", "size": "128x128", **FAST, "slo_ms": 1})
+            met = post(http, {"prompt": "a cat", "size": "64x64", **FAST, "slo_ms": 60_000})
+            text = http.get("/metrics").text
+    finally:
+        slo_engine.stop()
+    assert dropped.status_code == 503, dropped.text
+    error = dropped.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "slo_infeasible")
+    assert "deadline" in error["message"]
+    assert met.status_code == 200, met.text
+    assert met.json()["patchedserve"]["images"][0]["deadline_met"] is True
+    assert metric(text, "patchedserve_requests_total", status="dropped") == 1
+    assert metric(text, "patchedserve_slo_requests_total", outcome="met") == 1
+    assert metric(text, "patchedserve_slo_requests_total", outcome="missed") == 1
+
+
+def test_a_failed_result_is_500_with_the_reason(engine: Engine) -> None:
     params = validate_generation(engine.bundle)
-    result = GenerationResult(0, status, None, params, {}, error="deadline cannot be met")
+    result = GenerationResult(0, RequestStatus.FAILED, None, params, {}, error="decode failed: boom")
     err = ImageService(engine)._result_error(result, "img-1")
-    assert (err.status, err.body.error.code) == (http_status, code)
-    assert "deadline cannot be met" in err.body.error.message
+    assert (err.status, err.body.error.type, err.body.error.code) == (
+        500,
+        "server_error",
+        "generation_failed",
+    )
+    assert "decode failed: boom" in err.body.error.message
 
 
 def test_serve_command_prints_a_request_ready_to_paste(tmp_path: Path) -> None:
