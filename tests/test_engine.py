@@ -166,3 +166,45 @@ def test_a_full_queue_refuses_new_requests() -> None:
             engine.submit(GenerationRequest("c", width=64, height=64, steps=1))
     finally:
         engine.stop()
+
+
+def test_image_level_execution_with_resolution_batches_equals_reference() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=64, execution="image", policy="res-fcfs",
+                               decode_in_thread=False)
+    try:
+        for g, r in zip(MIXED, engine.generate(MIXED), strict=True):
+            assert_matches_reference("tiny-sdxl", g, r)
+    finally:
+        engine.stop()
+
+
+def test_resolution_batching_never_mixes_resolutions() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=64, execution="image", policy="res-fcfs",
+                               decode_in_thread=False)
+    try:
+        for g in MIXED:
+            engine.submit(g)
+        while engine.has_work():
+            engine.step()
+            assert len({r.resolution for r in engine.scheduler.running}) <= 1
+    finally:
+        engine.stop()
+
+
+def test_approximate_cache_skips_steps_for_a_repeated_prompt() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=64, execution="image", policy="res-fcfs",
+                               approx_cache=True, decode_in_thread=False)
+    g = GenerationRequest("a lighthouse at dusk", width=64, height=64, steps=6, seed=1)
+    try:
+        first = engine.generate([g])[0]
+        futures = [engine.submit(GenerationRequest(g.prompt, width=64, height=64, steps=6, seed=2))]
+        engine.step()  # admission: the cache moves the request to a later step
+        started_at = engine.scheduler.running[0].step_index - 1
+        while engine.has_work():
+            engine.step()
+        second = futures[0].result(timeout=0)
+    finally:
+        engine.stop()
+    assert first.ok and second.ok
+    assert engine.approx_cache is not None and engine.approx_cache.hits == 1
+    assert started_at == 3  # identical prompt: the top tier skips half of the 6 steps

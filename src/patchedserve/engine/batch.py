@@ -79,7 +79,7 @@ class DenoiseBatch:
     def _carry_rows(self, old: _Composition | None, layout: CSPLayout, by_id: dict[int, Request]) -> None:
         """Move kept requests' rows with one gather; fill joiners from their initial noise."""
         p, n = layout.patch_size, layout.num_patches
-        ref = next(iter(by_id.values())).state["noise"] if by_id else None
+        ref = initial_latents(next(iter(by_id.values()))) if by_id else None
         if ref is None:
             self.latents = self.history = None
             return
@@ -95,8 +95,8 @@ class DenoiseBatch:
         for rid in layout.entry_ids:
             if rid not in known:
                 a, b = layout.patch_range(rid)
-                single = CSPLayout.build([by_id[rid].state["noise"].shape[-2:]], p)
-                latents[a:b] = split_latents([by_id[rid].state["noise"]], single)
+                start = initial_latents(by_id[rid])  # [C, h, w]
+                latents[a:b] = split_latents([start], CSPLayout.build([start.shape[-2:]], p))
         self.latents, self.history = latents, history
 
     def _compose(self, requests: list[Request], layout: CSPLayout) -> _Composition:
@@ -193,3 +193,8 @@ class DenoiseBatch:
                                  self.comp.layout.patch_size)
         return merge_patches(self.latents[a:b], single)[0]
 
+
+
+def initial_latents(request: Request) -> torch.Tensor:  # [C, h, w]
+    """Where a request starts: its noise, or a cached intermediate latent (``ApproxCache``)."""
+    return request.state.get("start_latents", request.state["noise"])  # type: ignore[no-any-return]

@@ -29,6 +29,11 @@ class EngineConfig:
     """Torch device of the denoiser (``cpu``, ``cuda``, ``cuda:1``)."""
     dtype: str = "float32"
     """Denoiser dtype: float32, float16 or bfloat16."""
+    execution: str = "patched"
+    """``patched``: one patched model call over all requests; ``image``: the model's own forward per
+    resolution (the image-level baselines)."""
+    approx_cache: bool = False
+    """NIRVANA-style reuse of similar prompts' intermediate latents (a baseline; approximate)."""
     profile: str | None = None
     """Latency profile (``patchedserve profile --out``); without one, ``slo`` profiles briefly at start."""
     decode_in_thread: bool = True
@@ -39,6 +44,8 @@ class EngineConfig:
             raise InvalidRequestError("max_running and max_waiting must be at least 1", field="max_running")
         if self.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}", "dtype")
+        if self.execution not in ("patched", "image"):
+            raise InvalidRequestError("execution must be patched or image", field="execution")
         if self.on_infeasible not in ("drop", "best-effort"):
             raise InvalidRequestError("on_infeasible must be drop or best-effort", field="on_infeasible")
 

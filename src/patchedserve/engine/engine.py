@@ -21,8 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from patchedserve.engine.approx_cache import ApproxCache
 from patchedserve.engine.batch import DenoiseBatch
 from patchedserve.engine.config import EngineConfig
+from patchedserve.engine.image_batch import ImageBatch
 from patchedserve.engine.prepare import Preparer
 from patchedserve.engine.results import EngineObserver, GenerationResult
 from patchedserve.errors import InvalidRequestError, PatchedServeError
@@ -52,7 +54,8 @@ class Engine:
             bundle.denoiser.to(self.device, self.config.torch_dtype)
         self.model = PatchedModel(bundle.denoiser, self.config.patch_size, bundle.vae_scale_factor)
         self.preparer = Preparer(bundle, self.device, self.config.torch_dtype)
-        self.batch = DenoiseBatch(self.model, self.preparer.samplers, self.device)
+        self.batch = self._new_batch()
+        self.approx_cache = ApproxCache() if self.config.approx_cache else None
         self.scheduler = scheduler or build_scheduler(self.config, bundle, self.model)
         self.observers: list[EngineObserver] = []
         self.clock = time.monotonic
@@ -71,6 +74,11 @@ class Engine:
         bundle = model if isinstance(model, ModelBundle) else load_model(model)
         return cls(bundle, EngineConfig(**config))  # type: ignore[arg-type]
 
+    def _new_batch(self) -> DenoiseBatch | ImageBatch:
+        if self.config.execution == "image":
+            return ImageBatch(self.bundle, self.preparer.samplers, self.device)
+        return DenoiseBatch(self.model, self.preparer.samplers, self.device)
+
     # ------------------------------------------------------------------ submitting
     def submit(self, gen: GenerationRequest) -> Future[GenerationResult]:
         """Validate and queue one request; its future resolves when it reaches a final state.
@@ -82,7 +90,7 @@ class Engine:
         params = validate_generation(self.bundle, gen.width, gen.height, gen.steps, gen.guidance_scale,
                                      gen.sampler, gen.seed)
         lp = self.model.patch_size
-        if params.width % lp or params.height % lp:
+        if self.config.execution == "patched" and (params.width % lp or params.height % lp):
             raise InvalidRequestError(
                 f"size {params.width}x{params.height} is not a multiple of this engine's patch size {lp} px; "
                 f"allowed sizes are multiples of {lp} in both width and height", field="size")
@@ -127,12 +135,16 @@ class Engine:
             self.batch.step()
         except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the loop
             log.exception("denoising step failed")
-            self.batch = DenoiseBatch(self.model, self.preparer.samplers, self.device)
+            self.batch = self._new_batch()
             self._fail([r.request_id for r in running], f"denoising step failed: {err}")
             return
         end = self.clock()
         for r in out.admitted:
             r.timings.first_step_s = start
+        if self.approx_cache is not None:
+            for r in running:
+                if self.approx_cache.wants(r):
+                    self.approx_cache.record(r, self.batch.final_latents(r))
         for done in self.scheduler.update_from_output(StepOutcome(running, end - start, end)):
             self._retire(done)
         num_patches = sum(r.num_patches * r.num_entries for r in running)
@@ -159,6 +171,8 @@ class Engine:
         now = self.clock()
         for r in admitted:
             r.timings.encoded_s = now
+            if self.approx_cache is not None:
+                self.approx_cache.lookup(r, self.preparer.sampler(r.params.sampler).order == 1)
 
     def _fail(self, ids: Sequence[int], message: str) -> None:
         for r in self.scheduler.finish_requests(ids, RequestStatus.FAILED):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from patchedserve.engine.config import EngineConfig
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import ModelBundle
 from patchedserve.patch import PatchedModel
 from patchedserve.scheduler import LatencyPredictor, QueueScheduler, SchedulerConfig, make_scheduler
 from patchedserve.scheduler.profile import profile_quick
+from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
 
 
 def build_predictor(config: EngineConfig, bundle: ModelBundle, model: PatchedModel) -> LatencyPredictor | None:
@@ -28,7 +31,10 @@ def build_predictor(config: EngineConfig, bundle: ModelBundle, model: PatchedMod
 
 def build_scheduler(config: EngineConfig, bundle: ModelBundle, model: PatchedModel) -> QueueScheduler:
     policy_config = SchedulerConfig(
-        policy=config.policy, max_running=config.max_running, slo_scale=config.slo_scale,
+        policy="fcfs" if config.policy == ResolutionBatchScheduler.policy else config.policy, max_running=config.max_running, slo_scale=config.slo_scale,
         on_infeasible=config.on_infeasible,
     )
-    return make_scheduler(config.policy, build_predictor(config, bundle, model), policy_config)
+    predictor = build_predictor(config, bundle, model)
+    if config.policy == ResolutionBatchScheduler.policy:
+        return ResolutionBatchScheduler(config.max_running, predictor, replace(policy_config, policy="fcfs"))
+    return make_scheduler(config.policy, predictor, policy_config)
