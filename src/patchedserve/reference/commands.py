@@ -1,7 +1,7 @@
 """The ``generate`` and ``run`` subcommands, on the reference pipeline. Registered by `patchedserve.cli`.
 
-``generate`` makes one image; ``run`` is the main job of ``make run`` (three images at different
-resolutions with the default model) until the server takes that role.
+``generate`` makes one image; ``run`` makes three images at different resolutions with the default
+model, without a server (``make images``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def add_parser(subparsers: Any) -> None:
 
     run = subparsers.add_parser(
         "run",
-        help="the main job: three images at different resolutions into ./outputs/",
+        help="three images at different resolutions into ./outputs/, no server",
         description="Generate three images (512x512, 768x512, 512x768) with the default model.",
     )
     run.add_argument("--model", default=DEFAULT_MODEL)
