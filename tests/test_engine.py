@@ -208,3 +208,28 @@ def test_approximate_cache_skips_steps_for_a_repeated_prompt() -> None:
     assert first.ok and second.ok
     assert engine.approx_cache is not None and engine.approx_cache.hits == 1
     assert started_at == 3  # identical prompt: the top tier skips half of the 6 steps
+
+
+def test_cancelling_the_awaiting_task_cancels_the_request() -> None:
+    import asyncio
+
+    engine = Engine.from_model("tiny-sdxl", patch_size=64)
+    engine.start()
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(engine.agenerate(GenerationRequest("long", width=64, height=64, steps=400)))
+        while engine.scheduler.num_running == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            if engine.scheduler.num_running == 0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the request kept running after its task was cancelled")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.stop()

@@ -225,7 +225,12 @@ class Engine:
         """Asyncio front: needs the background loop (``start``)."""
         if self._loop is None:
             raise RuntimeError("call Engine.start() before agenerate")
-        return await asyncio.wrap_future(self.submit(gen))
+        future = self.submit(gen)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the awaiting task went away: free the request's slot
+            self.cancel(future.request_id)  # type: ignore[attr-defined]
+            raise
 
     def start(self) -> None:
         """Run the loop on a background thread (for servers)."""
