@@ -21,10 +21,20 @@ def reference(model: str) -> ReferencePipeline:
 
 
 def reference_image(model: str, g: GenerationRequest) -> np.ndarray:
-    image = reference(model).generate(
-        prompt=g.prompt, negative_prompt=g.negative_prompt, width=g.width, height=g.height, steps=g.steps,
-        guidance_scale=g.guidance_scale, seed=g.seed, sampler=g.sampler,
-    ).image
+    image = (
+        reference(model)
+        .generate(
+            prompt=g.prompt,
+            negative_prompt=g.negative_prompt,
+            width=g.width,
+            height=g.height,
+            steps=g.steps,
+            guidance_scale=g.guidance_scale,
+            seed=g.seed,
+            sampler=g.sampler,
+        )
+        .image
+    )
     return np.asarray(image, dtype=np.int16)
 
 
@@ -45,7 +55,9 @@ def sdxl_engine() -> Engine:
 MIXED = [
     GenerationRequest("a red fox", width=128, height=64, steps=4, seed=1, sampler="euler"),
     GenerationRequest("a dog", width=64, height=64, steps=3, guidance_scale=1.0, seed=2, sampler="euler"),
-    GenerationRequest("a cow", negative_prompt="blurry", width=64, height=192, steps=5, seed=3, sampler="dpmpp_2m"),
+    GenerationRequest(
+        "a cow", negative_prompt="blurry", width=64, height=192, steps=5, seed=3, sampler="dpmpp_2m"
+    ),
     GenerationRequest("a fox", width=128, height=128, steps=2, guidance_scale=3.0, seed=4, sampler="ddim"),
 ]
 
@@ -74,8 +86,15 @@ def test_requests_join_and_leave_at_every_step(sdxl_engine: Engine) -> None:
     # A new request arrives before every step while earlier ones finish at different steps, so the
     # batch composition changes at every step boundary, in both directions.
     arrivals = [
-        GenerationRequest(f"prompt {i}", width=64 * (1 + i % 2), height=64 * (1 + i // 3), steps=2 + i % 3,
-                          guidance_scale=1.0 if i % 2 else 4.0, seed=10 + i, sampler=("euler", "dpmpp_2m")[i % 2])
+        GenerationRequest(
+            f"prompt {i}",
+            width=64 * (1 + i % 2),
+            height=64 * (1 + i // 3),
+            steps=2 + i % 3,
+            guidance_scale=1.0 if i % 2 else 4.0,
+            seed=10 + i,
+            sampler=("euler", "dpmpp_2m")[i % 2],
+        )
         for i in range(6)
     ]
     futures, compositions = [], []
@@ -106,7 +125,9 @@ def test_cancellation_frees_the_request_and_the_rest_go_on(sdxl_engine: Engine) 
     assert_matches_reference("tiny-sdxl", keep, f_keep.result(timeout=0))
 
 
-def test_a_failing_decode_fails_only_its_request(sdxl_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_decode_fails_only_its_request(
+    sdxl_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import patchedserve.engine.engine as engine_module
 
     real = engine_module.decode_latents
@@ -124,7 +145,9 @@ def test_a_failing_decode_fails_only_its_request(sdxl_engine: Engine, monkeypatc
     assert_matches_reference("tiny-sdxl", good, r_good)
 
 
-def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(sdxl_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(
+    sdxl_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = {"n": 0}
     real = sdxl_engine.model.forward_batch
 
@@ -169,8 +192,9 @@ def test_a_full_queue_refuses_new_requests() -> None:
 
 
 def test_image_level_execution_with_resolution_batches_equals_reference() -> None:
-    engine = Engine.from_model("tiny-sdxl", patch_size=64, execution="image", policy="res-fcfs",
-                               decode_in_thread=False)
+    engine = Engine.from_model(
+        "tiny-sdxl", patch_size=64, execution="image", policy="res-fcfs", decode_in_thread=False
+    )
     try:
         for g, r in zip(MIXED, engine.generate(MIXED), strict=True):
             assert_matches_reference("tiny-sdxl", g, r)
@@ -179,8 +203,9 @@ def test_image_level_execution_with_resolution_batches_equals_reference() -> Non
 
 
 def test_resolution_batching_never_mixes_resolutions() -> None:
-    engine = Engine.from_model("tiny-sdxl", patch_size=64, execution="image", policy="res-fcfs",
-                               decode_in_thread=False)
+    engine = Engine.from_model(
+        "tiny-sdxl", patch_size=64, execution="image", policy="res-fcfs", decode_in_thread=False
+    )
     try:
         for g in MIXED:
             engine.submit(g)
@@ -192,8 +217,14 @@ def test_resolution_batching_never_mixes_resolutions() -> None:
 
 
 def test_approximate_cache_skips_steps_for_a_repeated_prompt() -> None:
-    engine = Engine.from_model("tiny-sdxl", patch_size=64, execution="image", policy="res-fcfs",
-                               approx_cache=True, decode_in_thread=False)
+    engine = Engine.from_model(
+        "tiny-sdxl",
+        patch_size=64,
+        execution="image",
+        policy="res-fcfs",
+        approx_cache=True,
+        decode_in_thread=False,
+    )
     g = GenerationRequest("a lighthouse at dusk", width=64, height=64, steps=6, seed=1)
     try:
         first = engine.generate([g])[0]
@@ -217,7 +248,9 @@ def test_cancelling_the_awaiting_task_cancels_the_request() -> None:
     engine.start()
 
     async def scenario() -> None:
-        task = asyncio.ensure_future(engine.agenerate(GenerationRequest("long", width=64, height=64, steps=400)))
+        task = asyncio.ensure_future(
+            engine.agenerate(GenerationRequest("long", width=64, height=64, steps=400))
+        )
         while engine.scheduler.num_running == 0:
             await asyncio.sleep(0.01)
         task.cancel()

@@ -18,9 +18,7 @@ CPU = torch.device("cpu")
 @st.composite
 def mixes(draw: st.DrawFn) -> tuple[int, list[tuple[int, int]]]:
     p = draw(st.sampled_from([1, 2, 3, 4]))
-    sizes = draw(
-        st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=6)
-    )
+    sizes = draw(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=6))
     return p, [(h * p, w * p) for h, w in sizes]
 
 
@@ -38,7 +36,9 @@ def test_split_merge_are_exact_inverses(mix: tuple[int, list[tuple[int, int]]]) 
 
 @settings(max_examples=40, deadline=None)
 @given(mixes(), st.integers(0, 4))
-def test_stitched_patch_equals_crop_of_zero_padded_image(mix: tuple[int, list[tuple[int, int]]], halo: int) -> None:
+def test_stitched_patch_equals_crop_of_zero_padded_image(
+    mix: tuple[int, list[tuple[int, int]]], halo: int
+) -> None:
     p, sizes = mix
     halo = min(halo, p)
     layout = CSPLayout.build(sizes, p)
@@ -59,7 +59,11 @@ def test_layout_orders_by_resolution_with_offsets() -> None:
     assert layout.entry_offsets.tolist() == [0, 4, 8, 17, 33]
     assert layout.resolution_offsets.tolist() == [0, 2, 3, 4]
     groups = layout.attention_groups()
-    assert [(g.patch_start, g.patch_end, g.patches_per_entry) for g in groups] == [(0, 8, 4), (8, 17, 9), (17, 33, 16)]
+    assert [(g.patch_start, g.patch_end, g.patches_per_entry) for g in groups] == [
+        (0, 8, 4),
+        (8, 17, 9),
+        (17, 33, 16),
+    ]
 
 
 def test_neighbour_table_includes_diagonals_and_sentinels() -> None:
@@ -72,7 +76,9 @@ def test_neighbour_table_includes_diagonals_and_sentinels() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(mixes(), st.data())
-def test_incremental_updates_match_a_fresh_build(mix: tuple[int, list[tuple[int, int]]], data: st.DataObject) -> None:
+def test_incremental_updates_match_a_fresh_build(
+    mix: tuple[int, list[tuple[int, int]]], data: st.DataObject
+) -> None:
     p, sizes = mix
     layout = CSPLayout.build(sizes, p)
     extra = data.draw(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 3)), max_size=3))
@@ -82,7 +88,9 @@ def test_incremental_updates_match_a_fresh_build(mix: tuple[int, list[tuple[int,
     fresh = CSPLayout.build(list(sizes) + extra_px, p, list(range(len(sizes))) + new_ids)
     assert grown.sizes == fresh.sizes
     assert np.array_equal(grown.neighbours, fresh.neighbours)
-    drop = data.draw(st.lists(st.sampled_from(grown.entry_ids), unique=True, max_size=len(grown.entry_ids) - 1))
+    drop = data.draw(
+        st.lists(st.sampled_from(grown.entry_ids), unique=True, max_size=len(grown.entry_ids) - 1)
+    )
     shrunk = grown.without(drop)
     kept = [(s, e) for s, e in zip(grown.sizes, grown.entry_ids, strict=True) if e not in drop]
     assert shrunk.sizes == tuple(s for s, _ in kept)

@@ -74,11 +74,15 @@ def run_full(pm: PatchedModel, r: Req) -> torch.Tensor:
     model = pm.model
     if isinstance(model, SD3Transformer2DModel):
         return model(
-            hidden_states=r.latent[None], timestep=r.timestep[None], encoder_hidden_states=r.text[None],
+            hidden_states=r.latent[None],
+            timestep=r.timestep[None],
+            encoder_hidden_states=r.text[None],
             pooled_projections=r.pooled[None],
         ).sample[0]
     added = None if r.time_ids is None else {"text_embeds": r.pooled[None], "time_ids": r.time_ids[None]}
-    return model(r.latent[None], r.timestep[None], encoder_hidden_states=r.text[None], added_cond_kwargs=added).sample[0]
+    return model(
+        r.latent[None], r.timestep[None], encoder_hidden_states=r.text[None], added_cond_kwargs=added
+    ).sample[0]
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -96,7 +100,9 @@ LARGER = {"tiny-sd15": 2, "tiny-sdxl": 2, "tiny-sd3": 4}
 @pytest.mark.parametrize("name", FAMILIES)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(grids=grids, seed=st.integers(0, 2**16))
-def test_patched_equals_full_image_forward(name: str, larger: bool, grids: list[tuple[int, int]], seed: int) -> None:
+def test_patched_equals_full_image_forward(
+    name: str, larger: bool, grids: list[tuple[int, int]], seed: int
+) -> None:
     pm = patched(name, LARGER[name] if larger else 1)
     reqs = [make_request(pm, g, seed + i) for i, g in enumerate(grids)]
     outs = run_patched(pm, reqs)

@@ -17,25 +17,46 @@ from patchedserve.reference import ReferencePipeline
 from patchedserve.request import GenerationRequest, RequestStatus
 
 
-def burst_requests(sizes: list[tuple[int, int]], count: int, steps: int, guidance: float) -> list[GenerationRequest]:
+def burst_requests(
+    sizes: list[tuple[int, int]], count: int, steps: int, guidance: float
+) -> list[GenerationRequest]:
     """``count`` requests cycling through ``sizes`` (height, width), distinct prompts and seeds."""
     return [
-        GenerationRequest(f"burst prompt {i}", width=sizes[i % len(sizes)][1], height=sizes[i % len(sizes)][0],
-                          steps=steps, guidance_scale=guidance, seed=i)
+        GenerationRequest(
+            f"burst prompt {i}",
+            width=sizes[i % len(sizes)][1],
+            height=sizes[i % len(sizes)][0],
+            steps=steps,
+            guidance_scale=guidance,
+            seed=i,
+        )
         for i in range(count)
     ]
 
 
-def run_burst_bench(model: str, sizes: list[tuple[int, int]], count: int, steps: int, guidance: float,
-                    patch_size: int, max_running: int) -> dict[str, Any]:
+def run_burst_bench(
+    model: str,
+    sizes: list[tuple[int, int]],
+    count: int,
+    steps: int,
+    guidance: float,
+    patch_size: int,
+    max_running: int,
+) -> dict[str, Any]:
     bundle = load_model(model)
     requests = burst_requests(sizes, count, steps, guidance)
     reference = ReferencePipeline(bundle)
     reference.generate(prompt="warm-up", width=sizes[0][1], height=sizes[0][0], steps=1)
     start = time.perf_counter()
     for g in requests:
-        reference.generate(prompt=g.prompt, width=g.width, height=g.height, steps=g.steps,
-                           guidance_scale=g.guidance_scale, seed=g.seed)
+        reference.generate(
+            prompt=g.prompt,
+            width=g.width,
+            height=g.height,
+            steps=g.steps,
+            guidance_scale=g.guidance_scale,
+            seed=g.seed,
+        )
     reference_s = time.perf_counter() - start
     engine = Engine(bundle, EngineConfig(patch_size=patch_size, max_running=max_running))
     try:
@@ -47,10 +68,17 @@ def run_burst_bench(model: str, sizes: list[tuple[int, int]], count: int, steps:
         engine.stop()
     ok = sum(r.status == RequestStatus.FINISHED for r in results)
     return {
-        "model": model, "count": count, "steps": steps, "guidance_scale": guidance, "patch_size": patch_size,
-        "sizes": [f"{w}x{h}" for h, w in sizes], "max_running": max_running,
-        "reference_s": reference_s, "engine_s": engine_s, "engine_finished": ok,
-        "reference_images_per_min": 60 * count / reference_s, "engine_images_per_min": 60 * ok / engine_s,
+        "model": model,
+        "count": count,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "patch_size": patch_size,
+        "sizes": [f"{w}x{h}" for h, w in sizes],
+        "max_running": max_running,
+        "reference_s": reference_s,
+        "engine_s": engine_s,
+        "engine_finished": ok,
+        "reference_images_per_min": 60 * count / reference_s,
+        "engine_images_per_min": 60 * ok / engine_s,
         "speedup": reference_s / engine_s,
     }
-

@@ -44,7 +44,9 @@ class Mix:
     time_ids: torch.Tensor | None  # [R, 6]
 
 
-def random_mix(pm: PatchedModel, sizes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> Mix:
+def random_mix(
+    pm: PatchedModel, sizes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
+) -> Mix:
     g = torch.Generator().manual_seed(0)
     cfg = pm.model.config
     vf, r = pm.vae_scale_factor, len(sizes)
@@ -55,8 +57,14 @@ def random_mix(pm: PatchedModel, sizes: list[tuple[int, int]], device: torch.dev
     latents = [rand(cfg.in_channels, h // vf, w // vf) for h, w in sizes]
     timesteps = (torch.rand(r, generator=g) * 999).to(device)
     if pm.is_sd3:
-        return Mix(sizes, latents, timesteps, rand(r, TEXT_LEN, cfg.joint_attention_dim),
-                   rand(r, cfg.pooled_projection_dim), None)
+        return Mix(
+            sizes,
+            latents,
+            timesteps,
+            rand(r, TEXT_LEN, cfg.joint_attention_dim),
+            rand(r, cfg.pooled_projection_dim),
+            None,
+        )
     text = rand(r, TEXT_LEN, cfg.cross_attention_dim)
     if cfg.addition_embed_type == "text_time":
         dp = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
@@ -69,8 +77,13 @@ def _full_forward(pm: PatchedModel, mix: Mix, idx: list[int]) -> torch.Tensor:  
     t, text = mix.timesteps[idx], mix.text[idx]
     if pm.is_sd3:
         assert mix.pooled is not None
-        return pm.model(hidden_states=x, timestep=t, encoder_hidden_states=text,
-                        pooled_projections=mix.pooled[idx], return_dict=False)[0]
+        return pm.model(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=text,
+            pooled_projections=mix.pooled[idx],
+            return_dict=False,
+        )[0]
     added = None
     if mix.time_ids is not None and mix.pooled is not None:
         added = {"text_embeds": mix.pooled[idx], "time_ids": mix.time_ids[idx]}
@@ -95,8 +108,12 @@ def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) ->
     layout = pm.layout_for(mix.sizes)
     order = list(layout.entry_ids)
     batch = PatchBatch(
-        layout, split_latents([mix.latents[i] for i in order], layout), mix.timesteps[order], mix.text[order],
-        None if mix.pooled is None else mix.pooled[order], None if mix.time_ids is None else mix.time_ids[order],
+        layout,
+        split_latents([mix.latents[i] for i in order], layout),
+        mix.timesteps[order],
+        mix.text[order],
+        None if mix.pooled is None else mix.pooled[order],
+        None if mix.time_ids is None else mix.time_ids[order],
     )
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(mix.sizes):
@@ -122,7 +139,9 @@ def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) ->
     ctx.stopwatch = Stopwatch()
     instrumented = _time(lambda: pm.forward_batch(batch), device)
     sections, ctx.stopwatch = ctx.stopwatch.totals_s, None
-    split_merge = _time(lambda: merge_patches(split_latents([mix.latents[i] for i in order], layout), layout), device)
+    split_merge = _time(
+        lambda: merge_patches(split_latents([mix.latents[i] for i in order], layout), layout), device
+    )
     return {
         "num_requests": len(mix.sizes),
         "num_patches": layout.num_patches,
@@ -138,8 +157,13 @@ def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) ->
 
 
 def run_step_bench(
-    model: str, sizes: list[tuple[int, int]], per_size: list[int], patch_size: int, repeats: int,
-    device: str, dtype: str,
+    model: str,
+    sizes: list[tuple[int, int]],
+    per_size: list[int],
+    patch_size: int,
+    repeats: int,
+    device: str,
+    dtype: str,
 ) -> dict[str, Any]:
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -151,9 +175,15 @@ def run_step_bench(
         mix = random_mix(pm, [s for s in sizes for _ in range(k)], dev, torch_dtype)
         runs.append({"per_size": k, **bench_mix(pm, mix, repeats, dev)})
     return {
-        "model": model, "device": str(dev), "device_name": _device_name(dev), "dtype": dtype,
-        "torch_threads": torch.get_num_threads(), "patch_size": patch_size,
-        "sizes": [f"{w}x{h}" for h, w in sizes], "repeats": repeats, "runs": runs,
+        "model": model,
+        "device": str(dev),
+        "device_name": _device_name(dev),
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+        "patch_size": patch_size,
+        "sizes": [f"{w}x{h}" for h, w in sizes],
+        "repeats": repeats,
+        "runs": runs,
     }
 
 
@@ -169,7 +199,9 @@ def write_report(report: dict[str, Any], path: Path | None) -> None:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    lines = [f"{report['model']} on {report['device_name']} ({report['dtype']}), patch {report['patch_size']} px"]
+    lines = [
+        f"{report['model']} on {report['device_name']} ({report['dtype']}), patch {report['patch_size']} px"
+    ]
     for r in report["runs"]:
         m = r["median_s"]
         lines.append(
@@ -180,4 +212,3 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"regroup {r['regroup_share']:.1%}"
         )
     return lines
-

@@ -70,8 +70,9 @@ class DenoiseBatch:
             known = set(layout.entry_ids)
             new = [r for r in running if r.request_id not in known]
             vf = self.model.vae_scale_factor
-            layout = layout.with_added([(r.params.height // vf, r.params.width // vf) for r in new],
-                                       [r.request_id for r in new])
+            layout = layout.with_added(
+                [(r.params.height // vf, r.params.width // vf) for r in new], [r.request_id for r in new]
+            )
         by_id = {r.request_id: r for r in running}
         self._carry_rows(old, layout, by_id)
         self.comp = self._compose([by_id[i] for i in layout.entry_ids], layout)
@@ -96,7 +97,9 @@ class DenoiseBatch:
             if rid not in known:
                 a, b = layout.patch_range(rid)
                 start = initial_latents(by_id[rid])  # [C, h, w]
-                latents[a:b] = split_latents([start], CSPLayout.build([start.shape[-2:]], p))
+                latents[a:b] = split_latents(
+                    [start], CSPLayout.build([(start.shape[-2], start.shape[-1])], p)
+                )
         self.latents, self.history = latents, history
 
     def _compose(self, requests: list[Request], layout: CSPLayout) -> _Composition:
@@ -120,25 +123,40 @@ class DenoiseBatch:
                 cond[ra:rb] = np.arange(a, b)
             if eid % 2 == 1 or requests[owner_of[eid]].num_entries == 1:
                 uncond[ra:rb] = np.arange(a, b)
-        guidance = np.array([requests[e].params.guidance_scale if requests[e].params.do_cfg else 1.0
-                             for e in layout.patch_entry], dtype=np.float32)
+        guidance = np.array(
+            [
+                requests[e].params.guidance_scale if requests[e].params.do_cfg else 1.0
+                for e in layout.patch_entry
+            ],
+            dtype=np.float32,
+        )
+        embeds, pooled, time_ids = self._conditioning(requests, model_layout)
         return _Composition(
-            requests=requests, layout=layout, model_layout=model_layout,
-            model_rows=self._t(rows), cond_rows=self._t(cond), uncond_rows=self._t(uncond),
-            guidance=self._t(guidance).view(-1, 1, 1, 1), entry_request=entry_request,
-            **self._conditioning(requests, model_layout),
+            requests=requests,
+            layout=layout,
+            model_layout=model_layout,
+            model_rows=self._t(rows),
+            cond_rows=self._t(cond),
+            uncond_rows=self._t(uncond),
+            guidance=self._t(guidance).view(-1, 1, 1, 1),
+            entry_request=entry_request,
+            embeds=embeds,
+            pooled=pooled,
+            time_ids=time_ids,
             sampler_rows=self._sampler_rows(requests, layout),
         )
 
-    def _conditioning(self, requests: list[Request], model_layout: CSPLayout) -> dict[str, torch.Tensor | None]:
+    def _conditioning(
+        self, requests: list[Request], model_layout: CSPLayout
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # [R, L, D], [R, Dp], [R, 6]
         by_id = {r.request_id: r for r in requests}
         conds = [by_id[eid // 2].state["uncond" if eid % 2 else "cond"] for eid in model_layout.entry_ids]
         embeds = torch.stack([c.prompt_embeds for c in conds])
-        pooled = None if conds[0].pooled is None else torch.stack([c.pooled for c in conds])  # type: ignore[misc]
+        pooled = None if conds[0].pooled is None else torch.stack([c.pooled for c in conds])
         time_ids = None
         if "time_ids" in requests[0].state:
             time_ids = torch.stack([by_id[eid // 2].state["time_ids"] for eid in model_layout.entry_ids])
-        return {"embeds": embeds, "pooled": pooled, "time_ids": time_ids}
+        return embeds, pooled, time_ids
 
     def _sampler_rows(
         self, requests: list[Request], layout: CSPLayout
@@ -167,10 +185,16 @@ class DenoiseBatch:
             steps = [reqs[i].step_index for i in members]
             model_in[rows] = sampler.scale_model_input(x[rows], plans, steps, local)
         t = torch.stack([reqs[i].state["plan"].timesteps[reqs[i].step_index] for i in comp.entry_request])
-        out = self.model.forward_batch(PatchBatch(
-            comp.model_layout, model_in[comp.model_rows], t.to(self.device), comp.embeds, comp.pooled,
-            comp.time_ids,
-        ))  # [N_model, C, p, p]
+        out = self.model.forward_batch(
+            PatchBatch(
+                comp.model_layout,
+                model_in[comp.model_rows],
+                t.to(self.device),
+                comp.embeds,
+                comp.pooled,
+                comp.time_ids,
+            )
+        )  # [N_model, C, p, p]
         cond, uncond = out[comp.cond_rows], out[comp.uncond_rows]
         guided = uncond + comp.guidance.to(out.dtype) * (cond - uncond)  # [N, C, p, p]
         history = self.history
@@ -189,12 +213,13 @@ class DenoiseBatch:
         """The request's current latents as one image (read before it leaves the batch)."""
         assert self.comp is not None and self.latents is not None
         a, b = self.comp.layout.patch_range(request.request_id)
-        single = CSPLayout.build([self.comp.layout.sizes[self.comp.layout.entry_ids.index(request.request_id)]],
-                                 self.comp.layout.patch_size)
+        single = CSPLayout.build(
+            [self.comp.layout.sizes[self.comp.layout.entry_ids.index(request.request_id)]],
+            self.comp.layout.patch_size,
+        )
         return merge_patches(self.latents[a:b], single)[0]
-
 
 
 def initial_latents(request: Request) -> torch.Tensor:  # [C, h, w]
     """Where a request starts: its noise, or a cached intermediate latent (``ApproxCache``)."""
-    return request.state.get("start_latents", request.state["noise"])  # type: ignore[no-any-return]
+    return request.state.get("start_latents", request.state["noise"])

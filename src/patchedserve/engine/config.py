@@ -43,7 +43,9 @@ class EngineConfig:
         if self.max_running < 1 or self.max_waiting < 1:
             raise InvalidRequestError("max_running and max_waiting must be at least 1", field="max_running")
         if self.dtype not in DTYPES:
-            raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}", "dtype")
+            raise InvalidRequestError(
+                f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}", "dtype"
+            )
         if self.execution not in ("patched", "image"):
             raise InvalidRequestError("execution must be patched or image", field="execution")
         if self.on_infeasible not in ("drop", "best-effort"):

@@ -27,12 +27,12 @@ from patchedserve.engine.config import EngineConfig
 from patchedserve.engine.image_batch import ImageBatch
 from patchedserve.engine.prepare import Preparer
 from patchedserve.engine.results import EngineObserver, GenerationResult
+from patchedserve.engine.scheduling import build_scheduler
 from patchedserve.errors import InvalidRequestError, PatchedServeError
 from patchedserve.models import ModelBundle, decode_latents, load_model, validate_generation
 from patchedserve.patch import PatchedModel
 from patchedserve.request import GenerationRequest, Request, RequestStatus
 from patchedserve.scheduler import Scheduler, StepOutcome
-from patchedserve.engine.scheduling import build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ class QueueFullError(PatchedServeError):
 class Engine:
     """Serves many requests of different sizes and step counts on one model."""
 
-    def __init__(self, bundle: ModelBundle, config: EngineConfig | None = None,
-                 scheduler: Scheduler | None = None) -> None:
+    def __init__(
+        self, bundle: ModelBundle, config: EngineConfig | None = None, scheduler: Scheduler | None = None
+    ) -> None:
         self.bundle = bundle
         self.config = config or EngineConfig()
         self.device = torch.device(self.config.device)
@@ -63,7 +64,9 @@ class Engine:
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._cancels: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._futures: dict[int, Future[GenerationResult]] = {}
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode") if self.config.decode_in_thread else None
+        self._decoder = (
+            ThreadPoolExecutor(1, thread_name_prefix="decode") if self.config.decode_in_thread else None
+        )
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
@@ -87,18 +90,26 @@ class Engine:
             InvalidRequestError: a field is out of range (message names it).
             QueueFullError: ``max_waiting`` requests are already queued.
         """
-        params = validate_generation(self.bundle, gen.width, gen.height, gen.steps, gen.guidance_scale,
-                                     gen.sampler, gen.seed)
+        params = validate_generation(
+            self.bundle, gen.width, gen.height, gen.steps, gen.guidance_scale, gen.sampler, gen.seed
+        )
         lp = self.model.patch_size
         if self.config.execution == "patched" and (params.width % lp or params.height % lp):
             raise InvalidRequestError(
                 f"size {params.width}x{params.height} is not a multiple of this engine's patch size {lp} px; "
-                f"allowed sizes are multiples of {lp} in both width and height", field="size")
+                f"allowed sizes are multiples of {lp} in both width and height",
+                field="size",
+            )
         if self.scheduler.num_waiting + self._inbox.qsize() >= self.config.max_waiting:
             raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting); retry later")
         req = Request(
-            request_id=next(self._ids), prompt=gen.prompt, negative_prompt=gen.negative_prompt, params=params,
-            arrival_s=self.clock(), num_patches=(params.width // lp) * (params.height // lp), slo_ms=gen.slo_ms,
+            request_id=next(self._ids),
+            prompt=gen.prompt,
+            negative_prompt=gen.negative_prompt,
+            params=params,
+            arrival_s=self.clock(),
+            num_patches=(params.width // lp) * (params.height // lp),
+            slo_ms=gen.slo_ms,
         )
         future: Future[GenerationResult] = Future()
         future.request_id = req.request_id  # type: ignore[attr-defined]
@@ -133,7 +144,7 @@ class Engine:
         try:
             self.batch.sync(running)
             self.batch.step()
-        except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the loop
+        except Exception as err:
             log.exception("denoising step failed")
             self.batch = self._new_batch()
             self._fail([r.request_id for r in running], f"denoising step failed: {err}")
@@ -164,7 +175,7 @@ class Engine:
     def _prepare(self, admitted: list[Request]) -> None:
         try:
             self.preparer.prepare(admitted)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             log.exception("request preparation failed")
             self._fail([r.request_id for r in admitted], f"preparation failed: {err}")
             return
@@ -192,7 +203,7 @@ class Engine:
     def _decode(self, r: Request, latents: torch.Tensor) -> None:
         try:
             image = decode_latents(self.bundle, latents[None])[0]
-        except Exception as err:  # noqa: BLE001 - a failed decode fails this request alone
+        except Exception as err:
             log.exception("decode failed for request %d", r.request_id)
             r.status, r.error = RequestStatus.FAILED, f"decode failed: {err}"
             self._resolve(r)
@@ -254,7 +265,7 @@ class Engine:
             if self.has_work():
                 try:
                     self.step()
-                except Exception:  # noqa: BLE001 - the loop must survive anything
+                except Exception:
                     log.exception("engine iteration failed")
             else:
                 self._wake.wait(0.05)

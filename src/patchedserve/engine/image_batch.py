@@ -64,8 +64,14 @@ class ImageBatch:
         if "time_ids" in reqs[0].state:
             time_ids = torch.stack([reqs[i].state["time_ids"] for i, _ in branches])
         t = torch.stack([plans[i].timesteps[steps[i]] for i, _ in branches]).to(self.device)
-        out = denoiser_forward(self.bundle, x_in[[i for i, _ in branches]], t,
-                               torch.stack([c.prompt_embeds for c in conds]), pooled, time_ids)
+        out = denoiser_forward(
+            self.bundle,
+            x_in[[i for i, _ in branches]],
+            t,
+            torch.stack([c.prompt_embeds for c in conds]),
+            pooled,
+            time_ids,
+        )
         guided = out[: len(reqs)].clone()  # [B, C, h, w]
         for k, i in enumerate(cfg):
             uncond = out[len(reqs) + k]

@@ -53,6 +53,8 @@ class Preparer:
         shape = (1, self.bundle.latent_channels, p.height // vf, p.width // vf)
         noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(p.seed), dtype=torch.float32)
         r.state["plan"] = plan
-        r.state["noise"] = (noise.to(self.device, self.dtype) * sampler.init_noise_sigma(plan))[0]  # [C, h, w]
+        r.state["noise"] = (noise.to(self.device, self.dtype) * sampler.init_noise_sigma(plan))[
+            0
+        ]  # [C, h, w]
         if self.bundle.family == "sdxl":
             r.state["time_ids"] = sdxl_time_ids(self.bundle, p.height, p.width).to(self.device, self.dtype)

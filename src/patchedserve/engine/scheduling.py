@@ -13,7 +13,9 @@ from patchedserve.scheduler.profile import profile_quick
 from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
 
 
-def build_predictor(config: EngineConfig, bundle: ModelBundle, model: PatchedModel) -> LatencyPredictor | None:
+def build_predictor(
+    config: EngineConfig, bundle: ModelBundle, model: PatchedModel
+) -> LatencyPredictor | None:
     """The profile's predictor; a quick start-up profile for ``slo`` without one; else None."""
     if config.profile is not None:
         predictor = LatencyPredictor.load(config.profile)
@@ -31,7 +33,9 @@ def build_predictor(config: EngineConfig, bundle: ModelBundle, model: PatchedMod
 
 def build_scheduler(config: EngineConfig, bundle: ModelBundle, model: PatchedModel) -> QueueScheduler:
     policy_config = SchedulerConfig(
-        policy="fcfs" if config.policy == ResolutionBatchScheduler.policy else config.policy, max_running=config.max_running, slo_scale=config.slo_scale,
+        policy="fcfs" if config.policy == ResolutionBatchScheduler.policy else config.policy,
+        max_running=config.max_running,
+        slo_scale=config.slo_scale,
         on_infeasible=config.on_infeasible,
     )
     predictor = build_predictor(config, bundle, model)

@@ -81,9 +81,14 @@ class CSPLayout:
             raise ValueError("entry_ids and sizes differ in length")
         for h, w in sizes:
             check_size(h, w, patch_size)
-        order = sorted(range(len(sizes)), key=lambda i: (cls.sort_key(tuple(sizes[i]), patch_size), i))
+        order = sorted(
+            range(len(sizes)),
+            key=lambda i: (cls.sort_key((int(sizes[i][0]), int(sizes[i][1])), patch_size), i),
+        )
         return cls._from_sorted(
-            tuple((int(sizes[i][0]), int(sizes[i][1])) for i in order), tuple(ids[i] for i in order), patch_size
+            tuple((int(sizes[i][0]), int(sizes[i][1])) for i in order),
+            tuple(ids[i] for i in order),
+            patch_size,
         )
 
     @classmethod
@@ -102,16 +107,28 @@ class CSPLayout:
         res_starts = [i for i in range(len(sizes)) if i == 0 or sizes[i] != sizes[i - 1]]
         resolution_offsets = np.array([*res_starts, len(sizes)], dtype=np.int64)
         neighbours = _neighbour_table(offsets, grid, patch_entry, patch_row, patch_col)
-        return cls(p, sizes, entry_ids, offsets, resolution_offsets, patch_entry, patch_row, patch_col, grid, neighbours)
+        return cls(
+            p,
+            sizes,
+            entry_ids,
+            offsets,
+            resolution_offsets,
+            patch_entry,
+            patch_row,
+            patch_col,
+            grid,
+            neighbours,
+        )
 
     def with_added(self, sizes: Sequence[tuple[int, int]], entry_ids: Sequence[int]) -> CSPLayout:
         """A layout with more entries, each inserted at the end of its sort position."""
         new_sizes, new_ids = list(self.sizes), list(self.entry_ids)
         for size, eid in zip(sizes, entry_ids, strict=True):
             check_size(size[0], size[1], self.patch_size)
-            key = self.sort_key(size, self.patch_size)
+            key = self.sort_key((int(size[0]), int(size[1])), self.patch_size)
             pos = next(
-                (i for i, s in enumerate(new_sizes) if self.sort_key(s, self.patch_size) > key), len(new_sizes)
+                (i for i, s in enumerate(new_sizes) if self.sort_key(s, self.patch_size) > key),
+                len(new_sizes),
             )
             new_sizes.insert(pos, (int(size[0]), int(size[1])))
             new_ids.insert(pos, eid)
@@ -148,7 +165,11 @@ class CSPLayout:
             if i == self.num_entries or counts[i] != counts[start]:
                 groups.append(
                     AttentionGroup(
-                        start, i, int(self.entry_offsets[start]), int(self.entry_offsets[i]), int(counts[start])
+                        start,
+                        i,
+                        int(self.entry_offsets[start]),
+                        int(self.entry_offsets[i]),
+                        int(counts[start]),
                     )
                 )
                 start = i

@@ -26,7 +26,7 @@ def set_patched_forward(module: nn.Module, patched: PatchedForward) -> None:
     def forward(*args: Any, **kwargs: Any) -> Any:
         return patched(original, *args, **kwargs)
 
-    module.forward = forward  # type: ignore[method-assign]
+    module.forward = forward
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -36,5 +36,5 @@ def is_patched(module: nn.Module) -> bool:
 def remove_patched_forward(module: nn.Module) -> None:
     original = getattr(module, _ORIGINAL, None)
     if original is not None:
-        module.forward = original  # type: ignore[method-assign]
+        module.forward = original
         delattr(module, _ORIGINAL)

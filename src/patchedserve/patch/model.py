@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from torch import nn
 
 from patchedserve.errors import InvalidRequestError
 from patchedserve.layout import CSPLayout, merge_patches, split_latents
@@ -43,12 +45,12 @@ class PatchedModel:
 
     def __init__(
         self,
-        model: UNet2DConditionModel | SD3Transformer2DModel,
+        model: nn.Module,
         patch_size: int = 256,
         vae_scale_factor: int = 8,
         context_cache_size: int = 32,
     ) -> None:
-        self.model = model
+        self.model: Any = model  # a diffusers denoiser (untyped for mypy)
         self.is_sd3 = isinstance(model, SD3Transformer2DModel)
         self.unit = self.min_patch_size(model, vae_scale_factor)
         if patch_size <= 0 or patch_size % self.unit:
@@ -61,24 +63,28 @@ class PatchedModel:
         self.vae_scale_factor = vae_scale_factor
         self.latent_patch = patch_size // vae_scale_factor
         if self.is_sd3:
-            wrap_sd3(model)  # type: ignore[arg-type]
+            wrap_sd3(model)
         else:
-            wrap_unet(model)  # type: ignore[arg-type]
+            wrap_unet(model)
         self._contexts: OrderedDict[tuple, PatchContext] = OrderedDict()
         self._cache_size = context_cache_size
 
     @staticmethod
     def min_patch_size(model: torch.nn.Module, vae_scale_factor: int = 8) -> int:
         """Smallest legal patch side in image pixels for this denoiser."""
+        config: Any = getattr(model, "config", None)
         if isinstance(model, SD3Transformer2DModel):
-            return vae_scale_factor * int(model.config.patch_size)
+            return vae_scale_factor * int(config.patch_size)
         if isinstance(model, UNet2DConditionModel):
-            downs = sum(1 for b in model.down_blocks if getattr(b, "downsamplers", None))
+            blocks: Any = model.get_submodule("down_blocks")
+            downs = sum(1 for b in blocks if getattr(b, "downsamplers", None))
             return vae_scale_factor * 2**downs
         raise TypeError(f"unsupported denoiser {type(model).__name__}")
 
     # ------------------------------------------------------------------ layout
-    def layout_for(self, sizes_px: Sequence[tuple[int, int]], entry_ids: Sequence[int] | None = None) -> CSPLayout:
+    def layout_for(
+        self, sizes_px: Sequence[tuple[int, int]], entry_ids: Sequence[int] | None = None
+    ) -> CSPLayout:
         """CSP layout for images of the given pixel sizes (height, width)."""
         latent = []
         for h, w in sizes_px:
@@ -127,7 +133,10 @@ class PatchedModel:
                 if batch.time_ids is not None and batch.pooled is not None:
                     added = {"text_embeds": batch.pooled[per_patch], "time_ids": batch.time_ids[per_patch]}
                 out = self.model(
-                    x, t, encoder_hidden_states=batch.encoder_hidden_states, added_cond_kwargs=added,
+                    x,
+                    t,
+                    encoder_hidden_states=batch.encoder_hidden_states,
+                    added_cond_kwargs=added,
                     return_dict=False,
                 )[0]
         return out.contiguous()
@@ -144,14 +153,19 @@ class PatchedModel:
         for name, seq in (("timesteps", timesteps), ("encoder_hidden_states", encoder_hidden_states)):
             if len(seq) != n:
                 raise ValueError(f"{name} has {len(seq)} entries for {n} latents")
-        sizes = [(int(x.shape[-2]) * self.vae_scale_factor, int(x.shape[-1]) * self.vae_scale_factor) for x in latents]
+        sizes = [
+            (int(x.shape[-2]) * self.vae_scale_factor, int(x.shape[-1]) * self.vae_scale_factor)
+            for x in latents
+        ]
         layout = self.layout_for(sizes)
         order = list(layout.entry_ids)
         dev = latents[0].device
         batch = PatchBatch(
             layout=layout,
             patches=split_latents([latents[i] for i in order], layout),
-            timesteps=torch.stack([torch.as_tensor(timesteps[i], dtype=torch.float32) for i in order]).to(dev),
+            timesteps=torch.stack([torch.as_tensor(timesteps[i], dtype=torch.float32) for i in order]).to(
+                dev
+            ),
             encoder_hidden_states=torch.stack([encoder_hidden_states[i] for i in order]),
         )
         if pooled_projections is not None:

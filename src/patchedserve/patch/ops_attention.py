@@ -44,7 +44,7 @@ def grouped_attention(
     per_entry_kv: bool,
 ) -> torch.Tensor:  # [N, T, H*d]
     """Attention of each entry's tokens (all its patches) against its keys, one call per group."""
-    n, t, inner = query.shape
+    t, inner = query.shape[1:]
     outs = []
     for g in ctx.groups:
         rows = g.num_entries
@@ -83,7 +83,7 @@ class PatchedAttnProcessor:
     ) -> torch.Tensor:
         ctx = get_forward_context()
         if ctx is None:
-            return self.original(  # type: ignore[no-any-return]
+            return self.original(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
         if attention_mask is not None or attn.spatial_norm is not None:
@@ -108,7 +108,7 @@ class PatchedAttnProcessor:
             out = out.transpose(1, 2).reshape(spatial)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor  # type: ignore[no-any-return]
+        return out / attn.rescale_output_factor
 
 
 class PatchedJointAttnProcessor:
@@ -157,7 +157,7 @@ def _joint_groups(
         cq = attn.norm_added_q(cq)
     if attn.norm_added_k is not None:
         ck = attn.norm_added_k(ck)
-    n, t, inner = q.shape
+    t, inner = q.shape[1:]
     img_outs, ctx_outs = [], []
     for g in ctx.groups:
         rows, tokens = g.num_entries, g.patches_per_entry * t

@@ -35,7 +35,9 @@ def patch_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # out0 [N, C, ...]; mean, rstd [N, G] float32
     """Each patch normalised with its own statistics (no affine), and those statistics."""
     n, c = x.shape[:2]
-    out0, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, x[0, 0].numel(), norm.num_groups, norm.eps)
+    out0, mean, rstd = torch.ops.aten.native_group_norm(
+        x, None, None, n, c, x[0, 0].numel(), norm.num_groups, norm.eps
+    )
     return out0, mean.float().view(n, -1), rstd.float().view(n, -1)
 
 
@@ -62,7 +64,7 @@ def patch_group_norm(norm: nn.GroupNorm, emit_halo: int = 0) -> None:
     def forward(original: Any, x: torch.Tensor) -> torch.Tensor:  # x: [N, C, ...]
         ctx = get_forward_context()
         if ctx is None:
-            return original(x)  # type: ignore[no-any-return]
+            return original(x)
         n, c = x.shape[:2]
         view = (n, c) + (1,) * (x.dim() - 2)
         out0, mean_p, rstd_p = patch_stats(norm, x)

@@ -25,7 +25,8 @@ from patchedserve.patch.hooks import set_patched_forward
 
 def _position_index(embed: PatchEmbed, ctx: PatchContext, tokens_per_side: int) -> torch.Tensor:
     """[N, t*t] long: row of ``pos_embed`` for every token of every patch."""
-    layout, m, ps = ctx.layout, int(embed.pos_embed_max_size), embed.patch_size
+    layout, ps = ctx.layout, embed.patch_size
+    m = int(embed.pos_embed_max_size or 0)
     sizes = np.array(layout.sizes, dtype=np.int64)[layout.patch_entry]  # [N, 2] latent px
     top = (m - sizes[:, 0] // ps) // 2
     left = (m - sizes[:, 1] // ps) // 2
@@ -43,16 +44,19 @@ def patch_pos_embed(embed: PatchEmbed) -> None:
     def forward(original: Any, latent: torch.Tensor) -> torch.Tensor:  # [N, C, p, p] -> [N, T, D]
         ctx = get_forward_context()
         if ctx is None:
-            return original(latent)  # type: ignore[no-any-return]
+            return original(latent)
         tokens_per_side = latent.shape[-1] // embed.patch_size
         longest = max(max(s) for s in ctx.layout.sizes) // embed.patch_size
         if longest > embed.pos_embed_max_size:
-            raise ValueError(f"image of {longest} tokens exceeds pos_embed_max_size {embed.pos_embed_max_size}")
+            raise ValueError(
+                f"image of {longest} tokens exceeds pos_embed_max_size {embed.pos_embed_max_size}"
+            )
         x = embed.proj(latent).flatten(2).transpose(1, 2)  # [N, T, D]
         if embed.layer_norm:
             x = embed.norm(x)
         index = ctx.cached(f"sd3_pos_{id(embed)}", lambda: _position_index(embed, ctx, tokens_per_side))
-        pos = embed.pos_embed[0].index_select(0, index.reshape(-1)).view(index.shape[0], index.shape[1], -1)
+        table: Any = embed.pos_embed
+        pos = table[0].index_select(0, index.reshape(-1)).view(index.shape[0], index.shape[1], -1)
         return (x + pos).to(x.dtype)
 
     set_patched_forward(embed, forward)

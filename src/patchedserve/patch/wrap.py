@@ -9,8 +9,10 @@ Called by ``PatchedModel``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -30,17 +32,22 @@ def _zero_preserving(act: nn.Module) -> bool:
 
 def _fusable_pairs(model: nn.Module) -> list[tuple[nn.GroupNorm, nn.Conv2d]]:
     """(GroupNorm, Conv2d) pairs where only a zero-preserving activation sits between them."""
-    pairs: list[tuple[nn.GroupNorm, nn.Conv2d]] = []
+    pairs: list[tuple[nn.Module, nn.Module]] = []
     for m in model.modules():
-        if isinstance(m, ResnetBlock2D) and _zero_preserving(m.nonlinearity):
+        if isinstance(m, ResnetBlock2D) and _zero_preserving(m.get_submodule("nonlinearity")):
             if m.upsample is None and m.downsample is None:
-                pairs.append((m.norm1, m.conv1))
+                pairs.append((m.get_submodule("norm1"), m.get_submodule("conv1")))
             if m.time_embedding_norm == "default":
-                pairs.append((m.norm2, m.conv2))
-    if isinstance(model, UNet2DConditionModel) and model.conv_norm_out is not None:
-        if model.conv_act is not None and _zero_preserving(model.conv_act):
-            pairs.append((model.conv_norm_out, model.conv_out))
-    return [(n, c) for n, c in pairs if isinstance(n, nn.GroupNorm) and conv_halo(c) > 0]
+                pairs.append((m.get_submodule("norm2"), m.get_submodule("conv2")))
+    conv_act = getattr(model, "conv_act", None)
+    has_out_norm = isinstance(model, UNet2DConditionModel) and model.conv_norm_out is not None
+    if has_out_norm and conv_act is not None and _zero_preserving(conv_act):
+        pairs.append((model.get_submodule("conv_norm_out"), model.get_submodule("conv_out")))
+    return [
+        (n, c)
+        for n, c in pairs
+        if isinstance(n, nn.GroupNorm) and isinstance(c, nn.Conv2d) and conv_halo(c) > 0
+    ]
 
 
 def _refuse_unsupported(model: nn.Module) -> None:
@@ -53,7 +60,7 @@ def _refuse_unsupported(model: nn.Module) -> None:
             raise ValueError(f"{name}: Upsample2D without nearest interpolation is not supported")
 
 
-def wrap_unet(model: UNet2DConditionModel) -> None:
+def wrap_unet(model: nn.Module) -> None:
     _refuse_unsupported(model)
     pairs = _fusable_pairs(model)
     fused_norms = {id(n): conv_halo(c) for n, c in pairs}
@@ -66,20 +73,22 @@ def wrap_unet(model: UNet2DConditionModel) -> None:
         elif isinstance(m, nn.GroupNorm):
             patch_group_norm(m, emit_halo=fused_norms.get(id(m), 0))
         elif isinstance(m, Attention) and not isinstance(m.processor, PatchedAttnProcessor):
-            m.set_processor(PatchedAttnProcessor(m.processor))
+            m.set_processor(PatchedAttnProcessor(m.processor))  # type: ignore[arg-type]
 
 
-def wrap_sd3(model: SD3Transformer2DModel) -> None:
+def wrap_sd3(model: nn.Module) -> None:
     _refuse_unsupported(model)
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and conv_halo(m) > 0:
             raise ValueError(f"{name}: SD3 convs with a halo are unexpected")
         if isinstance(m, nn.GroupNorm):
             raise ValueError(f"{name}: GroupNorm inside an SD3 transformer is unexpected")
-    if not is_patched(model.pos_embed):
-        assert isinstance(model.pos_embed, PatchEmbed)
-        patch_pos_embed(model.pos_embed)
-    for block in model.transformer_blocks:
+    pos_embed = model.get_submodule("pos_embed")
+    if not is_patched(pos_embed):
+        assert isinstance(pos_embed, PatchEmbed)
+        patch_pos_embed(pos_embed)
+    blocks: Any = model.get_submodule("transformer_blocks")
+    for block in blocks:
         if not is_patched(block.norm1_context):
             patch_context_norm(block.norm1_context)
         for attn in (block.attn, getattr(block, "attn2", None)):
