@@ -28,6 +28,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "patchedserve.scheduler.commands",  # profile
     "patchedserve.bench.commands",  # bench step, bench slo
     "patchedserve.server.commands",  # serve
+    "patchedserve.cluster.commands",  # simulate
 )
 """Modules that each add one or more subcommands, in the order ``--help`` lists them."""
 

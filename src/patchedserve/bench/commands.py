@@ -1,4 +1,5 @@
-"""``patchedserve bench ...``: the benchmark command group (step; more join as modules)."""
+"""``patchedserve bench ...``: the benchmark command group (step, burst; slo and calibrate-image
+from ``bench.slo_commands``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from patchedserve.bench.slo_commands import add_parsers as add_slo_parsers
 from patchedserve.errors import InvalidRequestError
 
 
@@ -55,6 +57,8 @@ def add_parser(subparsers: Any) -> None:
     burst.add_argument("--max-running", type=int, default=12)
     burst.add_argument("--json", type=Path, default=None)
     burst.set_defaults(handler=run_burst)
+
+    add_slo_parsers(group)  # slo, calibrate-image
 
 
 def run_step(args: argparse.Namespace) -> int:

@@ -1,0 +1,113 @@
+"""``results.json`` of a real or simulated SLO benchmark, and the plots next to it.
+
+Layout: ``{"meta": {...}, "runs": [...], "goodput_at_90": {...}}``. Each run holds ``system``,
+``qps``, ``slo_scale``, ``slo_satisfaction``, ``goodput_rps``, ``p50_s``, ``p90_s``, ``p99_s``,
+``drop_rate``, ``per_resolution`` (the same figures per ``"WxH"``), plus ``replicas``, counts,
+``unfinished_rate`` and ``latencies_s`` (finished requests, for the CDF plot). Per-request
+outcomes go to ``outcomes/<system>_<replicas>r_<qps>qps.jsonl``. Written by ``bench slo`` and
+``simulate``; read back by ``simulate --compare``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from patchedserve.bench.metrics import RequestOutcome, goodput_at_target, summarize_run
+from patchedserve.bench.plots import plot_all
+
+
+def make_run(
+    system: str,
+    qps: float,
+    slo_scale: float,
+    outcomes: Sequence[RequestOutcome],
+    duration_s: float,
+    replicas: int = 1,
+) -> dict[str, Any]:
+    """One ``runs`` entry (figures of ``bench.metrics.summarize_run`` plus the latencies)."""
+    run = summarize_run(system, qps, slo_scale, outcomes, duration_s)
+    run["replicas"] = replicas
+    run["duration_s"] = duration_s
+    run["latencies_s"] = sorted(
+        round(o.latency_s, 4) for o in outcomes if o.status == "finished" and o.latency_s is not None
+    )
+    return run
+
+
+def save_outcomes(out_dir: Path, run: dict[str, Any], outcomes: Sequence[RequestOutcome]) -> Path:
+    path = out_dir / "outcomes" / f"{run['system']}_{run['replicas']}r_{run['qps']:g}qps.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(asdict(o)) + "\n" for o in outcomes))
+    return path
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU count and load average: the machine may be shared, which the figures depend on."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "loadavg": load,
+        "python": platform.python_version(),
+    }
+
+
+def write_results(out_dir: Path, runs: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    """Writes ``results.json`` and the plots; returns the JSON's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"meta": meta, "runs": runs, "goodput_at_90": goodput_at_target(runs)}
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    plot_all(runs, out_dir)
+    return path
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    if "runs" not in data or "meta" not in data:
+        raise ValueError(f"{path} is not a results.json of bench slo or simulate")
+    return data
+
+
+def table_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """A plain-text table of the runs, one line each."""
+    head = (
+        f"{'system':<13} {'rep':>3} {'qps':>6} {'slo':>4} {'n':>5} {'sat':>6} {'goodput':>8} "
+        f"{'p50':>7} {'p90':>7} {'p99':>7} {'drop':>6} {'unfin':>6}"
+    )
+    lines = [head]
+    for r in runs:
+
+        def f(v: float | None, w: int = 7, p: int = 2) -> str:
+            return f"{v:>{w}.{p}f}" if v is not None else f"{'-':>{w}}"
+
+        lines.append(
+            f"{r['system']:<13} {r.get('replicas', 1):>3} {r['qps']:>6.3g} {r['slo_scale']:>4g} "
+            f"{r['requests']:>5} "
+            f"{f(r['slo_satisfaction'], 6, 3)} {f(r['goodput_rps'], 8, 3)} {f(r['p50_s'])} {f(r['p90_s'])} "
+            f"{f(r['p99_s'])} {f(r['drop_rate'], 6, 3)} {f(r['unfinished_rate'], 6, 3)}"
+        )
+    return lines
+
+
+def goodput_lines(goodput: dict[str, Any]) -> list[str]:
+    """The goodput-at-90% table: QPS at 90% satisfaction per system and the reference's ratio."""
+    lines = [
+        f"highest QPS at >= {goodput['target']:.0%} SLO satisfaction "
+        f"(ratio = {goodput['reference']} / system):"
+    ]
+    for key, v in goodput["systems"].items():
+        qps = "-" if v["qps"] is None else f"{v['qps']:.3g}"
+        bound = {
+            "at_least": " (at least: never below in the sweep)",
+            "below_sweep": " (below the sweep)",
+        }.get(v["bound"], "")
+        ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
+        lines.append(f"  {key:<20} qps {qps:>6}{bound}  ratio {ratio}")
+    return lines

@@ -1,0 +1,189 @@
+"""``patchedserve bench slo`` and ``bench calibrate-image``, and the trace/system flags that
+``patchedserve simulate`` (``cluster.commands``) shares with them.
+
+``bench slo`` loads the model once, makes one trace per (QPS, SLO scale), replays it on a fresh
+engine of every system on the wall clock (``bench.replay``) and writes ``results.json``, the
+per-request outcomes, the traces and the plots into ``--out``. Without ``--profile`` it measures a
+quick profile first; without ``--image-profile`` it calibrates the image-level step cost
+(``cluster.calibrate``) so ``simulate --compare`` can replay the same traces in virtual time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from patchedserve.bench.traces import (
+    ARRIVALS,
+    MIXES,
+    TraceConfig,
+    TraceRequest,
+    load_trace,
+    make_trace,
+    save_trace,
+)
+from patchedserve.errors import InvalidRequestError
+
+Trace = tuple[float, float, list[TraceRequest], float, Path]
+"""(qps, slo_scale, requests, duration_s, file) of one trace of a sweep."""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in _floats(text)]
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """``"256x256,512x256"`` -> [(width, height), ...]."""
+    try:
+        return [(int(w), int(h)) for w, h in (p.lower().split("x") for p in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes must be WIDTHxHEIGHT,...; got {text!r}") from None
+
+
+def add_trace_args(p: argparse.ArgumentParser) -> None:
+    """Flags that make (or load) the traces of a sweep."""
+    g = p.add_argument_group("trace")
+    g.add_argument("--qps", type=_floats, default=[0.25, 0.5, 1.0], help="offered loads, e.g. 0.25,0.5,1")
+    g.add_argument("--slo-scale", type=_floats, default=[5.0], help="SLO multipliers, one sweep each")
+    g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per trace")
+    g.add_argument("--sizes", type=_sizes, default=[(256, 256), (512, 256), (512, 512)], help="WxH list")
+    g.add_argument("--mix", choices=MIXES, default="uniform", help="resolution mix (skewed: 50/25/25)")
+    g.add_argument("--weights", type=_floats, default=None, help="shares of the sizes for --mix custom")
+    g.add_argument("--steps", type=_ints, default=[8], help="step counts, drawn per request")
+    g.add_argument("--guidance", type=float, default=5.0, help="CFG scale of every request")
+    g.add_argument("--arrivals", choices=ARRIVALS, default="poisson")
+    g.add_argument("--burstiness", type=float, default=1.0, help="CV of gaps for --arrivals gamma")
+    g.add_argument("--repetition", type=float, default=0.0, help="probability of reusing an earlier prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--trace", type=Path, default=None, help="replay this JSONL trace instead (ignores the above)"
+    )
+
+
+def add_system_args(p: argparse.ArgumentParser, default_systems: str) -> None:
+    """Flags of the compared systems and where results go."""
+    p.add_argument("--model", default="tiny-sdxl", help="built-in name or diffusers folder")
+    p.add_argument("--systems", default=default_systems, help="comma-separated, from bench.systems.SYSTEMS")
+    p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels")
+    p.add_argument("--max-running", type=int, default=12, help="batch cap of the batching systems")
+    p.add_argument("--profile", type=Path, default=None, help="latency profile (patchedserve profile --out)")
+    p.add_argument(
+        "--image-profile", type=Path, default=None, help="image-level step cost (bench calibrate-image)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for results.json, plots, traces")
+
+
+def make_traces(args: argparse.Namespace, out_dir: Path) -> list[Trace]:
+    """The sweep's traces, written to ``out_dir/traces`` (the same file serves every system)."""
+    if args.trace is not None:
+        requests, config = load_trace(args.trace)
+        duration_s = config.duration_s if config else max((r.arrival_s for r in requests), default=1.0)
+        qps = config.qps if config else len(requests) / duration_s
+        scales = sorted(r.slo_scale for r in requests)
+        path = save_trace(out_dir / "traces" / Path(args.trace).name, requests, config)
+        return [(qps, scales[len(scales) // 2] if scales else 5.0, requests, duration_s, path)]
+    try:
+        base = TraceConfig(
+            duration_s=args.duration,
+            arrivals=args.arrivals,
+            burstiness=args.burstiness,
+            mix=args.mix,
+            sizes=tuple(args.sizes),
+            weights=tuple(args.weights) if args.weights else None,
+            steps=tuple(args.steps),
+            guidance_scale=args.guidance,
+            repetition=args.repetition,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise InvalidRequestError(str(err)) from err
+    traces = []
+    for scale in args.slo_scale:
+        for qps in args.qps:
+            config = replace(base, qps=qps, slo_scales=(scale,))
+            requests = make_trace(config)
+            path = save_trace(out_dir / "traces" / f"qps{qps:g}_slo{scale:g}.jsonl", requests, config)
+            traces.append((qps, scale, requests, config.duration_s, path))
+    return traces
+
+
+def check_sizes(traces: list[Trace], patch_size: int) -> None:
+    for _, _, requests, _, _ in traces:
+        bad = sorted({r.size for r in requests if r.width % patch_size or r.height % patch_size})
+        if bad:
+            raise InvalidRequestError(
+                f"sizes {', '.join(bad)} are not multiples of the patch size {patch_size} px", field="size"
+            )
+
+
+def add_parsers(group: Any) -> None:
+    """Adds ``slo`` and ``calibrate-image`` to the ``bench`` command group."""
+    slo = group.add_parser("slo", help="replay traces on every system on the wall clock (SLO satisfaction)")
+    add_trace_args(slo)
+    add_system_args(slo, "image-fcfs,res-batch,nirvana,patched-fcfs,patchedserve")
+    slo.add_argument("--threads", type=int, default=None, help="torch CPU threads (match the profile's)")
+    slo.add_argument("--device", default="cpu")
+    slo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    slo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    slo.set_defaults(handler=run_slo)
+
+    cal = group.add_parser("calibrate-image", help="measure image-level step costs for the simulator")
+    cal.add_argument("--model", default="tiny-sdxl")
+    cal.add_argument("--sizes", type=_sizes, default=[(256, 256), (512, 256), (512, 512)])
+    cal.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 12])
+    cal.add_argument("--guidance", type=float, default=5.0)
+    cal.add_argument("--patch-size", type=int, default=256)
+    cal.add_argument("--profile", type=Path, default=None, help="take encode/decode costs from this profile")
+    cal.add_argument("--threads", type=int, default=None)
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--out", type=Path, required=True, help="image-level cost profile to write (JSON)")
+    cal.set_defaults(handler=run_calibrate_image)
+
+
+def run_slo(args: argparse.Namespace) -> int:
+    from patchedserve.bench.slo_run import run_slo_sweep
+
+    start = time.perf_counter()
+    path = run_slo_sweep(args)
+    print(f"wrote {path} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def run_calibrate_image(args: argparse.Namespace) -> int:
+    import torch
+
+    from patchedserve.cluster.calibrate import ImageCalibration, calibrate_image
+    from patchedserve.models import load_model
+    from patchedserve.scheduler import LatencyPredictor
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    bundle = load_model(args.model).to(device=args.device)
+    overhead = LatencyPredictor.load(args.profile).overhead if args.profile else None
+    config = ImageCalibration(
+        sizes=tuple(args.sizes),
+        batch_sizes=tuple(args.batch_sizes),
+        guidance_scale=args.guidance,
+        patch_size=args.patch_size,
+    )
+    predictor = calibrate_image(bundle, config, overhead)
+    predictor.save(args.out)
+    print(
+        f"image-level step model: fit error {predictor.meta['fit_mape_pct']:.1f}% over "
+        f"{len(predictor.meta['samples'])} groups, {predictor.meta['wall_s']:.0f} s; wrote {args.out}"
+    )
+    return 0

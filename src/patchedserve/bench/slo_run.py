@@ -1,0 +1,145 @@
+"""The ``bench slo`` sweep: profile and image-level calibration if needed, then every (trace, system).
+
+Runs go QPS by QPS with all systems at each QPS before the next, so slow drift of a shared
+machine's speed spreads over the systems instead of landing on one. ``results.json`` is rewritten
+after every run, so an interrupted sweep keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patchedserve.bench.replay import ReplayConfig, run_system
+from patchedserve.bench.results import machine_info, make_run, save_outcomes, table_lines, write_results
+from patchedserve.bench.slo_commands import Trace, check_sizes, make_traces
+from patchedserve.bench.systems import objectives_s, parse_systems
+from patchedserve.errors import InvalidRequestError
+from patchedserve.models import ModelBundle, load_model
+from patchedserve.scheduler import LatencyPredictor
+
+
+def ensure_profile(args: argparse.Namespace, bundle: ModelBundle, out_dir: Path) -> Path:
+    """The shared profile: ``--profile``, else a quick one measured now (``out_dir/profile.json``)."""
+    if args.profile is not None:
+        predictor = LatencyPredictor.load(args.profile)
+        if predictor.patch_size != args.patch_size:
+            raise InvalidRequestError(
+                f"profile {args.profile} has patch size {predictor.patch_size}, not {args.patch_size}",
+                field="profile",
+            )
+        return Path(args.profile)
+    from patchedserve.scheduler.profile import QUICK, run_profile
+
+    print(
+        "no --profile: measuring a quick one (use `patchedserve profile` for a better one)", file=sys.stderr
+    )
+    config = replace(QUICK, patch_size=args.patch_size, sizes=tuple(args.sizes))
+    result = run_profile(bundle, config)
+    return result.predictor.save(out_dir / "profile.json")
+
+
+def ensure_image_profile(
+    args: argparse.Namespace, bundle: ModelBundle, profile: Path, out_dir: Path, traces: list[Trace]
+) -> Path | None:
+    """The image-level step cost: ``--image-profile``, else calibrated now for the traces' sizes."""
+    if args.image_profile is not None:
+        return Path(args.image_profile)
+    from patchedserve.cluster.calibrate import ImageCalibration, calibrate_image
+
+    sizes = tuple(sorted({(r.width, r.height) for t in traces for r in t[2]}))
+    guidance = max((r.guidance_scale for t in traces for r in t[2]), default=5.0)
+    batch_sizes = tuple(b for b in (1, 2, 4, 8, 12) if b <= args.max_running)
+    print(f"calibrating image-level step costs for {len(sizes)} sizes ...", file=sys.stderr)
+    config = ImageCalibration(
+        sizes=sizes, batch_sizes=batch_sizes, guidance_scale=guidance, patch_size=args.patch_size
+    )
+    predictor = calibrate_image(bundle, config, LatencyPredictor.load(profile).overhead)
+    return predictor.save(out_dir / "image_profile.json")
+
+
+def run_slo_sweep(args: argparse.Namespace) -> Path:
+    """Everything ``bench slo`` does; returns the path of ``results.json``."""
+    try:
+        systems = parse_systems(args.systems)
+    except ValueError as err:
+        raise InvalidRequestError(str(err), field="systems") from err
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    traces = make_traces(args, out_dir)
+    check_sizes(traces, args.patch_size)
+    bundle = load_model(args.model).to(device=args.device, dtype=getattr(torch, args.dtype))
+    profile = ensure_profile(args, bundle, out_dir)
+    image_profile = None
+    if any(s.execution == "image" for s in systems):
+        image_profile = ensure_image_profile(args, bundle, profile, out_dir, traces)
+    predictor = LatencyPredictor.load(profile)
+    config = ReplayConfig(
+        profile=str(profile),
+        patch_size=args.patch_size,
+        max_running=args.max_running,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
+    meta = _meta(args, systems, profile, image_profile, traces, predictor)
+    runs: list[dict[str, Any]] = []
+    path = out_dir / "results.json"
+    for qps, scale, requests, duration_s, _ in traces:
+        objectives = objectives_s(requests, predictor)
+        for spec in systems:
+            outcomes = run_system(
+                bundle, spec, requests, objectives, config, desc=f"{spec.name} @ {qps:g} qps"
+            )
+            run = make_run(spec.name, qps, scale, outcomes, duration_s)
+            save_outcomes(out_dir, run, outcomes)
+            runs.append(run)
+            print(table_lines([run])[1], file=sys.stderr)
+            meta["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            meta["machine_end"] = machine_info()
+            path = write_results(out_dir, runs, meta)
+    print("\n".join(table_lines(runs)))
+    return path
+
+
+def _meta(
+    args: argparse.Namespace,
+    systems: list[Any],
+    profile: Path,
+    image_profile: Path | None,
+    traces: list[Trace],
+    predictor: LatencyPredictor,
+) -> dict[str, Any]:
+    profile_threads = predictor.meta.get("threads")
+    if profile_threads is not None and profile_threads != torch.get_num_threads():
+        print(
+            f"warning: the profile was measured with {profile_threads} threads, this run uses "
+            f"{torch.get_num_threads()}",
+            file=sys.stderr,
+        )
+    return {
+        "kind": "real",
+        "model": args.model,
+        "systems": [s.name for s in systems],
+        "patch_size": args.patch_size,
+        "max_running": args.max_running,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "profile": str(profile.resolve()),
+        "image_profile": str(image_profile.resolve()) if image_profile else None,
+        "traces": [
+            {"qps": q, "slo_scale": s, "requests": len(r), "duration_s": d, "path": str(p.resolve())}
+            for q, s, r, d, p in traces
+        ],
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine_start": machine_info(),
+    }

@@ -1,0 +1,92 @@
+"""The five systems a benchmark compares, each one engine configuration of the same model.
+
+| name           | execution | policy   | batch cap | cache              |
+| -------------- | --------- | -------- | --------- | ------------------ |
+| image-fcfs     | image     | fcfs     | 1         | -                  |
+| res-batch      | image     | res-fcfs | 12        | -                  |
+| nirvana        | image     | res-fcfs | 12        | approximate (NIRVANA-style) |
+| patched-fcfs   | patched   | fcfs     | 12        | -                  |
+| patchedserve   | patched   | slo      | 12        | -                  |
+
+Read by the real replay (``bench.replay``) and by the simulator (``cluster``), so both build the
+same policy for a name, and both give every system the same deadlines (``objectives_s``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from patchedserve.bench.traces import TraceRequest
+from patchedserve.engine import EngineConfig
+from patchedserve.scheduler import LatencyPredictor
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """How one compared system serves."""
+
+    name: str
+    """Name in results and plots."""
+    execution: str
+    """``image`` (the model's own forward per resolution) or ``patched`` (one patched call)."""
+    policy: str
+    """Scheduling policy: ``fcfs``, ``res-fcfs`` (same-resolution batches) or ``slo``."""
+    max_running: int | None = None
+    """Batch cap; None takes the benchmark's ``--max-running``."""
+    approx_cache: bool = False
+    """NIRVANA-style approximate cache (start from a similar prompt's latent, skip steps)."""
+
+
+SYSTEMS: dict[str, SystemSpec] = {
+    s.name: s
+    for s in (
+        SystemSpec("image-fcfs", "image", "fcfs", max_running=1),
+        SystemSpec("res-batch", "image", "res-fcfs"),
+        SystemSpec("nirvana", "image", "res-fcfs", approx_cache=True),
+        SystemSpec("patched-fcfs", "patched", "fcfs"),
+        SystemSpec("patchedserve", "patched", "slo"),
+    )
+}
+"""Every system by name, in the order results list them."""
+
+
+def parse_systems(text: str) -> list[SystemSpec]:
+    """``"image-fcfs,patchedserve"`` -> specs; raises ValueError naming an unknown system."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown or not names:
+        raise ValueError(f"unknown system(s) {unknown or text!r}; choose from {', '.join(SYSTEMS)}")
+    return [SYSTEMS[n] for n in names]
+
+
+def engine_config(
+    spec: SystemSpec,
+    patch_size: int,
+    profile: str | None,
+    max_running: int = 12,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> EngineConfig:
+    """The engine configuration of ``spec``; every system loads the same profile."""
+    return EngineConfig(
+        patch_size=patch_size,
+        policy=spec.policy,
+        max_running=spec.max_running or max_running,
+        execution=spec.execution,
+        approx_cache=spec.approx_cache,
+        profile=profile,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def objectives_s(requests: Sequence[TraceRequest], predictor: LatencyPredictor) -> list[float]:
+    """Each request's objective (deadline - arrival, seconds): its ``slo_scale`` x its standalone
+    latency from the shared profile, without online correction, so every system, real or
+    simulated, is held to the same deadlines (they are sent as ``slo_ms``)."""
+    return [
+        r.slo_scale
+        * predictor.predict_standalone(r.width, r.height, r.steps, r.guidance_scale > 1.0, corrected=False)
+        for r in requests
+    ]

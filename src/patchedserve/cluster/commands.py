@@ -1,0 +1,169 @@
+"""``patchedserve simulate``: the SLO benchmark in virtual time, on 1..N replicas, from a profile.
+
+Same trace and system flags as ``bench slo`` and the same ``results.json`` (+ plots). The step
+costs come from ``--profile`` (patched) and ``--image-profile`` (image-level); any profile file
+works, e.g. one built from a GPU's figures. ``--replicas 1,2,4,8`` runs every sweep on each count
+behind the least-predicted-load dispatcher (``--qps-per-replica`` multiplies the offered load by
+the count). ``--compare DIR/results.json`` re-runs a real ``bench slo`` sweep on its own traces,
+profile and calibration and prints the differences. Registered by ``patchedserve.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from patchedserve.bench.slo_commands import Trace, _ints, add_system_args, add_trace_args, make_traces
+from patchedserve.bench.traces import load_trace
+from patchedserve.errors import InvalidRequestError
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="the SLO benchmark in virtual time (1..N replicas), from a latency profile",
+        description="Replay traces on simulated engines: the real scheduling policies on a virtual clock, "
+        "step costs from a profile.",
+    )
+    add_trace_args(p)
+    add_system_args(p, "image-fcfs,res-batch,nirvana,patched-fcfs,patchedserve")
+    p.add_argument("--replicas", type=_ints, default=[1], help="replica counts, e.g. 1,2,4,8")
+    p.add_argument("--qps-per-replica", action="store_true", help="offered load = each --qps x replicas")
+    p.add_argument("--max-waiting", type=int, default=256, help="queue bound per replica")
+    p.add_argument("--cost-scale", type=float, default=1.0, help="multiply every cost (slower machine > 1)")
+    p.add_argument(
+        "--nirvana-similarity",
+        choices=["model", "exact"],
+        default="model",
+        help="prompt similarity for NIRVANA's cache: the model's embeddings, or exact repeats only",
+    )
+    p.add_argument(
+        "--compare", type=Path, default=None, help="a bench slo results.json to re-run and compare"
+    )
+    p.set_defaults(handler=run_simulate)
+
+
+def _embedder(similarity: str, model: str) -> Callable[[], Any]:
+    from patchedserve.cluster.simulator import exact_embedder, model_embedder
+
+    if similarity == "exact":
+        return exact_embedder
+    from patchedserve.models import load_model
+
+    cache: list[Any] = []
+
+    def make() -> Any:  # one embedder (and one model load) for the whole sweep
+        if not cache:
+            cache.append(model_embedder(load_model(model)))
+        return cache[0]
+
+    return make
+
+
+def _load(path: str | Path | None) -> Any:
+    from patchedserve.scheduler import LatencyPredictor
+
+    return None if path is None else LatencyPredictor.load(path)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from patchedserve.bench.results import table_lines, write_results
+    from patchedserve.bench.systems import parse_systems
+    from patchedserve.cluster.simulator import SimConfig
+    from patchedserve.cluster.sweep import simulate_traces
+
+    if args.compare is not None:
+        return run_compare(args)
+    if args.profile is None:
+        raise InvalidRequestError("simulate needs --profile (patchedserve profile --out)", field="profile")
+    try:
+        systems = parse_systems(args.systems)
+        base = SimConfig(
+            patch_size=args.patch_size,
+            max_running=args.max_running,
+            max_waiting=args.max_waiting,
+            cost_scale=args.cost_scale,
+        )
+    except ValueError as err:
+        raise InvalidRequestError(str(err)) from err
+    profile, image_profile = _load(args.profile), _load(args.image_profile)
+    embedder = _embedder(args.nirvana_similarity, args.model)
+    runs: list[dict[str, Any]] = []
+    traces_meta: list[dict[str, Any]] = []
+    for n in args.replicas:
+        qps = [q * n for q in args.qps] if args.qps_per_replica else args.qps
+        traces = make_traces(argparse.Namespace(**{**vars(args), "qps": qps}), args.out / f"{n}r")
+        traces_meta += [
+            {"replicas": n, "qps": q, "slo_scale": s, "requests": len(r), "path": str(p)}
+            for q, s, r, _, p in traces
+        ]
+        runs += simulate_traces(
+            traces,
+            systems,
+            profile,
+            image_profile,
+            replace(base, replicas=n),
+            embedder,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    meta = _meta(args, systems, traces_meta)
+    path = write_results(args.out, runs, meta)
+    print("\n".join(table_lines(runs)))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _meta(args: argparse.Namespace, systems: list[Any], traces: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "kind": "simulated",
+        "model": args.model,
+        "systems": [s.name for s in systems],
+        "patch_size": args.patch_size,
+        "max_running": args.max_running,
+        "replicas": args.replicas,
+        "profile": str(args.profile),
+        "image_profile": str(args.image_profile) if args.image_profile else None,
+        "cost_scale": args.cost_scale,
+        "nirvana_similarity": args.nirvana_similarity,
+        "traces": traces,
+    }
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Simulates the traces of a real run with its profile and settings; prints and writes the differences."""
+    from patchedserve.bench.results import load_results, write_results
+    from patchedserve.bench.systems import parse_systems
+    from patchedserve.cluster.simulator import SimConfig
+    from patchedserve.cluster.sweep import compare_lines, compare_runs, simulate_traces
+
+    real = load_results(args.compare)
+    meta = real["meta"]
+    profile = _load(args.profile or meta["profile"])
+    image_profile = _load(args.image_profile or meta.get("image_profile"))
+    systems = parse_systems(",".join(meta["systems"]))
+    traces: list[Trace] = []
+    for t in meta["traces"]:
+        requests, _ = load_trace(t["path"])
+        traces.append((t["qps"], t["slo_scale"], requests, t["duration_s"], Path(t["path"])))
+    config = SimConfig(
+        patch_size=meta["patch_size"], max_running=meta["max_running"], cost_scale=args.cost_scale
+    )
+    embedder = _embedder(args.nirvana_similarity, meta["model"])
+    runs = simulate_traces(traces, systems, profile, image_profile, config, embedder)
+    sim_meta = {
+        **meta,
+        "kind": "simulated",
+        "compared_with": str(args.compare),
+        "cost_scale": args.cost_scale,
+        "nirvana_similarity": args.nirvana_similarity,
+    }
+    write_results(args.out, runs, sim_meta)
+    rows = compare_runs(real["runs"], runs)
+    (args.out / "compare.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    print("\n".join(compare_lines(rows)))
+    return 0

@@ -1,0 +1,159 @@
+"""One simulated engine: the real scheduling policy driven through ``Engine.step``'s flow in virtual time.
+
+``SimReplica.iterate(now)`` does what one ``Engine.step`` does, with the model calls replaced by
+the cost model: take the inbox (``add_request``), ``schedule``, resolve drops, "prepare" the
+admitted (encode cost; NIRVANA's real ``ApproxCache`` may move them forward), run one step of the
+active set (every request's ``step_index`` advances; the step costs ``CostModel.step_s``), record
+cache points, ``update_from_output`` and send the finished to the decode worker (FIFO). The
+policies are the engine's own objects (``make_scheduler``, ``ResolutionBatchScheduler``), built
+as ``engine.scheduling.build_scheduler`` builds them. Driven by ``cluster.simulator``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from patchedserve.bench.systems import SystemSpec
+from patchedserve.cluster.costs import CostModel
+from patchedserve.engine.approx_cache import ApproxCache
+from patchedserve.request import Request, RequestStatus
+from patchedserve.sampler.ddim import DDIMSampler
+from patchedserve.sampler.dpmpp import DPMPP2MSampler
+from patchedserve.sampler.euler import EulerSampler
+from patchedserve.sampler.flow import FlowEulerSampler
+from patchedserve.scheduler import (
+    LatencyPredictor,
+    QueueScheduler,
+    SchedulerConfig,
+    StepOutcome,
+    make_scheduler,
+)
+from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
+
+SAMPLER_ORDER = {cls.name: cls.order for cls in (EulerSampler, DDIMSampler, DPMPP2MSampler, FlowEulerSampler)}
+"""Order of each sampler; NIRVANA's cache resumes only single-step (order 1) samplers."""
+
+Embedder = Callable[[str], torch.Tensor]
+"""Prompt -> embedding ``[D]`` standing in for the mean token embedding NIRVANA's cache compares."""
+
+
+def make_policy(
+    spec: SystemSpec, predictor: LatencyPredictor, max_running: int, slo_scale: float = 5.0
+) -> QueueScheduler:
+    """The system's scheduling policy, exactly as ``engine.scheduling.build_scheduler`` makes it."""
+    cap = spec.max_running or max_running
+    if spec.policy == ResolutionBatchScheduler.policy:
+        return ResolutionBatchScheduler(cap, predictor, SchedulerConfig("fcfs", cap, slo_scale))
+    return make_scheduler(spec.policy, predictor, SchedulerConfig(spec.policy, cap, slo_scale))
+
+
+@dataclass
+class _Cond:
+    """Stands in for ``Conditioning`` where ``ApproxCache.lookup`` reads the prompt embedding."""
+
+    prompt_embeds: torch.Tensor  # [1, D]
+
+
+class SimReplica:
+    """One engine in virtual time; ``next_s`` is when its next iteration starts (None: idle)."""
+
+    def __init__(
+        self,
+        scheduler: QueueScheduler,
+        cost: CostModel,
+        max_waiting: int = 256,
+        approx_cache: ApproxCache | None = None,
+        embed: Embedder | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.cost = cost
+        self.max_waiting = max_waiting
+        self.approx_cache = approx_cache
+        self.embed = embed
+        self.inbox: list[Request] = []
+        self.next_s: float | None = None
+        self.decoder_free_s = 0.0
+        self.ended: list[Request] = []
+        """Requests in a final state (finished ones with ``timings.finished_s`` set)."""
+        if approx_cache is not None and embed is None:
+            raise ValueError("a simulated approximate cache needs a prompt embedder")
+
+    def submit(self, request: Request, now_s: float) -> bool:
+        """Queue an arrival (False: the queue is full, as ``Engine.submit`` refuses); wakes the replica."""
+        if self.scheduler.num_waiting + len(self.inbox) >= self.max_waiting:
+            return False
+        self.inbox.append(request)
+        if self.next_s is None:
+            self.next_s = now_s
+        return True
+
+    def outstanding(self) -> list[Request]:
+        """Requests not yet through their last step (what the dispatcher weighs)."""
+        return [*self.inbox, *self.scheduler.waiting, *self.scheduler.running]
+
+    def has_work(self) -> bool:
+        return bool(self.inbox) or self.scheduler.num_waiting > 0 or self.scheduler.num_running > 0
+
+    def iterate(self, now_s: float) -> None:
+        """One ``Engine.step`` at ``now_s``; sets ``next_s`` to its end, or None when idle."""
+        for r in self.inbox:
+            self.scheduler.add_request(r, now_s)
+        self.inbox.clear()
+        out = self.scheduler.schedule(now_s)
+        for r in out.dropped:
+            self._end(r, now_s)
+        if out.admitted:
+            now_s += self.cost.encode_s(len(out.admitted))
+            self._lookup(out.admitted)
+        running = [r for r in out.running if r.status == RequestStatus.RUNNING]
+        if not running:
+            self.next_s = None  # nothing to run: sleep until the next arrival wakes it
+            return
+        latency_s = self.cost.step_s(running)
+        for r in running:
+            r.step_index += 1
+        end_s = now_s + latency_s
+        if self.approx_cache is not None:
+            for r in running:
+                if self.approx_cache.wants(r):
+                    self.approx_cache.record(r, _NO_LATENTS)
+        for done in self.scheduler.update_from_output(StepOutcome(running, latency_s, end_s)):
+            self._decode(done, end_s)
+        self.next_s = end_s if self.has_work() else None
+
+    def _lookup(self, admitted: list[Request]) -> None:
+        """NIRVANA: the engine's own cache decides whether an admitted request skips steps."""
+        if self.approx_cache is None or self.embed is None:
+            return
+        for r in admitted:
+            r.state["cond"] = _Cond(self.embed(r.prompt)[None])
+            self.approx_cache.lookup(r, SAMPLER_ORDER.get(r.params.sampler, 2) == 1)
+            r.state.clear()
+
+    def _decode(self, r: Request, now_s: float) -> None:
+        start_s = max(now_s, self.decoder_free_s)
+        self.decoder_free_s = start_s + self.cost.decode_s(r.params.width, r.params.height)
+        r.timings.denoised_s = now_s
+        r.status = RequestStatus.FINISHED
+        self._end(r, self.decoder_free_s)
+
+    def _end(self, r: Request, now_s: float) -> None:
+        r.timings.finished_s = now_s
+        self.ended.append(r)
+
+    def close(self) -> list[Request]:
+        """Stops the replica (the run's cut-off): what is still queued or running is cancelled."""
+        left = self.outstanding()
+        for r in left:
+            r.status = RequestStatus.CANCELLED
+            self._end(r, math.inf)
+        self.inbox.clear()
+        return left
+
+
+_NO_LATENTS = torch.zeros(())
+"""What the simulated cache stores as a latent: the cache only needs to know one exists."""

@@ -1,0 +1,176 @@
+"""Discrete-event simulation of a trace on N replicas of one system, in virtual time.
+
+Events are arrivals (dispatched at once by ``LeastLoadDispatcher``) and iteration ends of the
+replicas (``SimReplica.iterate``); the earliest goes first, an arrival before an iteration that
+starts at the same instant. The run stops like the real replay: at the last deadline of the
+trace, what is still queued or running is cancelled (decodes in flight complete). Each request
+gets the same objective as in the real replay (``bench.systems.objectives_s``), so outcomes go
+through the same ``bench.metrics``.
+
+NIRVANA's skips come from the engine's own ``ApproxCache`` fed prompt embeddings: the model's
+mean token embeddings (``model_embedder``: what the real engine compares), or random unit vectors
+per distinct prompt (``exact_embedder``: only verbatim repeats hit), for models not at hand.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from patchedserve.bench.metrics import RequestOutcome
+from patchedserve.bench.systems import SystemSpec
+from patchedserve.bench.traces import TraceRequest
+from patchedserve.cluster.costs import cost_model
+from patchedserve.cluster.dispatch import LeastLoadDispatcher
+from patchedserve.cluster.replica import Embedder, SimReplica, make_policy
+from patchedserve.engine.approx_cache import ApproxCache
+from patchedserve.models import GenerationParams, ModelBundle
+from patchedserve.request import Request, RequestStatus
+from patchedserve.scheduler import LatencyPredictor
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How the simulated engines are built."""
+
+    replicas: int = 1
+    """Engines behind the dispatcher."""
+    patch_size: int = 256
+    """Patch side in pixels (request patch counts)."""
+    max_running: int = 12
+    """Batch cap of the batching systems."""
+    max_waiting: int = 256
+    """Queue bound per replica (as ``EngineConfig.max_waiting``)."""
+    cost_scale: float = 1.0
+    """Multiplies every cost (``CostModel.scale``)."""
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.max_running < 1 or not self.cost_scale > 0.0:
+            raise ValueError("replicas and max_running must be >= 1 and cost_scale positive")
+
+
+def model_embedder(bundle: ModelBundle) -> Embedder:
+    """Prompt -> the mean token embedding of the model's conditional prompt encoding (memoised)."""
+    from patchedserve.models import encode_prompts
+
+    memo: dict[str, torch.Tensor] = {}
+
+    def embed(prompt: str) -> torch.Tensor:  # [D]
+        if prompt not in memo:
+            with torch.inference_mode():
+                memo[prompt] = encode_prompts(bundle, [prompt])[0].prompt_embeds.float().mean(0).cpu()
+        return memo[prompt]
+
+    return embed
+
+
+def exact_embedder(dim: int = 4096) -> Embedder:
+    """Prompt -> a random unit vector seeded by the prompt's text: distinct prompts are nearly
+    orthogonal (cosine about 0 +- 1/sqrt(dim)), equal ones identical."""
+    memo: dict[str, torch.Tensor] = {}
+
+    def embed(prompt: str) -> torch.Tensor:  # [D]
+        if prompt not in memo:
+            g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+            memo[prompt] = torch.randn(dim, generator=g)
+        return memo[prompt]
+
+    return embed
+
+
+def _request(i: int, r: TraceRequest, objective_s: float, patch_size: int) -> Request:
+    params = GenerationParams(r.width, r.height, r.steps, r.guidance_scale, r.sampler, r.seed)
+    patches = -(-r.width // patch_size) * -(-r.height // patch_size)
+    return Request(
+        request_id=i,
+        prompt=r.prompt,
+        negative_prompt="",
+        params=params,
+        arrival_s=r.arrival_s,
+        num_patches=patches,
+        slo_ms=1000.0 * objective_s,
+    )
+
+
+def build_replicas(
+    spec: SystemSpec,
+    profile: LatencyPredictor,
+    image_profile: LatencyPredictor | None,
+    config: SimConfig,
+    embed: Embedder | None,
+) -> list[SimReplica]:
+    """``config.replicas`` fresh engines of ``spec``, each with its own predictor copy and cache."""
+    cost = cost_model(spec.execution, profile, image_profile, config.cost_scale)
+    replicas = []
+    for _ in range(config.replicas):
+        own = LatencyPredictor.from_dict(profile.to_dict())  # each engine loads the profile itself
+        policy = make_policy(spec, own, config.max_running)
+        cache = ApproxCache() if spec.approx_cache else None
+        replicas.append(SimReplica(policy, cost, config.max_waiting, cache, embed if cache else None))
+    return replicas
+
+
+def simulate(
+    requests: Sequence[TraceRequest],
+    objectives_s: Sequence[float],
+    spec: SystemSpec,
+    profile: LatencyPredictor,
+    image_profile: LatencyPredictor | None = None,
+    config: SimConfig = SimConfig(),
+    embed: Embedder | None = None,
+) -> list[RequestOutcome]:
+    """Replays ``requests`` on ``config.replicas`` simulated engines of ``spec``; one outcome each."""
+    if spec.approx_cache and embed is None:
+        embed = exact_embedder()
+    replicas = build_replicas(spec, profile, image_profile, config, embed)
+    dispatcher = LeastLoadDispatcher(profile)
+    sim = [
+        _request(i, r, o, config.patch_size)
+        for i, (r, o) in enumerate(zip(requests, objectives_s, strict=True))
+    ]
+    cutoff_s = max((r.arrival_s + o for r, o in zip(requests, objectives_s, strict=True)), default=0.0)
+    rejected: set[int] = set()
+    i = 0
+    while True:
+        arrival_s = sim[i].arrival_s if i < len(sim) else math.inf
+        busy = [rep for rep in replicas if rep.next_s is not None]
+        rep = min(busy, key=lambda x: x.next_s or 0.0) if busy else None
+        next_s = rep.next_s if rep is not None and rep.next_s is not None else math.inf
+        if arrival_s == math.inf and next_s == math.inf:
+            break
+        if arrival_s <= next_s:
+            if not replicas[dispatcher.choose(replicas)].submit(sim[i], arrival_s):
+                rejected.add(i)
+            i += 1
+        elif next_s > cutoff_s or rep is None:
+            break
+        else:
+            rep.iterate(next_s)
+    for rep in replicas:
+        rep.close()
+    return [
+        _outcome(r, t, o, r.request_id in rejected)
+        for r, t, o in zip(sim, requests, objectives_s, strict=True)
+    ]
+
+
+_STATUS = {
+    RequestStatus.FINISHED: "finished",
+    RequestStatus.DROPPED: "dropped",
+    RequestStatus.CANCELLED: "cancelled",
+    RequestStatus.FAILED: "failed",
+}
+
+
+def _outcome(r: Request, t: TraceRequest, objective_s: float, rejected: bool) -> RequestOutcome:
+    if rejected:
+        return RequestOutcome(r.request_id, t.size, t.arrival_s, "rejected", None, objective_s)
+    status = _STATUS.get(r.status, "cancelled")
+    latency_s = None
+    if status == "finished" and r.timings.finished_s is not None:
+        latency_s = r.timings.finished_s - r.arrival_s
+    return RequestOutcome(r.request_id, t.size, t.arrival_s, status, latency_s, objective_s)

@@ -1,0 +1,110 @@
+"""Simulated sweeps (``patchedserve simulate``) and the check against a real replay (``--compare``).
+
+``simulate_traces`` runs every (trace, system) in virtual time and returns ``results.json`` runs.
+``compare_runs`` pairs them with a real ``bench slo`` run on the same traces: per (system, QPS),
+the real and simulated SLO satisfaction, their difference in percentage points, and the same for
+the median latency and the drop rate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from patchedserve.bench.results import make_run
+from patchedserve.bench.slo_commands import Trace
+from patchedserve.bench.systems import SystemSpec, objectives_s
+from patchedserve.cluster.replica import Embedder
+from patchedserve.cluster.simulator import SimConfig, simulate
+from patchedserve.scheduler import LatencyPredictor
+
+
+def simulate_traces(
+    traces: Sequence[Trace],
+    systems: Sequence[SystemSpec],
+    profile: LatencyPredictor,
+    image_profile: LatencyPredictor | None,
+    config: SimConfig,
+    embedder: Callable[[], Embedder] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One run per (trace, system) on ``config.replicas`` simulated engines."""
+    runs = []
+    for qps, scale, requests, duration_s, _ in traces:
+        objectives = objectives_s(requests, profile)
+        for spec in systems:
+            start = time.perf_counter()
+            embed = embedder() if spec.approx_cache and embedder is not None else None
+            outcomes = simulate(requests, objectives, spec, profile, image_profile, config, embed)
+            run = make_run(spec.name, qps, scale, outcomes, duration_s, replicas=config.replicas)
+            run["sim_wall_s"] = time.perf_counter() - start
+            runs.append(run)
+            if log is not None:
+                log(
+                    f"{spec.name} x{config.replicas} @ {qps:g} qps: {len(requests)} requests in "
+                    f"{run['sim_wall_s']:.2f} s, satisfaction {run['slo_satisfaction']:.3f}"
+                )
+    return runs
+
+
+def _key(run: dict[str, Any]) -> tuple[str, float, float]:
+    return run["system"], float(run["qps"]), float(run["slo_scale"])
+
+
+def _diff(a: float | None, b: float | None, scale: float = 1.0) -> float | None:
+    return None if a is None or b is None else scale * (b - a)
+
+
+def compare_runs(real: Sequence[dict[str, Any]], sim: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows (system, qps, slo_scale, real/sim figures, differences); sim minus real."""
+    by_key = {_key(r): r for r in sim}
+    rows = []
+    for r in real:
+        s = by_key.get(_key(r))
+        if s is None:
+            continue
+        rows.append(
+            {
+                "system": r["system"],
+                "qps": r["qps"],
+                "slo_scale": r["slo_scale"],
+                "requests": r["requests"],
+                "real_satisfaction": r["slo_satisfaction"],
+                "sim_satisfaction": s["slo_satisfaction"],
+                "satisfaction_diff_pp": _diff(r["slo_satisfaction"], s["slo_satisfaction"], 100.0),
+                "real_p50_s": r["p50_s"],
+                "sim_p50_s": s["p50_s"],
+                "p50_diff_s": _diff(r["p50_s"], s["p50_s"]),
+                "real_drop_rate": r["drop_rate"],
+                "sim_drop_rate": s["drop_rate"],
+            }
+        )
+    return rows
+
+
+def compare_lines(rows: Sequence[dict[str, Any]], tolerance_pp: float = 5.0) -> list[str]:
+    """A table of ``compare_runs`` rows and the verdict against ``tolerance_pp``."""
+
+    def f(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        f"{'system':<13} {'qps':>5} {'n':>4} {'real sat':>8} {'sim sat':>8} {'diff pp':>8} "
+        f"{'real p50':>8} {'sim p50':>8} {'real drop':>9} {'sim drop':>8}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['system']:<13} {r['qps']:>5g} {r['requests']:>4} {f(r['real_satisfaction'], '8.3f')} "
+            f"{f(r['sim_satisfaction'], '8.3f')} {f(r['satisfaction_diff_pp'], '+8.1f')} "
+            f"{f(r['real_p50_s'], '8.2f')} {f(r['sim_p50_s'], '8.2f')} {f(r['real_drop_rate'], '9.3f')} "
+            f"{f(r['sim_drop_rate'], '8.3f')}"
+        )
+    diffs = [abs(r["satisfaction_diff_pp"]) for r in rows if r["satisfaction_diff_pp"] is not None]
+    if diffs:
+        worst = max(diffs)
+        verdict = "within" if worst <= tolerance_pp else "NOT within"
+        lines.append(
+            f"largest |difference| {worst:.1f} pp over {len(diffs)} runs: {verdict} {tolerance_pp:g} pp"
+        )
+    return lines

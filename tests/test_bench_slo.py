@@ -1,0 +1,100 @@
+"""SLO benchmark figures on hand-made outcomes, and one tiny real replay through ``bench slo``.
+
+The replay uses tiny-sdxl at 64x64, 2 steps, patch 64, three requests, a synthetic profile and
+image-level cost file (so nothing is measured but the replay itself), then ``simulate --compare``
+on its results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from patchedserve.bench.metrics import RequestOutcome, goodput_at_target, qps_at_satisfaction, summarize
+from patchedserve.bench.traces import TraceRequest, save_trace
+from patchedserve.cli import main
+from patchedserve.scheduler import LatencyPredictor, Overhead
+
+RUN_KEYS = {"system", "qps", "slo_scale", "slo_satisfaction", "goodput_rps", "p50_s", "p90_s", "p99_s",
+            "drop_rate", "per_resolution"}
+
+
+def outcome(i: int, status: str, latency_s: float | None, slo_s: float = 10.0, size: str = "64x64") -> RequestOutcome:
+    return RequestOutcome(i, size, float(i), status, latency_s, slo_s)
+
+
+def test_satisfaction_goodput_and_percentiles_by_hand() -> None:
+    outcomes = [
+        outcome(0, "finished", 1.0),
+        outcome(1, "finished", 2.0),
+        outcome(2, "finished", 3.0),
+        outcome(3, "finished", 12.0),  # finished but late
+        outcome(4, "dropped", None),
+        outcome(5, "rejected", None),
+        outcome(6, "cancelled", None),
+        outcome(7, "finished", 10.0),  # exactly on the deadline counts
+    ]
+    s = summarize(outcomes, duration_s=20.0)
+    assert s["requests"] == 8 and s["finished"] == 5 and s["met"] == 4
+    assert s["slo_satisfaction"] == pytest.approx(4 / 8)
+    assert s["goodput_rps"] == pytest.approx(4 / 20)
+    assert s["drop_rate"] == pytest.approx(2 / 8)
+    assert s["unfinished_rate"] == pytest.approx(1 / 8)
+    assert s["p50_s"] == pytest.approx(3.0)  # of 1, 2, 3, 10, 12
+    assert s["p90_s"] == pytest.approx(10.0 + 0.6 * 2.0)
+    assert s["p99_s"] == pytest.approx(10.0 + 0.96 * 2.0)
+    empty = summarize([outcome(0, "dropped", None)], 1.0)
+    assert empty["p50_s"] is None and empty["slo_satisfaction"] == 0.0
+
+
+def test_qps_at_90_percent_interpolates_the_crossing() -> None:
+    assert qps_at_satisfaction([(0.5, 1.0), (1.0, 0.95), (1.5, 0.75)]) == {"qps": pytest.approx(1.125),
+                                                                           "bound": "exact"}
+    assert qps_at_satisfaction([(0.5, 1.0), (1.0, 0.92)]) == {"qps": 1.0, "bound": "at_least"}
+    assert qps_at_satisfaction([(0.5, 0.8), (1.0, 0.5)]) == {"qps": None, "bound": "below_sweep"}
+    runs = [
+        {"system": s, "qps": q, "slo_scale": 5.0, "slo_satisfaction": v}
+        for s, pts in {"patchedserve": [(1.0, 1.0), (2.0, 0.8)], "image-fcfs": [(1.0, 0.95), (2.0, 0.5)]}.items()
+        for q, v in pts
+    ]
+    table = goodput_at_target(runs)["systems"]
+    assert table["patchedserve@5x"]["qps"] == pytest.approx(1.5)
+    assert table["image-fcfs@5x"]["qps"] == pytest.approx(1.0 + 0.05 / 0.45)
+    assert table["image-fcfs@5x"]["ratio"] == pytest.approx(1.5 / (1.0 + 0.05 / 0.45))
+
+
+def write_profile(path: Path) -> Path:
+    """A rough synthetic profile of tiny-sdxl at patch 64 (deadlines only need to be generous)."""
+    coef = (0.005, 0.002, 0.0001, 0.001, 0.0005, 0.0005, 0.001, 0.001)
+    return LatencyPredictor(coef=coef, patch_size=64, overhead=Overhead(0.01, 0.01, 1.0)).save(path)
+
+
+def test_tiny_real_replay_writes_results_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = [
+        TraceRequest(0.0, "a red fox", 64, 64, 2, 5.0, 1, 200.0),
+        TraceRequest(0.05, "a red fox", 64, 64, 2, 5.0, 2, 200.0),
+        TraceRequest(0.1, "a bowl of ramen", 128, 64, 2, 5.0, 3, 200.0),
+    ]
+    trace_path = save_trace(tmp_path / "trace.jsonl", trace)
+    profile = write_profile(tmp_path / "profile.json")
+    out = tmp_path / "run"
+    args = ["bench", "slo", "--model", "tiny-sdxl", "--trace", str(trace_path), "--patch-size", "64",
+            "--profile", str(profile), "--image-profile", str(profile), "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [r["system"] for r in data["runs"]] == ["image-fcfs", "res-batch", "nirvana", "patched-fcfs",
+                                                   "patchedserve"]
+    for run in data["runs"]:
+        assert RUN_KEYS <= set(run)
+        assert run["requests"] == 3 and run["slo_satisfaction"] == 1.0
+        assert set(run["per_resolution"]) == {"64x64", "128x64"}
+    for name in ("slo_vs_qps.png", "goodput_vs_qps.png", "latency_cdf.png"):
+        assert (out / name).stat().st_size > 1000
+    assert len(list((out / "outcomes").glob("*.jsonl"))) == 5
+
+    assert main(["simulate", "--compare", str(out / "results.json"), "--out", str(tmp_path / "sim")]) == 0
+    rows = json.loads((tmp_path / "sim" / "compare.json").read_text())["rows"]
+    assert len(rows) == 5 and all(r["sim_satisfaction"] == 1.0 for r in rows)
+    assert "largest |difference| 0.0 pp" in capsys.readouterr().out

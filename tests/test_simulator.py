@@ -1,0 +1,132 @@
+"""The simulator: virtual time with the engine's own policies, the dispatcher, and its speed.
+
+A synthetic profile (round numbers) prices steps, so expected latencies can be written down.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from patchedserve.bench.metrics import summarize
+from patchedserve.bench.systems import SYSTEMS, objectives_s
+from patchedserve.bench.traces import TraceConfig, TraceRequest, make_trace
+from patchedserve.cluster.dispatch import LeastLoadDispatcher
+from patchedserve.cluster.simulator import SimConfig, build_replicas, exact_embedder, simulate
+from patchedserve.scheduler import FCFSScheduler, LatencyPredictor, Overhead, SLOScheduler
+from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
+
+COEF = (0.010, 0.004, 0.0005, 0.001, 0.0005, 0.0005, 0.002, 0.001)
+"""Seconds per feature (bias, patch, patch² of attention, entry, request, CFG request, resolution, group)."""
+
+
+def profile(scale: float = 1.0) -> LatencyPredictor:
+    overhead = Overhead(encode_s=0.005, decode_base_s=0.01, decode_s_per_mpx=0.2)
+    return LatencyPredictor(coef=tuple(c * scale for c in COEF), patch_size=256, overhead=overhead)
+
+
+def req(arrival_s: float, size: int = 512, steps: int = 10, prompt: str = "p", slo: float = 5.0) -> TraceRequest:
+    return TraceRequest(arrival_s, prompt, size, size, steps, 5.0, 0, slo)
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_a_request_alone_takes_its_predicted_standalone_latency(system: str) -> None:
+    p = profile()
+    image = profile(1.3)  # image-level systems pay their own (here: 30% dearer) step cost
+    r = req(2.0, size=512, steps=10)
+    [outcome] = simulate([r], objectives_s([r], p), SYSTEMS[system], p, image)
+    step_predictor = image if SYSTEMS[system].execution == "image" else p
+    expected = (
+        p.overhead.encode_s
+        + 10 * step_predictor.solo_step_s((512, 512, True), corrected=False)
+        + p.overhead.decode_s(512, 512)
+    )
+    assert outcome.status == "finished"
+    assert outcome.latency_s == pytest.approx(expected, rel=1e-9)
+    if step_predictor is p:
+        assert outcome.latency_s == pytest.approx(p.predict_standalone(512, 512, 10, True, corrected=False))
+
+
+def test_the_policies_are_the_engine_objects() -> None:
+    p = profile()
+    kinds = {
+        "image-fcfs": FCFSScheduler,
+        "res-batch": ResolutionBatchScheduler,
+        "nirvana": ResolutionBatchScheduler,
+        "patched-fcfs": FCFSScheduler,
+        "patchedserve": SLOScheduler,
+    }
+    for name, cls in kinds.items():
+        [replica] = build_replicas(SYSTEMS[name], p, p, SimConfig(), exact_embedder())
+        assert type(replica.scheduler) is cls
+        assert replica.scheduler.max_running == (1 if name == "image-fcfs" else 12)
+        assert (replica.approx_cache is not None) == (name == "nirvana")
+
+
+def test_batching_shares_steps_in_virtual_time() -> None:
+    p = profile()
+    both = [req(0.0, 256, 10, "a"), req(0.0, 512, 10, "b")]
+    serial = simulate(both, [100.0, 100.0], SYSTEMS["image-fcfs"], p, p)
+    batched = simulate(both, [100.0, 100.0], SYSTEMS["patched-fcfs"], p, p)
+    # One at a time, the second waits for the first; batched, both finish after 10 shared steps.
+    assert serial[1].latency_s is not None and batched[1].latency_s is not None
+    assert batched[1].latency_s < serial[1].latency_s
+
+
+def test_dispatcher_balances_equal_requests_over_replicas() -> None:
+    p = profile()
+    trace = [req(0.001 * i, 512, 10, f"p{i}") for i in range(40)]
+    config = SimConfig(replicas=4)
+    replicas = build_replicas(SYSTEMS["patchedserve"], p, None, config, None)
+    dispatcher = LeastLoadDispatcher(p)
+    from patchedserve.cluster.simulator import _request
+
+    for i, r in enumerate(trace):
+        replicas[dispatcher.choose(replicas)].submit(_request(i, r, 100.0, 256), r.arrival_s)
+    assert sorted(dispatcher.assigned.count(k) for k in range(4)) == [10, 10, 10, 10]
+    assert dispatcher.assigned[:4] == [0, 1, 2, 3]
+
+
+def test_more_replicas_serve_an_overload_better() -> None:
+    p = profile()
+    trace = make_trace(TraceConfig(qps=5.0, duration_s=60.0, sizes=((512, 512),), steps=(10,), seed=1))
+    objectives = objectives_s(trace, p)
+    one = summarize(simulate(trace, objectives, SYSTEMS["patchedserve"], p), 60.0)
+    four = summarize(simulate(trace, objectives, SYSTEMS["patchedserve"], p, config=SimConfig(replicas=4)), 60.0)
+    assert one["slo_satisfaction"] < 0.9 < four["slo_satisfaction"]
+
+
+def test_slo_policy_drops_what_fcfs_lets_miss() -> None:
+    p = profile()
+    trace = make_trace(TraceConfig(qps=10.0, duration_s=30.0, steps=(10,), seed=2))
+    objectives = objectives_s(trace, p)
+    fcfs = summarize(simulate(trace, objectives, SYSTEMS["patched-fcfs"], p), 30.0)
+    slo = summarize(simulate(trace, objectives, SYSTEMS["patchedserve"], p), 30.0)
+    assert fcfs["drop_rate"] == 0.0 and slo["drop_rate"] > 0.0
+    assert slo["slo_satisfaction"] >= fcfs["slo_satisfaction"]
+
+
+def test_nirvana_skips_steps_for_repeated_prompts() -> None:
+    p = profile()
+    first, again = req(0.0, 512, 10, "same"), req(5.0, 512, 10, "same")
+    other = replace(again, prompt="different")
+    spec = SYSTEMS["nirvana"]
+    hit = simulate([first, again], [100.0, 100.0], spec, p, p, embed=exact_embedder())
+    miss = simulate([first, other], [100.0, 100.0], spec, p, p, embed=exact_embedder())
+    assert hit[1].latency_s is not None and miss[1].latency_s is not None
+    solo = p.solo_step_s((512, 512, True), corrected=False)
+    assert miss[1].latency_s - hit[1].latency_s == pytest.approx(5 * solo)  # tier 0.95: half the steps
+
+
+def test_thousands_of_requests_simulate_in_seconds() -> None:
+    p = profile()
+    trace = make_trace(TraceConfig(qps=40.0, duration_s=100.0, steps=(10,), seed=3))
+    assert len(trace) > 3000
+    objectives = objectives_s(trace, p)
+    start = time.perf_counter()
+    for name in ("patchedserve", "res-batch"):
+        outcomes = simulate(trace, objectives, SYSTEMS[name], p, p, config=SimConfig(replicas=4))
+        assert len(outcomes) == len(trace)
+    assert time.perf_counter() - start < 10.0
