@@ -1,4 +1,4 @@
-"""``patchedserve bench ...``: the benchmark command group (step, burst; slo and calibrate-image
+"""``patchedserve bench ...``: the benchmark command group (step, burst; slo and calibrate
 from ``bench.slo_commands``)."""
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def add_parser(subparsers: Any) -> None:
     step.add_argument("--repeats", type=int, default=3)
     step.add_argument("--device", default="auto", help="auto, cpu or cuda")
     step.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    step.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     step.add_argument("--json", type=Path, default=None, help="write the report here")
     step.set_defaults(handler=run_step)
 
@@ -58,12 +59,16 @@ def add_parser(subparsers: Any) -> None:
     burst.add_argument("--json", type=Path, default=None)
     burst.set_defaults(handler=run_burst)
 
-    add_slo_parsers(group)  # slo, calibrate-image
+    add_slo_parsers(group)  # slo, calibrate
 
 
 def run_step(args: argparse.Namespace) -> int:
+    import torch
+
     from patchedserve.bench.step import run_step_bench, summary_lines, write_report
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     report = run_step_bench(
         args.model, parse_sizes(args.sizes), parse_ints(args.per_size, "per_size"), args.patch_size,
         args.repeats, args.device, args.dtype,
