@@ -13,15 +13,28 @@ from pathlib import Path
 import pytest
 
 from patchedserve.bench.metrics import RequestOutcome, goodput_at_target, qps_at_satisfaction, summarize
+from patchedserve.bench.results import load_steps, run_file
 from patchedserve.bench.traces import TraceRequest, save_trace
 from patchedserve.cli import main
 from patchedserve.scheduler import LatencyPredictor, Overhead
 
-RUN_KEYS = {"system", "qps", "slo_scale", "slo_satisfaction", "goodput_rps", "p50_s", "p90_s", "p99_s",
-            "drop_rate", "per_resolution"}
+RUN_KEYS = {
+    "system",
+    "qps",
+    "slo_scale",
+    "slo_satisfaction",
+    "goodput_rps",
+    "p50_s",
+    "p90_s",
+    "p99_s",
+    "drop_rate",
+    "per_resolution",
+}
 
 
-def outcome(i: int, status: str, latency_s: float | None, slo_s: float = 10.0, size: str = "64x64") -> RequestOutcome:
+def outcome(
+    i: int, status: str, latency_s: float | None, slo_s: float = 10.0, size: str = "64x64"
+) -> RequestOutcome:
     return RequestOutcome(i, size, float(i), status, latency_s, slo_s)
 
 
@@ -50,13 +63,18 @@ def test_satisfaction_goodput_and_percentiles_by_hand() -> None:
 
 
 def test_qps_at_90_percent_interpolates_the_crossing() -> None:
-    assert qps_at_satisfaction([(0.5, 1.0), (1.0, 0.95), (1.5, 0.75)]) == {"qps": pytest.approx(1.125),
-                                                                           "bound": "exact"}
+    assert qps_at_satisfaction([(0.5, 1.0), (1.0, 0.95), (1.5, 0.75)]) == {
+        "qps": pytest.approx(1.125),
+        "bound": "exact",
+    }
     assert qps_at_satisfaction([(0.5, 1.0), (1.0, 0.92)]) == {"qps": 1.0, "bound": "at_least"}
     assert qps_at_satisfaction([(0.5, 0.8), (1.0, 0.5)]) == {"qps": None, "bound": "below_sweep"}
     runs = [
         {"system": s, "qps": q, "slo_scale": 5.0, "slo_satisfaction": v}
-        for s, pts in {"patchedserve": [(1.0, 1.0), (2.0, 0.8)], "image-fcfs": [(1.0, 0.95), (2.0, 0.5)]}.items()
+        for s, pts in {
+            "patchedserve": [(1.0, 1.0), (2.0, 0.8)],
+            "image-fcfs": [(1.0, 0.95), (2.0, 0.5)],
+        }.items()
         for q, v in pts
     ]
     table = goodput_at_target(runs)["systems"]
@@ -71,7 +89,9 @@ def write_profile(path: Path) -> Path:
     return LatencyPredictor(coef=coef, patch_size=64, overhead=Overhead(0.01, 0.01, 1.0)).save(path)
 
 
-def test_tiny_real_replay_writes_results_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tiny_real_replay_writes_results_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     trace = [
         TraceRequest(0.0, "a red fox", 64, 64, 2, 5.0, 1, 200.0),
         TraceRequest(0.05, "a red fox", 64, 64, 2, 5.0, 2, 200.0),
@@ -80,21 +100,54 @@ def test_tiny_real_replay_writes_results_and_plots(tmp_path: Path, capsys: pytes
     trace_path = save_trace(tmp_path / "trace.jsonl", trace)
     profile = write_profile(tmp_path / "profile.json")
     out = tmp_path / "run"
-    args = ["bench", "slo", "--model", "tiny-sdxl", "--trace", str(trace_path), "--patch-size", "64",
-            "--profile", str(profile), "--image-profile", str(profile), "--out", str(out), "--no-progress"]
+    args = [
+        "bench",
+        "slo",
+        "--model",
+        "tiny-sdxl",
+        "--trace",
+        str(trace_path),
+        "--patch-size",
+        "64",
+        "--profile",
+        str(profile),
+        "--image-cost",
+        str(profile),
+        "--patched-cost",
+        str(profile),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     data = json.loads((out / "results.json").read_text())
-    assert [r["system"] for r in data["runs"]] == ["image-fcfs", "res-batch", "nirvana", "patched-fcfs",
-                                                   "patchedserve"]
+    assert [r["system"] for r in data["runs"]] == [
+        "image-fcfs",
+        "res-batch",
+        "nirvana",
+        "patched-fcfs",
+        "patchedserve",
+    ]
     for run in data["runs"]:
-        assert RUN_KEYS <= set(run)
+        assert set(run) >= RUN_KEYS
         assert run["requests"] == 3 and run["slo_satisfaction"] == 1.0
         assert set(run["per_resolution"]) == {"64x64", "128x64"}
     for name in ("slo_vs_qps.png", "goodput_vs_qps.png", "latency_cdf.png"):
         assert (out / name).stat().st_size > 1000
     assert len(list((out / "outcomes").glob("*.jsonl"))) == 5
+    steps = load_steps(run_file(out, "steps", "patched-fcfs", 1, data["runs"][3]["qps"]))
+    assert sum(len(entries) for _, _, entries in steps) == 2 + 2 + 2  # every request ran its 2 steps
+    assert all(latency_s > 0.0 for _, latency_s, _ in steps)
 
-    assert main(["simulate", "--compare", str(out / "results.json"), "--out", str(tmp_path / "sim")]) == 0
+    compare = [
+        "simulate",
+        "--compare",
+        str(out / "results.json"),
+        "--out",
+        str(tmp_path / "sim"),
+        "--speed-trace",
+    ]
+    assert main(compare) == 0
     rows = json.loads((tmp_path / "sim" / "compare.json").read_text())["rows"]
     assert len(rows) == 5 and all(r["sim_satisfaction"] == 1.0 for r in rows)
     assert "largest |difference| 0.0 pp" in capsys.readouterr().out

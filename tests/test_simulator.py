@@ -13,8 +13,10 @@ import pytest
 from patchedserve.bench.metrics import summarize
 from patchedserve.bench.systems import SYSTEMS, objectives_s
 from patchedserve.bench.traces import TraceConfig, TraceRequest, make_trace
+from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
 from patchedserve.cluster.simulator import SimConfig, build_replicas, exact_embedder, simulate
+from patchedserve.cluster.speed import SpeedTrace
 from patchedserve.scheduler import FCFSScheduler, LatencyPredictor, Overhead, SLOScheduler
 from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
 
@@ -27,26 +29,32 @@ def profile(scale: float = 1.0) -> LatencyPredictor:
     return LatencyPredictor(coef=tuple(c * scale for c in COEF), patch_size=256, overhead=overhead)
 
 
-def req(arrival_s: float, size: int = 512, steps: int = 10, prompt: str = "p", slo: float = 5.0) -> TraceRequest:
+def req(
+    arrival_s: float, size: int = 512, steps: int = 10, prompt: str = "p", slo: float = 5.0
+) -> TraceRequest:
     return TraceRequest(arrival_s, prompt, size, size, steps, 5.0, 0, slo)
 
 
 @pytest.mark.parametrize("system", list(SYSTEMS))
 def test_a_request_alone_takes_its_predicted_standalone_latency(system: str) -> None:
     p = profile()
-    image = profile(1.3)  # image-level systems pay their own (here: 30% dearer) step cost
     r = req(2.0, size=512, steps=10)
-    [outcome] = simulate([r], objectives_s([r], p), SYSTEMS[system], p, image)
-    step_predictor = image if SYSTEMS[system].execution == "image" else p
-    expected = (
-        p.overhead.encode_s
-        + 10 * step_predictor.solo_step_s((512, 512, True), corrected=False)
-        + p.overhead.decode_s(512, 512)
-    )
+    [outcome] = simulate([r], objectives_s([r], p), SYSTEMS[system], p, MachineCosts(image=p))
     assert outcome.status == "finished"
+    assert outcome.latency_s == pytest.approx(p.predict_standalone(512, 512, 10, True, corrected=False))
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_the_machine_costs_are_the_calibrated_ones(system: str) -> None:
+    p = profile()
+    costs = MachineCosts(image=profile(1.3), patched=profile(1.1))  # what the machine really spends
+    r = req(2.0, size=512, steps=10)
+    [outcome] = simulate([r], objectives_s([r], p), SYSTEMS[system], p, costs)
+    step = costs.image if SYSTEMS[system].execution == "image" else costs.patched
+    assert step is not None
+    solo_s = step.solo_step_s((512, 512, True), corrected=False)
+    expected = p.overhead.encode_s + 10 * solo_s + p.overhead.decode_s(512, 512)
     assert outcome.latency_s == pytest.approx(expected, rel=1e-9)
-    if step_predictor is p:
-        assert outcome.latency_s == pytest.approx(p.predict_standalone(512, 512, 10, True, corrected=False))
 
 
 def test_the_policies_are_the_engine_objects() -> None:
@@ -59,7 +67,7 @@ def test_the_policies_are_the_engine_objects() -> None:
         "patchedserve": SLOScheduler,
     }
     for name, cls in kinds.items():
-        [replica] = build_replicas(SYSTEMS[name], p, p, SimConfig(), exact_embedder())
+        [replica] = build_replicas(SYSTEMS[name], p, MachineCosts(image=p), SimConfig(), exact_embedder())
         assert type(replica.scheduler) is cls
         assert replica.scheduler.max_running == (1 if name == "image-fcfs" else 12)
         assert (replica.approx_cache is not None) == (name == "nirvana")
@@ -68,8 +76,8 @@ def test_the_policies_are_the_engine_objects() -> None:
 def test_batching_shares_steps_in_virtual_time() -> None:
     p = profile()
     both = [req(0.0, 256, 10, "a"), req(0.0, 512, 10, "b")]
-    serial = simulate(both, [100.0, 100.0], SYSTEMS["image-fcfs"], p, p)
-    batched = simulate(both, [100.0, 100.0], SYSTEMS["patched-fcfs"], p, p)
+    serial = simulate(both, [100.0, 100.0], SYSTEMS["image-fcfs"], p, MachineCosts(image=p))
+    batched = simulate(both, [100.0, 100.0], SYSTEMS["patched-fcfs"], p, MachineCosts(image=p))
     # One at a time, the second waits for the first; batched, both finish after 10 shared steps.
     assert serial[1].latency_s is not None and batched[1].latency_s is not None
     assert batched[1].latency_s < serial[1].latency_s
@@ -79,7 +87,7 @@ def test_dispatcher_balances_equal_requests_over_replicas() -> None:
     p = profile()
     trace = [req(0.001 * i, 512, 10, f"p{i}") for i in range(40)]
     config = SimConfig(replicas=4)
-    replicas = build_replicas(SYSTEMS["patchedserve"], p, None, config, None)
+    replicas = build_replicas(SYSTEMS["patchedserve"], p, MachineCosts(), config, None)
     dispatcher = LeastLoadDispatcher(p)
     from patchedserve.cluster.simulator import _request
 
@@ -94,7 +102,9 @@ def test_more_replicas_serve_an_overload_better() -> None:
     trace = make_trace(TraceConfig(qps=5.0, duration_s=60.0, sizes=((512, 512),), steps=(10,), seed=1))
     objectives = objectives_s(trace, p)
     one = summarize(simulate(trace, objectives, SYSTEMS["patchedserve"], p), 60.0)
-    four = summarize(simulate(trace, objectives, SYSTEMS["patchedserve"], p, config=SimConfig(replicas=4)), 60.0)
+    four = summarize(
+        simulate(trace, objectives, SYSTEMS["patchedserve"], p, config=SimConfig(replicas=4)), 60.0
+    )
     assert one["slo_satisfaction"] < 0.9 < four["slo_satisfaction"]
 
 
@@ -113,8 +123,8 @@ def test_nirvana_skips_steps_for_repeated_prompts() -> None:
     first, again = req(0.0, 512, 10, "same"), req(5.0, 512, 10, "same")
     other = replace(again, prompt="different")
     spec = SYSTEMS["nirvana"]
-    hit = simulate([first, again], [100.0, 100.0], spec, p, p, embed=exact_embedder())
-    miss = simulate([first, other], [100.0, 100.0], spec, p, p, embed=exact_embedder())
+    hit = simulate([first, again], [100.0, 100.0], spec, p, MachineCosts(image=p), embed=exact_embedder())
+    miss = simulate([first, other], [100.0, 100.0], spec, p, MachineCosts(image=p), embed=exact_embedder())
     assert hit[1].latency_s is not None and miss[1].latency_s is not None
     solo = p.solo_step_s((512, 512, True), corrected=False)
     assert miss[1].latency_s - hit[1].latency_s == pytest.approx(5 * solo)  # tier 0.95: half the steps
@@ -127,6 +137,33 @@ def test_thousands_of_requests_simulate_in_seconds() -> None:
     objectives = objectives_s(trace, p)
     start = time.perf_counter()
     for name in ("patchedserve", "res-batch"):
-        outcomes = simulate(trace, objectives, SYSTEMS[name], p, p, config=SimConfig(replicas=4))
+        outcomes = simulate(
+            trace, objectives, SYSTEMS[name], p, MachineCosts(image=p), config=SimConfig(replicas=4)
+        )
         assert len(outcomes) == len(trace)
     assert time.perf_counter() - start < 10.0
+
+
+def test_speed_trace_reads_the_machine_off_logged_steps() -> None:
+    p = profile()
+    cost = cost_model("patched", p, MachineCosts())
+    entries = [(512, 512, True), (256, 256, True)]
+    modelled_s = cost.base_step_s(entries)
+    # 0-10 s twice as slow as modelled, 10-15 s nothing ran, 15-20 s as modelled.
+    steps = [(t, 2.0 * modelled_s, entries) for t in (0.5, 3.0, 7.0, 9.9)] + [(16.0, modelled_s, entries)]
+    speed = SpeedTrace.from_steps(steps, cost, bucket_s=5.0)
+    assert speed.factors == pytest.approx((2.0, 2.0, 2.0, 1.0))  # the gap keeps the last known speed
+    assert speed(-1.0) == 2.0 and speed(100.0) == 1.0
+    r = req(0.0, size=512, steps=10)
+    fast = simulate([r], [100.0], SYSTEMS["patched-fcfs"], p)
+    slow = simulate([r], [100.0], SYSTEMS["patched-fcfs"], p, replace(MachineCosts(), speed=speed))
+    assert slow[0].latency_s == pytest.approx(2.0 * (fast[0].latency_s or 0.0))
+
+
+def test_a_running_decode_slows_the_step_it_overlaps() -> None:
+    cost = replace(cost_model("patched", profile(), MachineCosts()), decode_interference=0.5)
+    assert cost.step_with_decode_s(0.2, start_s=0.0, decoder_free_s=1.0) == pytest.approx(0.4)
+    assert cost.step_with_decode_s(1.0, start_s=0.0, decoder_free_s=1.0) == pytest.approx(1.5)
+    assert cost.step_with_decode_s(1.0, start_s=2.0, decoder_free_s=1.0) == pytest.approx(1.0)
+    serial = replace(cost, decode_interference=1.0)  # decode and denoise cannot overlap at all
+    assert serial.step_with_decode_s(0.3, start_s=0.0, decoder_free_s=0.5) == pytest.approx(0.8)

@@ -4,7 +4,8 @@ Each request is submitted at its arrival instant with ``slo_ms`` set to its obje
 system is held to the same deadlines); the engine's background loop serves them. The run ends
 when every request reached a final state, or when the last deadline of the trace has passed:
 what is still queued or running then is cancelled (it would miss anyway) and counted as
-unfinished. Called by ``bench slo`` (``run_replay_sweep``).
+unfinished. Every executed step is logged with its active set (``StepLog``), so the machine's
+speed during the run can be read off afterwards (``cluster.speed``). Called by ``bench slo``.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from typing import Any
 from tqdm import tqdm
 
 from patchedserve.bench.metrics import RequestOutcome
+from patchedserve.bench.results import StepRecord
 from patchedserve.bench.systems import SystemSpec, engine_config
 from patchedserve.bench.traces import TraceRequest
 from patchedserve.engine import Engine, GenerationResult, QueueFullError
 from patchedserve.models import ModelBundle
-from patchedserve.request import GenerationRequest, RequestStatus
+from patchedserve.request import GenerationRequest, Request, RequestStatus
+from patchedserve.scheduler import StepOutcome, entry_of
 
 POLL_S = 0.02
 """How often the replay loop wakes to submit, update the progress bar and check the end."""
@@ -79,12 +82,40 @@ def warm_up(engine: Engine, requests: Sequence[TraceRequest]) -> None:
         predictor.log_correction = 0.0
 
 
+class StepLog:
+    """Records every step an engine executes: start (from ``start_s``), latency and active set.
+
+    The engine reports each step to its scheduler's ``update_from_output`` with the requests that
+    ran (``EngineObserver.on_step`` carries counts only), so the log wraps that method of this
+    engine's scheduler instance; the policy itself is untouched.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.records: list[StepRecord] = []
+        self.start_s = 0.0
+        scheduler = engine.scheduler
+        inner = scheduler.update_from_output
+
+        def update_from_output(outcome: StepOutcome) -> list[Request]:
+            start_s = outcome.now_s - outcome.latency_s - self.start_s
+            self.records.append((start_s, outcome.latency_s, [entry_of(r) for r in outcome.running]))
+            return inner(outcome)
+
+        scheduler.update_from_output = update_from_output  # type: ignore[method-assign]
+
+    def restart(self, start_s: float) -> None:
+        """Forget what was logged (warm-up) and measure times from ``start_s``."""
+        self.records.clear()
+        self.start_s = start_s
+
+
 def replay(
     engine: Engine,
     requests: Sequence[TraceRequest],
     objectives_s: Sequence[float],
     config: ReplayConfig,
     desc: str = "",
+    log: StepLog | None = None,
 ) -> list[RequestOutcome]:
     """Submits ``requests`` at their arrival instants; returns one outcome per request, in order."""
     futures: dict[int, Future[GenerationResult]] = {}
@@ -92,6 +123,8 @@ def replay(
     deadlines: list[float] = []
     bar = tqdm(total=len(requests), desc=desc, disable=not config.progress, leave=False, unit="req")
     start = engine.clock()
+    if log is not None:
+        log.restart(start)
     for i, (r, slo_s) in enumerate(zip(requests, objectives_s, strict=True)):
         while engine.clock() < start + r.arrival_s:
             time.sleep(min(POLL_S, max(start + r.arrival_s - engine.clock(), 0.0)))
@@ -163,11 +196,13 @@ def run_system(
     objectives_s: Sequence[float],
     config: ReplayConfig,
     desc: str = "",
-) -> list[RequestOutcome]:
-    """A fresh engine of ``spec`` (fresh predictor, empty cache), warmed up, replaying the trace."""
+) -> tuple[list[RequestOutcome], list[StepRecord]]:
+    """A fresh engine of ``spec`` (fresh predictor, empty cache), warmed up, replaying the trace;
+    returns the outcomes and the log of executed steps."""
     engine = build_engine(bundle, spec, config)
+    log = StepLog(engine)
     try:
         warm_up(engine, requests)
-        return replay(engine, requests, objectives_s, config, desc)
+        return replay(engine, requests, objectives_s, config, desc, log), log.records
     finally:
         engine.stop()

@@ -4,8 +4,9 @@ Layout: ``{"meta": {...}, "runs": [...], "goodput_at_90": {...}}``. Each run hol
 ``qps``, ``slo_scale``, ``slo_satisfaction``, ``goodput_rps``, ``p50_s``, ``p90_s``, ``p99_s``,
 ``drop_rate``, ``per_resolution`` (the same figures per ``"WxH"``), plus ``replicas``, counts,
 ``unfinished_rate`` and ``latencies_s`` (finished requests, for the CDF plot). Per-request
-outcomes go to ``outcomes/<system>_<replicas>r_<qps>qps.jsonl``. Written by ``bench slo`` and
-``simulate``; read back by ``simulate --compare``.
+outcomes go to ``outcomes/<system>_<replicas>r_<qps>qps.jsonl`` and, for real runs, every executed
+step to ``steps/<same>.jsonl`` (what ``cluster.speed`` reads the machine's speed from). Written by
+``bench slo`` and ``simulate``; read back by ``simulate --compare``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from typing import Any
 
 from patchedserve.bench.metrics import RequestOutcome, goodput_at_target, summarize_run
 from patchedserve.bench.plots import plot_all
+from patchedserve.scheduler import Entry
+
+StepRecord = tuple[float, float, list[Entry]]
+"""One executed step: (start s from the trace start, latency s, its requests as (width, height, CFG))."""
 
 
 def make_run(
@@ -40,11 +45,36 @@ def make_run(
     return run
 
 
+def run_file(out_dir: Path, kind: str, system: str, replicas: int, qps: float) -> Path:
+    """``out_dir/<kind>/<system>_<replicas>r_<qps>qps.jsonl`` (kind: outcomes or steps)."""
+    return out_dir / kind / f"{system}_{replicas}r_{qps:g}qps.jsonl"
+
+
 def save_outcomes(out_dir: Path, run: dict[str, Any], outcomes: Sequence[RequestOutcome]) -> Path:
-    path = out_dir / "outcomes" / f"{run['system']}_{run['replicas']}r_{run['qps']:g}qps.jsonl"
+    path = run_file(out_dir, "outcomes", run["system"], run["replicas"], run["qps"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(asdict(o)) + "\n" for o in outcomes))
     return path
+
+
+def save_steps(out_dir: Path, run: dict[str, Any], steps: Sequence[StepRecord]) -> Path:
+    """One JSON line per step: ``[start_s, latency_s, [[w, h, cfg], ...]]``."""
+    path = run_file(out_dir, "steps", run["system"], run["replicas"], run["qps"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (
+        json.dumps([round(t, 4), round(lat, 5), [list(e) for e in entries]]) for t, lat, entries in steps
+    )
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def load_steps(path: Path) -> list[StepRecord]:
+    records: list[StepRecord] = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            t, latency, entries = json.loads(line)
+            records.append((float(t), float(latency), [(int(w), int(h), bool(c)) for w, h, c in entries]))
+    return records
 
 
 def machine_info() -> dict[str, Any]:

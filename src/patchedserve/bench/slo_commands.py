@@ -1,11 +1,11 @@
-"""``patchedserve bench slo`` and ``bench calibrate-image``, and the trace/system flags that
+"""``patchedserve bench slo`` and ``bench calibrate``, and the trace/system flags that
 ``patchedserve simulate`` (``cluster.commands``) shares with them.
 
 ``bench slo`` loads the model once, makes one trace per (QPS, SLO scale), replays it on a fresh
 engine of every system on the wall clock (``bench.replay``) and writes ``results.json``, the
 per-request outcomes, the traces and the plots into ``--out``. Without ``--profile`` it measures a
-quick profile first; without ``--image-profile`` it calibrates the image-level step cost
-(``cluster.calibrate``) so ``simulate --compare`` can replay the same traces in virtual time.
+quick profile first; without ``--image-cost``/``--patched-cost`` it measures the machine's step
+costs (``cluster.calibrate``) so ``simulate --compare`` can replay the same traces in virtual time.
 """
 
 from __future__ import annotations
@@ -81,9 +81,8 @@ def add_system_args(p: argparse.ArgumentParser, default_systems: str) -> None:
     p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels")
     p.add_argument("--max-running", type=int, default=12, help="batch cap of the batching systems")
     p.add_argument("--profile", type=Path, default=None, help="latency profile (patchedserve profile --out)")
-    p.add_argument(
-        "--image-profile", type=Path, default=None, help="image-level step cost (bench calibrate-image)"
-    )
+    p.add_argument("--image-cost", type=Path, default=None, help="image-level step cost (bench calibrate)")
+    p.add_argument("--patched-cost", type=Path, default=None, help="patched step cost (bench calibrate)")
     p.add_argument("--out", type=Path, required=True, help="folder for results.json, plots, traces")
 
 
@@ -141,7 +140,7 @@ def add_parsers(group: Any) -> None:
     slo.add_argument("--no-progress", action="store_true", help="no progress bars")
     slo.set_defaults(handler=run_slo)
 
-    cal = group.add_parser("calibrate-image", help="measure image-level step costs for the simulator")
+    cal = group.add_parser("calibrate", help="measure the machine's step costs for the simulator")
     cal.add_argument("--model", default="tiny-sdxl")
     cal.add_argument("--sizes", type=_sizes, default=[(256, 256), (512, 256), (512, 512)])
     cal.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 12])
@@ -150,8 +149,8 @@ def add_parsers(group: Any) -> None:
     cal.add_argument("--profile", type=Path, default=None, help="take encode/decode costs from this profile")
     cal.add_argument("--threads", type=int, default=None)
     cal.add_argument("--device", default="cpu")
-    cal.add_argument("--out", type=Path, required=True, help="image-level cost profile to write (JSON)")
-    cal.set_defaults(handler=run_calibrate_image)
+    cal.add_argument("--out", type=Path, required=True, help="folder for image_cost.json, patched_cost.json")
+    cal.set_defaults(handler=run_calibrate)
 
 
 def run_slo(args: argparse.Namespace) -> int:
@@ -163,10 +162,10 @@ def run_slo(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_calibrate_image(args: argparse.Namespace) -> int:
+def run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from patchedserve.cluster.calibrate import ImageCalibration, calibrate_image
+    from patchedserve.cluster.calibrate import Calibration, calibrate
     from patchedserve.models import load_model
     from patchedserve.scheduler import LatencyPredictor
 
@@ -174,16 +173,17 @@ def run_calibrate_image(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     bundle = load_model(args.model).to(device=args.device)
     overhead = LatencyPredictor.load(args.profile).overhead if args.profile else None
-    config = ImageCalibration(
+    config = Calibration(
         sizes=tuple(args.sizes),
         batch_sizes=tuple(args.batch_sizes),
         guidance_scale=args.guidance,
         patch_size=args.patch_size,
     )
-    predictor = calibrate_image(bundle, config, overhead)
-    predictor.save(args.out)
-    print(
-        f"image-level step model: fit error {predictor.meta['fit_mape_pct']:.1f}% over "
-        f"{len(predictor.meta['samples'])} groups, {predictor.meta['wall_s']:.0f} s; wrote {args.out}"
-    )
+    for execution in ("image", "patched"):
+        predictor = calibrate(bundle, execution, config, overhead)
+        path = predictor.save(args.out / f"{execution}_cost.json")
+        print(
+            f"{execution} step cost: fit error {predictor.meta['fit_mape_pct']:.1f}% over "
+            f"{len(predictor.meta['samples'])} groups, {predictor.meta['wall_s']:.0f} s; wrote {path}"
+        )
     return 0

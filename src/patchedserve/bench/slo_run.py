@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from patchedserve.bench.replay import ReplayConfig, run_system
-from patchedserve.bench.results import machine_info, make_run, save_outcomes, table_lines, write_results
+from patchedserve.bench.results import (
+    machine_info,
+    make_run,
+    save_outcomes,
+    save_steps,
+    table_lines,
+    write_results,
+)
 from patchedserve.bench.slo_commands import Trace, check_sizes, make_traces
 from patchedserve.bench.systems import objectives_s, parse_systems
 from patchedserve.errors import InvalidRequestError
@@ -45,23 +52,36 @@ def ensure_profile(args: argparse.Namespace, bundle: ModelBundle, out_dir: Path)
     return result.predictor.save(out_dir / "profile.json")
 
 
-def ensure_image_profile(
-    args: argparse.Namespace, bundle: ModelBundle, profile: Path, out_dir: Path, traces: list[Trace]
-) -> Path | None:
-    """The image-level step cost: ``--image-profile``, else calibrated now for the traces' sizes."""
-    if args.image_profile is not None:
-        return Path(args.image_profile)
-    from patchedserve.cluster.calibrate import ImageCalibration, calibrate_image
+def ensure_costs(
+    args: argparse.Namespace,
+    bundle: ModelBundle,
+    profile: Path,
+    out_dir: Path,
+    traces: list[Trace],
+    executions: set[str],
+) -> dict[str, str]:
+    """The machine's step costs per execution: ``--image-cost``/``--patched-cost``, else measured now
+    (``cluster.calibrate``) for the traces' sizes, right before the runs."""
+    from patchedserve.cluster.calibrate import Calibration, calibrate
 
+    given = {"image": args.image_cost, "patched": args.patched_cost}
     sizes = tuple(sorted({(r.width, r.height) for t in traces for r in t[2]}))
     guidance = max((r.guidance_scale for t in traces for r in t[2]), default=5.0)
-    batch_sizes = tuple(b for b in (1, 2, 4, 8, 12) if b <= args.max_running)
-    print(f"calibrating image-level step costs for {len(sizes)} sizes ...", file=sys.stderr)
-    config = ImageCalibration(
-        sizes=sizes, batch_sizes=batch_sizes, guidance_scale=guidance, patch_size=args.patch_size
+    config = Calibration(
+        sizes=sizes,
+        batch_sizes=tuple(b for b in (1, 2, 4, 8, 12) if b <= args.max_running),
+        guidance_scale=guidance,
+        patch_size=args.patch_size,
     )
-    predictor = calibrate_image(bundle, config, LatencyPredictor.load(profile).overhead)
-    return predictor.save(out_dir / "image_profile.json")
+    paths = {}
+    for execution in sorted(executions):
+        if given[execution] is not None:
+            paths[execution] = str(Path(given[execution]).resolve())
+            continue
+        print(f"measuring {execution} step costs for {len(sizes)} sizes ...", file=sys.stderr)
+        predictor = calibrate(bundle, execution, config, LatencyPredictor.load(profile).overhead)
+        paths[execution] = str(predictor.save(out_dir / f"{execution}_cost.json").resolve())
+    return paths
 
 
 def run_slo_sweep(args: argparse.Namespace) -> Path:
@@ -78,9 +98,7 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
     check_sizes(traces, args.patch_size)
     bundle = load_model(args.model).to(device=args.device, dtype=getattr(torch, args.dtype))
     profile = ensure_profile(args, bundle, out_dir)
-    image_profile = None
-    if any(s.execution == "image" for s in systems):
-        image_profile = ensure_image_profile(args, bundle, profile, out_dir, traces)
+    costs = ensure_costs(args, bundle, profile, out_dir, traces, {s.execution for s in systems})
     predictor = LatencyPredictor.load(profile)
     config = ReplayConfig(
         profile=str(profile),
@@ -90,17 +108,18 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
         dtype=args.dtype,
         progress=not args.no_progress,
     )
-    meta = _meta(args, systems, profile, image_profile, traces, predictor)
+    meta = _meta(args, systems, profile, costs, traces, predictor)
     runs: list[dict[str, Any]] = []
     path = out_dir / "results.json"
     for qps, scale, requests, duration_s, _ in traces:
         objectives = objectives_s(requests, predictor)
         for spec in systems:
-            outcomes = run_system(
+            outcomes, steps = run_system(
                 bundle, spec, requests, objectives, config, desc=f"{spec.name} @ {qps:g} qps"
             )
             run = make_run(spec.name, qps, scale, outcomes, duration_s)
             save_outcomes(out_dir, run, outcomes)
+            save_steps(out_dir, run, steps)
             runs.append(run)
             print(table_lines([run])[1], file=sys.stderr)
             meta["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -114,7 +133,7 @@ def _meta(
     args: argparse.Namespace,
     systems: list[Any],
     profile: Path,
-    image_profile: Path | None,
+    costs: dict[str, str],
     traces: list[Trace],
     predictor: LatencyPredictor,
 ) -> dict[str, Any]:
@@ -135,7 +154,8 @@ def _meta(
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "profile": str(profile.resolve()),
-        "image_profile": str(image_profile.resolve()) if image_profile else None,
+        "image_cost": costs.get("image"),
+        "patched_cost": costs.get("patched"),
         "traces": [
             {"qps": q, "slo_scale": s, "requests": len(r), "duration_s": d, "path": str(p.resolve())}
             for q, s, r, d, p in traces

@@ -1,109 +1,135 @@
-"""Image-level step cost: measured on this machine through the engine's own ``ImageBatch``.
+"""Machine cost of a denoising step, measured through the engine's own batches, for the simulator.
 
-The latency profile (``patchedserve profile``) times the patched model. The image-level systems
-(image-fcfs, res-batch, nirvana) run the model's own forward once per resolution group, which
-costs differently, so the simulator needs their cost too. ``calibrate_image`` times real
-``ImageBatch`` steps (prepared requests, sampler included) for groups of 1..12 requests of one
-size, and fits the same ``LatencyPredictor`` form on them: an image-level step then costs the sum
-over its resolution groups of the predictor's step latency of that group (``cluster.costs``).
-Features are counted in patches of the profile's patch size, so a 512x512 group of B requests
-with CFG looks like 2B entries of 4 patches; the fitted coefficients differ from the patched ones.
+The latency profile (``patchedserve profile``) is the *scheduler's* model: what ``slo`` predicts
+with and what deadlines derive from. The simulator also needs the *machine's* cost, and for the
+image-level systems a model of a different execution altogether. ``calibrate`` times real steps of
+prepared requests (prompt encoding, sampler and all, as ``Engine.step`` runs them):
 
-Stored as a profile JSON with ``meta.execution = "image"``. Run by ``bench slo`` (next to its
-results) and by ``bench calibrate-image``.
+* ``image``: ``ImageBatch`` steps of single-size groups of 1..12 requests (an image-level step
+  costs the sum over its resolution groups, ``cluster.costs``);
+* ``patched``: ``DenoiseBatch`` steps of random mixes of the sizes, 1..12 requests; and how much
+  of the denoising loop's speed a concurrent VAE decode takes (``measure_decode_interference``).
+
+Both fit the ``LatencyPredictor`` form (features counted in patches of the profile's patch size),
+stored as profile JSON with ``meta.execution``. Measuring both back to back, right before a
+benchmark, prices them under the same machine conditions, which on a shared machine differ
+from those of a profile taken earlier. Run by ``bench slo`` and ``bench calibrate``.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
+from patchedserve.engine.batch import DenoiseBatch
 from patchedserve.engine.image_batch import ImageBatch
 from patchedserve.engine.prepare import Preparer
 from patchedserve.models import ModelBundle, validate_generation
+from patchedserve.patch import PatchedModel
 from patchedserve.request import Request
-from patchedserve.scheduler import LatencyPredictor, Overhead, StepSample
+from patchedserve.scheduler import Entry, LatencyPredictor, Overhead, StepSample
 
 
 @dataclass(frozen=True)
-class ImageCalibration:
-    """What ``calibrate_image`` measures."""
+class Calibration:
+    """What ``calibrate`` measures."""
 
     sizes: tuple[tuple[int, int], ...] = ((256, 256), (512, 256), (512, 512))
-    """(width, height) in pixels of the groups."""
+    """(width, height) in pixels of the requests."""
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 12)
-    """Requests per group (the res-batch cap is 12)."""
+    """Requests per group (image) or per mix (patched; drawn from these)."""
+    mixes: int = 16
+    """Random mixes timed for ``patched``."""
     guidance_scale: float = 5.0
     """CFG scale of the requests (> 1: both branches, as the traces use)."""
     sampler: str = "euler"
     """Sampler of the requests."""
     repeats: int = 3
-    """Timed steps per group after one warm-up step; the median is kept."""
+    """Timed steps per group or mix after one warm-up step; the median is kept."""
     patch_size: int = 256
-    """Patch side the features are counted in (the profile's)."""
+    """Patch side of the patched model, and the unit the features are counted in."""
+    seed: int = 0
+    """Seed of the patched mixes."""
 
 
 def _requests(
-    bundle: ModelBundle, size: tuple[int, int], count: int, config: ImageCalibration
+    bundle: ModelBundle, sizes: Sequence[tuple[int, int]], config: Calibration, steps: int = 0
 ) -> list[Request]:
-    steps = config.repeats + 1
-    params = validate_generation(bundle, size[0], size[1], steps, config.guidance_scale, config.sampler, 0)
     lp = config.patch_size
-    return [
-        Request(
-            request_id=i,
-            prompt=f"calibration prompt {i}",
-            negative_prompt="",
-            params=params,
-            arrival_s=0.0,
-            num_patches=-(-size[0] // lp) * -(-size[1] // lp),
+    requests = []
+    for i, (w, h) in enumerate(sizes):
+        params = validate_generation(
+            bundle, w, h, steps or config.repeats + 1, config.guidance_scale, config.sampler, i
         )
-        for i in range(count)
-    ]
+        patches = -(-w // lp) * -(-h // lp)
+        requests.append(
+            Request(request_id=i, prompt=f"calibration {i}", negative_prompt="", params=params,
+                    arrival_s=0.0, num_patches=patches)
+        )  # fmt: skip
+    return requests
 
 
-def time_group(bundle: ModelBundle, preparer: Preparer, requests: list[Request]) -> list[float]:
-    """Seconds of each step of ``requests`` run together as one image-level batch (first: warm-up)."""
-    batch = ImageBatch(bundle, preparer.samplers, bundle.device)
-    preparer.prepare(requests)
+def time_steps(bundle: ModelBundle, batch: DenoiseBatch | ImageBatch, requests: list[Request]) -> list[float]:
+    """Seconds of each step of ``requests`` run together in ``batch`` (the first one warms up)."""
+    cuda = bundle.device.type == "cuda"
     batch.sync(requests)
     times = []
     for _ in range(requests[0].params.steps):
-        if bundle.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(bundle.device)
         start = time.perf_counter()
         batch.step()
-        if bundle.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(bundle.device)
         times.append(time.perf_counter() - start)
     return times
 
 
-def calibrate_image(
-    bundle: ModelBundle, config: ImageCalibration = ImageCalibration(), overhead: Overhead | None = None
+def _groups(config: Calibration, execution: str) -> list[list[tuple[int, int]]]:
+    """The request sizes of each timed step: single-size groups (image) or random mixes (patched)."""
+    if execution == "image":
+        return [[size] * count for size in config.sizes for count in config.batch_sizes]
+    rng = random.Random(config.seed)
+    return [
+        [rng.choice(config.sizes) for _ in range(rng.choice(config.batch_sizes))] for _ in range(config.mixes)
+    ]
+
+
+def calibrate(
+    bundle: ModelBundle, execution: str, config: Calibration = Calibration(), overhead: Overhead | None = None
 ) -> LatencyPredictor:
-    """Times image-level steps of single-size groups and fits the step model on them."""
+    """Times steps of ``execution`` (``image`` or ``patched``) and fits the step model on them."""
     start = time.perf_counter()
     preparer = Preparer(bundle, bundle.device, bundle.dtype)
+    pm = PatchedModel(bundle.denoiser, config.patch_size, bundle.vae_scale_factor)
     cfg = config.guidance_scale > 1.0
     samples = []
-    for size in config.sizes:
-        for count in config.batch_sizes:
-            times = time_group(bundle, preparer, _requests(bundle, size, count, config))
-            entries = tuple((size[0], size[1], cfg) for _ in range(count))
-            samples.append(StepSample(entries, statistics.median(times[1:])))
+    for sizes in _groups(config, execution):
+        requests = _requests(bundle, sizes, config)
+        preparer.prepare(requests)
+        batch: DenoiseBatch | ImageBatch
+        if execution == "image":
+            batch = ImageBatch(bundle, preparer.samplers, bundle.device)
+        else:
+            batch = DenoiseBatch(pm, preparer.samplers, bundle.device)
+        times = time_steps(bundle, batch, requests)
+        entries: tuple[Entry, ...] = tuple((w, h, cfg) for w, h in sizes)
+        samples.append(StepSample(entries, statistics.median(times[1:])))
     meta = {
-        "execution": "image",
+        "execution": execution,
         "model": bundle.name,
         "device": str(bundle.device),
-        "dtype": str(bundle.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "calibration": {**asdict(config), "sizes": [list(s) for s in config.sizes]},
         "wall_s": time.perf_counter() - start,
     }
+    if execution == "patched":
+        meta["decode_interference"] = measure_decode_interference(bundle, preparer, pm, config)
     predictor = LatencyPredictor.fit(samples, config.patch_size, overhead=overhead, meta=meta)
     errors = [abs(predictor.predict_step(s.entries) / s.latency_s - 1.0) for s in samples]
     predictor.meta["fit_mape_pct"] = 100.0 * sum(errors) / len(errors)
@@ -111,3 +137,41 @@ def calibrate_image(
         {"entries": [list(e) for e in s.entries], "latency_s": s.latency_s} for s in samples
     ]
     return predictor
+
+
+def measure_decode_interference(
+    bundle: ModelBundle, preparer: Preparer, pm: PatchedModel, config: Calibration, steps: int = 12
+) -> float:
+    """Share of the denoising loop's speed lost while the decode worker runs (0: none, 1: all).
+
+    Times ``steps`` patched steps of one largest-size request alone, then again while another
+    thread decodes images of that size back to back (as the engine's decode worker does), and
+    returns ``1 - alone / with_decode``, clipped to [0, 1]. On a CPU the two share cores and
+    memory bandwidth; on a GPU they share the device.
+    """
+    import threading
+
+    from patchedserve.models import decode_latents
+
+    size = max(config.sizes, key=lambda s: s[0] * s[1])
+    requests = _requests(bundle, [size], config, steps=steps + 1)
+    preparer.prepare(requests)
+    batch = DenoiseBatch(pm, preparer.samplers, bundle.device)
+    alone_s = statistics.median(time_steps(bundle, batch, requests)[1:])  # the first one warms up
+    f = bundle.vae_scale_factor
+    latents = torch.randn(1, bundle.latent_channels, size[1] // f, size[0] // f, dtype=bundle.dtype)
+    stop = threading.Event()
+
+    def decode_loop() -> None:
+        while not stop.is_set():
+            decode_latents(bundle, latents.to(bundle.device))
+
+    requests[0].step_index = 0
+    worker = threading.Thread(target=decode_loop, daemon=True)
+    worker.start()
+    try:
+        busy = time_steps(bundle, batch, requests)[1:]
+    finally:
+        stop.set()
+        worker.join()
+    return min(max(1.0 - alone_s / statistics.median(busy), 0.0), 1.0)

@@ -1,11 +1,13 @@
 """``patchedserve simulate``: the SLO benchmark in virtual time, on 1..N replicas, from a profile.
 
-Same trace and system flags as ``bench slo`` and the same ``results.json`` (+ plots). The step
-costs come from ``--profile`` (patched) and ``--image-profile`` (image-level); any profile file
-works, e.g. one built from a GPU's figures. ``--replicas 1,2,4,8`` runs every sweep on each count
+Same trace and system flags as ``bench slo`` and the same ``results.json`` (+ plots). The
+schedulers predict with ``--profile``; the simulated machine spends ``--patched-cost`` (default:
+the profile itself) and ``--image-cost`` (image-level systems). Any profile file works, e.g. one
+built from a GPU's figures. ``--replicas 1,2,4,8`` runs every sweep on each count
 behind the least-predicted-load dispatcher (``--qps-per-replica`` multiplies the offered load by
 the count). ``--compare DIR/results.json`` re-runs a real ``bench slo`` sweep on its own traces,
-profile and calibration and prints the differences. Registered by ``patchedserve.cli``.
+profile and machine costs and prints the differences; ``--speed-trace`` lets the simulated machine
+be as slow as the real one was, run by run (``cluster.speed``). Registered by ``patchedserve.cli``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--compare", type=Path, default=None, help="a bench slo results.json to re-run and compare"
     )
+    p.add_argument(
+        "--speed-trace",
+        action="store_true",
+        help="with --compare: scale costs by the machine speed each real run measured over time",
+    )
+    p.add_argument("--speed-bucket", type=float, default=5.0, help="seconds per speed-trace bucket")
+    p.add_argument(
+        "--decode-interference",
+        type=float,
+        default=None,
+        help="share of the loop's speed a running decode takes (default: the patched calibration's)",
+    )
     p.set_defaults(handler=run_simulate)
 
 
@@ -74,6 +88,7 @@ def _load(path: str | Path | None) -> Any:
 def run_simulate(args: argparse.Namespace) -> int:
     from patchedserve.bench.results import table_lines, write_results
     from patchedserve.bench.systems import parse_systems
+    from patchedserve.cluster.costs import MachineCosts
     from patchedserve.cluster.simulator import SimConfig
     from patchedserve.cluster.sweep import simulate_traces
 
@@ -91,7 +106,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise InvalidRequestError(str(err)) from err
-    profile, image_profile = _load(args.profile), _load(args.image_profile)
+    profile = _load(args.profile)
+    costs = MachineCosts.load(args.image_cost, args.patched_cost)
+    if args.decode_interference is not None:
+        costs = replace(costs, decode_interference=args.decode_interference)
     embedder = _embedder(args.nirvana_similarity, args.model)
     runs: list[dict[str, Any]] = []
     traces_meta: list[dict[str, Any]] = []
@@ -106,7 +124,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             traces,
             systems,
             profile,
-            image_profile,
+            costs,
             replace(base, replicas=n),
             embedder,
             log=lambda line: print(line, file=sys.stderr),
@@ -127,7 +145,8 @@ def _meta(args: argparse.Namespace, systems: list[Any], traces: list[dict[str, A
         "max_running": args.max_running,
         "replicas": args.replicas,
         "profile": str(args.profile),
-        "image_profile": str(args.image_profile) if args.image_profile else None,
+        "image_cost": str(args.image_cost) if args.image_cost else None,
+        "patched_cost": str(args.patched_cost) if args.patched_cost else None,
         "cost_scale": args.cost_scale,
         "nirvana_similarity": args.nirvana_similarity,
         "traces": traces,
@@ -138,13 +157,16 @@ def run_compare(args: argparse.Namespace) -> int:
     """Simulates the traces of a real run with its profile and settings; prints and writes the differences."""
     from patchedserve.bench.results import load_results, write_results
     from patchedserve.bench.systems import parse_systems
+    from patchedserve.cluster.costs import MachineCosts
     from patchedserve.cluster.simulator import SimConfig
     from patchedserve.cluster.sweep import compare_lines, compare_runs, simulate_traces
 
     real = load_results(args.compare)
     meta = real["meta"]
     profile = _load(args.profile or meta["profile"])
-    image_profile = _load(args.image_profile or meta.get("image_profile"))
+    costs = MachineCosts.load(
+        args.image_cost or meta.get("image_cost"), args.patched_cost or meta.get("patched_cost")
+    )
     systems = parse_systems(",".join(meta["systems"]))
     traces: list[Trace] = []
     for t in meta["traces"]:
@@ -153,17 +175,38 @@ def run_compare(args: argparse.Namespace) -> int:
     config = SimConfig(
         patch_size=meta["patch_size"], max_running=meta["max_running"], cost_scale=args.cost_scale
     )
+    if args.decode_interference is not None:
+        costs = replace(costs, decode_interference=args.decode_interference)
     embedder = _embedder(args.nirvana_similarity, meta["model"])
-    runs = simulate_traces(traces, systems, profile, image_profile, config, embedder)
+    speed_for = None
+    if args.speed_trace:
+        speed_for = _speed_reader(Path(args.compare).parent, profile, costs, args.speed_bucket)
+    runs = simulate_traces(traces, systems, profile, costs, config, embedder, speed_for=speed_for)
     sim_meta = {
         **meta,
         "kind": "simulated",
         "compared_with": str(args.compare),
         "cost_scale": args.cost_scale,
         "nirvana_similarity": args.nirvana_similarity,
+        "speed_trace": args.speed_trace,
     }
     write_results(args.out, runs, sim_meta)
     rows = compare_runs(real["runs"], runs)
     (args.out / "compare.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     print("\n".join(compare_lines(rows)))
     return 0
+
+
+def _speed_reader(real_dir: Path, profile: Any, costs: Any, bucket_s: float) -> Callable[[Any, float], Any]:
+    """(system spec, qps) -> the ``SpeedTrace`` of that real run's step log, or None without one."""
+    from patchedserve.bench.results import load_steps, run_file
+    from patchedserve.cluster.costs import cost_model
+    from patchedserve.cluster.speed import SpeedTrace
+
+    def speed_for(spec: Any, qps: float) -> SpeedTrace | None:
+        path = run_file(real_dir, "steps", spec.name, 1, qps)
+        if not path.exists():
+            return None
+        return SpeedTrace.from_steps(load_steps(path), cost_model(spec.execution, profile, costs), bucket_s)
+
+    return speed_for

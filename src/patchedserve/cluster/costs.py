@@ -3,30 +3,37 @@
 An iteration of ``Engine.step`` costs, in this order: prompt encoding of the requests admitted in
 it (``encode_s`` each, from the profile), then one denoising step of the active set:
 
-* patched systems: the profile's predicted step latency of the whole active set
-  (``LatencyPredictor.model_s``, no online correction: the simulated machine is the profiled one);
+* patched systems: the predicted step latency of the whole active set (``LatencyPredictor.model_s``,
+  no online correction) of the patched cost model: a calibration through the engine
+  (``cluster.calibrate``), or else the scheduler's own profile (then predictions are exact);
 * image-level systems: the sum over resolution groups (and samplers, as ``ImageBatch`` groups) of
-  the image-level predictor's latency of that group (``cluster.calibrate``).
+  the image-level cost model's latency of that group (``cluster.calibrate``).
 
 A finished request is decoded on the engine's single decode worker (FIFO, overlapping the
 denoising loop, as ``decode_in_thread`` does): ``decode_s(width, height)`` from the profile.
-``scale`` multiplies every figure (a machine that is uniformly slower or faster than profiled).
+``scale`` multiplies every figure (a machine that is uniformly slower or faster than profiled);
+``speed``, when given, multiplies them by a factor that varies over trace time (a shared machine
+whose speed was measured during a real run, ``cluster.speed``). ``decode_interference`` is the
+share of the loop's speed a running decode takes (measured by ``cluster.calibrate``): while the
+decode worker is busy, a step advances at ``1 - decode_interference`` of its speed (on a GPU the
+two share the device; on a CPU, cores and memory bandwidth).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from patchedserve.request import Request
-from patchedserve.scheduler import LatencyPredictor, entry_of
+from patchedserve.scheduler import Entry, LatencyPredictor, entry_of
 
 
-def model_step_s(predictor: LatencyPredictor, requests: Sequence[Request]) -> float:
-    """The fitted model's step latency of ``requests`` together (uncorrected; 0 for none)."""
-    if not requests:
+def model_step_s(predictor: LatencyPredictor, entries: Sequence[Entry]) -> float:
+    """The fitted model's step latency of ``entries`` together (uncorrected; 0 for none)."""
+    if not entries:
         return 0.0
-    return predictor.model_s(predictor.mix([entry_of(r) for r in requests]).vector())
+    return predictor.model_s(predictor.mix(entries).vector())
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,7 @@ class CostModel:
     """Virtual-time costs of one system on one machine; see the module docstring."""
 
     step_predictor: LatencyPredictor
-    """Step latency model: the patched profile, or the image-level calibration."""
+    """Step latency model: the patched or the image-level cost model."""
     image_level: bool
     """Price a step per resolution group (image-level execution) instead of as one patched call."""
     overhead_predictor: LatencyPredictor
@@ -42,33 +49,86 @@ class CostModel:
     scale: float = 1.0
     """Multiplies every cost."""
 
-    def step_s(self, running: Sequence[Request]) -> float:
-        """One denoising step of the active set."""
-        if not self.image_level:
-            return self.scale * model_step_s(self.step_predictor, running)
-        groups: dict[tuple[int, int, str], list[Request]] = {}
+    speed: Callable[[float], float] | None = None
+    """Trace time (s) -> cost factor at that time; None: constant 1."""
+    decode_interference: float = 0.0
+    """Share of the denoising loop's speed lost while the decode worker runs, in [0, 1]."""
+
+    def step_with_decode_s(self, step_s: float, start_s: float, decoder_free_s: float) -> float:
+        """Duration of a step of ``step_s`` (alone) that starts at ``start_s`` while the decode
+        worker is busy until ``decoder_free_s``: slowed meanwhile, full speed after."""
+        busy_s = decoder_free_s - start_s
+        rate = 1.0 - self.decode_interference
+        if busy_s <= 0.0 or self.decode_interference <= 0.0:
+            return step_s
+        if rate > 0.0 and step_s <= rate * busy_s:
+            return step_s / rate
+        return busy_s + (step_s - rate * busy_s)
+
+    def factor(self, now_s: float) -> float:
+        return self.scale * (self.speed(now_s) if self.speed is not None else 1.0)
+
+    def step_s(self, running: Sequence[Request], now_s: float = 0.0) -> float:
+        """One denoising step of the active set, starting at ``now_s``."""
+        groups: dict[tuple[int, int, str], list[Entry]] = {}
         for r in running:
-            groups.setdefault((r.params.width, r.params.height, r.params.sampler), []).append(r)
-        return self.scale * sum(model_step_s(self.step_predictor, g) for g in groups.values())
+            groups.setdefault((r.params.width, r.params.height, r.params.sampler), []).append(entry_of(r))
+        return self.factor(now_s) * self._groups_s(list(groups.values()))
 
-    def encode_s(self, count: int) -> float:
+    def base_step_s(self, entries: Sequence[Entry]) -> float:
+        """One step of ``entries`` (one sampler) at factor 1: what a measured step is compared to."""
+        groups: dict[tuple[int, int], list[Entry]] = {}
+        for e in entries:
+            groups.setdefault((e[0], e[1]), []).append(e)
+        return self._groups_s(list(groups.values()))
+
+    def _groups_s(self, groups: list[list[Entry]]) -> float:
+        if not self.image_level:
+            return model_step_s(self.step_predictor, [e for g in groups for e in g])
+        return sum(model_step_s(self.step_predictor, g) for g in groups)
+
+    def encode_s(self, count: int, now_s: float = 0.0) -> float:
         """Prompt encoding of ``count`` admitted requests (both branches each)."""
-        return self.scale * count * self.overhead_predictor.overhead.encode_s
+        return self.factor(now_s) * count * self.overhead_predictor.overhead.encode_s
 
-    def decode_s(self, width: int, height: int) -> float:
+    def decode_s(self, width: int, height: int, now_s: float = 0.0) -> float:
         """VAE decode of one image."""
-        return self.scale * self.overhead_predictor.overhead.decode_s(width, height)
+        return self.factor(now_s) * self.overhead_predictor.overhead.decode_s(width, height)
+
+
+@dataclass(frozen=True)
+class MachineCosts:
+    """Measured step costs of one machine, per execution (``cluster.calibrate``)."""
+
+    image: LatencyPredictor | None = None
+    """Image-level step cost of one resolution group; required by the image-level systems."""
+    patched: LatencyPredictor | None = None
+    """Patched step cost of an active set; None: the scheduler's profile stands for the machine."""
+    speed: Callable[[float], float] | None = None
+    """Machine speed over trace time (``CostModel.speed``); None: constant."""
+    decode_interference: float = 0.0
+    """Share of the loop's speed a concurrent decode takes (``CostModel.decode_interference``)."""
+
+    @classmethod
+    def load(cls, image: str | Path | None, patched: str | Path | None) -> MachineCosts:
+        """Cost files of ``cluster.calibrate`` (either may be None); the interference is the
+        patched calibration's measurement."""
+        image_cost = LatencyPredictor.load(image) if image else None
+        patched_cost = LatencyPredictor.load(patched) if patched else None
+        interference = float(patched_cost.meta.get("decode_interference", 0.0)) if patched_cost else 0.0
+        return cls(image_cost, patched_cost, None, interference)
 
 
 def cost_model(
-    execution: str, profile: LatencyPredictor, image_profile: LatencyPredictor | None, scale: float = 1.0
+    execution: str, profile: LatencyPredictor, costs: MachineCosts, scale: float = 1.0
 ) -> CostModel:
-    """The cost model of a system with ``execution`` (``patched`` or ``image``)."""
+    """The cost model of a system with ``execution`` (``patched`` or ``image``); encode and decode
+    costs come from ``profile``."""
     if execution == "image":
-        if image_profile is None:
+        if costs.image is None:
             raise ValueError(
-                "image-level systems need an image-level cost profile: pass --image-profile "
-                "(written by `patchedserve bench slo` or `patchedserve bench calibrate-image`)"
+                "image-level systems need an image-level cost model: pass --image-cost "
+                "(written by `patchedserve bench slo` or `patchedserve bench calibrate`)"
             )
-        return CostModel(image_profile, True, profile, scale)
-    return CostModel(profile, False, profile, scale)
+        return CostModel(costs.image, True, profile, scale, costs.speed, costs.decode_interference)
+    return CostModel(costs.patched or profile, False, profile, scale, costs.speed, costs.decode_interference)

@@ -107,13 +107,13 @@ class SimReplica:
         for r in out.dropped:
             self._end(r, now_s)
         if out.admitted:
-            now_s += self.cost.encode_s(len(out.admitted))
+            now_s += self.cost.encode_s(len(out.admitted), now_s)
             self._lookup(out.admitted)
         running = [r for r in out.running if r.status == RequestStatus.RUNNING]
         if not running:
             self.next_s = None  # nothing to run: sleep until the next arrival wakes it
             return
-        latency_s = self.cost.step_s(running)
+        latency_s = self.cost.step_with_decode_s(self.cost.step_s(running, now_s), now_s, self.decoder_free_s)
         for r in running:
             r.step_index += 1
         end_s = now_s + latency_s
@@ -136,7 +136,7 @@ class SimReplica:
 
     def _decode(self, r: Request, now_s: float) -> None:
         start_s = max(now_s, self.decoder_free_s)
-        self.decoder_free_s = start_s + self.cost.decode_s(r.params.width, r.params.height)
+        self.decoder_free_s = start_s + self.cost.decode_s(r.params.width, r.params.height, start_s)
         r.timings.denoised_s = now_s
         r.status = RequestStatus.FINISHED
         self._end(r, self.decoder_free_s)

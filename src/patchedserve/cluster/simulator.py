@@ -24,7 +24,7 @@ import torch
 from patchedserve.bench.metrics import RequestOutcome
 from patchedserve.bench.systems import SystemSpec
 from patchedserve.bench.traces import TraceRequest
-from patchedserve.cluster.costs import cost_model
+from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
 from patchedserve.cluster.replica import Embedder, SimReplica, make_policy
 from patchedserve.engine.approx_cache import ApproxCache
@@ -99,12 +99,12 @@ def _request(i: int, r: TraceRequest, objective_s: float, patch_size: int) -> Re
 def build_replicas(
     spec: SystemSpec,
     profile: LatencyPredictor,
-    image_profile: LatencyPredictor | None,
+    costs: MachineCosts,
     config: SimConfig,
     embed: Embedder | None,
 ) -> list[SimReplica]:
     """``config.replicas`` fresh engines of ``spec``, each with its own predictor copy and cache."""
-    cost = cost_model(spec.execution, profile, image_profile, config.cost_scale)
+    cost = cost_model(spec.execution, profile, costs, config.cost_scale)
     replicas = []
     for _ in range(config.replicas):
         own = LatencyPredictor.from_dict(profile.to_dict())  # each engine loads the profile itself
@@ -119,14 +119,17 @@ def simulate(
     objectives_s: Sequence[float],
     spec: SystemSpec,
     profile: LatencyPredictor,
-    image_profile: LatencyPredictor | None = None,
+    costs: MachineCosts | None = None,
     config: SimConfig = SimConfig(),
     embed: Embedder | None = None,
 ) -> list[RequestOutcome]:
-    """Replays ``requests`` on ``config.replicas`` simulated engines of ``spec``; one outcome each."""
+    """Replays ``requests`` on ``config.replicas`` simulated engines of ``spec``; one outcome each.
+
+    ``profile`` is the schedulers' latency model (as the real engines load it); ``costs`` is what
+    the simulated machine really spends (``MachineCosts``; default: the profile, no image cost)."""
     if spec.approx_cache and embed is None:
         embed = exact_embedder()
-    replicas = build_replicas(spec, profile, image_profile, config, embed)
+    replicas = build_replicas(spec, profile, costs or MachineCosts(), config, embed)
     dispatcher = LeastLoadDispatcher(profile)
     sim = [
         _request(i, r, o, config.patch_size)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from patchedserve.bench.results import make_run
 from patchedserve.bench.slo_commands import Trace
 from patchedserve.bench.systems import SystemSpec, objectives_s
+from patchedserve.cluster.costs import MachineCosts
 from patchedserve.cluster.replica import Embedder
 from patchedserve.cluster.simulator import SimConfig, simulate
+from patchedserve.cluster.speed import SpeedTrace
 from patchedserve.scheduler import LatencyPredictor
 
 
@@ -24,21 +27,26 @@ def simulate_traces(
     traces: Sequence[Trace],
     systems: Sequence[SystemSpec],
     profile: LatencyPredictor,
-    image_profile: LatencyPredictor | None,
+    costs: MachineCosts,
     config: SimConfig,
     embedder: Callable[[], Embedder] | None = None,
     log: Callable[[str], None] | None = None,
+    speed_for: Callable[[SystemSpec, float], SpeedTrace | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One run per (trace, system) on ``config.replicas`` simulated engines."""
+    """One run per (trace, system) on ``config.replicas`` simulated engines; ``speed_for`` (system,
+    qps) gives the machine's speed over that run's time (``cluster.speed``), if any."""
     runs = []
     for qps, scale, requests, duration_s, _ in traces:
         objectives = objectives_s(requests, profile)
         for spec in systems:
             start = time.perf_counter()
             embed = embedder() if spec.approx_cache and embedder is not None else None
-            outcomes = simulate(requests, objectives, spec, profile, image_profile, config, embed)
+            speed = speed_for(spec, qps) if speed_for is not None else None
+            run_costs = replace(costs, speed=speed)
+            outcomes = simulate(requests, objectives, spec, profile, run_costs, config, embed)
             run = make_run(spec.name, qps, scale, outcomes, duration_s, replicas=config.replicas)
             run["sim_wall_s"] = time.perf_counter() - start
+            run["speed_mean"] = speed.mean if speed is not None else None
             runs.append(run)
             if log is not None:
                 log(
@@ -78,6 +86,7 @@ def compare_runs(real: Sequence[dict[str, Any]], sim: Sequence[dict[str, Any]]) 
                 "p50_diff_s": _diff(r["p50_s"], s["p50_s"]),
                 "real_drop_rate": r["drop_rate"],
                 "sim_drop_rate": s["drop_rate"],
+                "speed_mean": s.get("speed_mean"),
             }
         )
     return rows
@@ -91,14 +100,14 @@ def compare_lines(rows: Sequence[dict[str, Any]], tolerance_pp: float = 5.0) -> 
 
     lines = [
         f"{'system':<13} {'qps':>5} {'n':>4} {'real sat':>8} {'sim sat':>8} {'diff pp':>8} "
-        f"{'real p50':>8} {'sim p50':>8} {'real drop':>9} {'sim drop':>8}"
+        f"{'real p50':>8} {'sim p50':>8} {'real drop':>9} {'sim drop':>8} {'speed':>6}"
     ]
     for r in rows:
         lines.append(
             f"{r['system']:<13} {r['qps']:>5g} {r['requests']:>4} {f(r['real_satisfaction'], '8.3f')} "
             f"{f(r['sim_satisfaction'], '8.3f')} {f(r['satisfaction_diff_pp'], '+8.1f')} "
             f"{f(r['real_p50_s'], '8.2f')} {f(r['sim_p50_s'], '8.2f')} {f(r['real_drop_rate'], '9.3f')} "
-            f"{f(r['sim_drop_rate'], '8.3f')}"
+            f"{f(r['sim_drop_rate'], '8.3f')} {f(r.get('speed_mean'), '6.2f')}"
         )
     diffs = [abs(r["satisfaction_diff_pp"]) for r in rows if r["satisfaction_diff_pp"] is not None]
     if diffs:

@@ -1,0 +1,59 @@
+"""Machine speed over time, read off a real run's steps: for a simulator that faces the same machine.
+
+On a shared machine other processes slow every step by a factor that drifts over minutes (tens
+of percent here). A real replay logs each step (start, latency, active set; ``bench.replay``);
+``SpeedTrace.from_steps`` divides each observed latency by what the cost model says that step
+costs and keeps the median ratio per time bucket. Given to the cost model (``CostModel.speed``),
+the simulated machine is then as slow as the real one was at the same trace time: what remains
+of a real/simulated difference is the simulator's own (policy, batching, overheads), not the
+neighbours'. Only step latencies enter, never outcomes. Used by ``simulate --compare --speed-trace``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from patchedserve.bench.results import StepRecord
+from patchedserve.cluster.costs import CostModel
+
+
+@dataclass(frozen=True)
+class SpeedTrace:
+    """Cost factor per time bucket: observed / modelled step latency (median in the bucket)."""
+
+    bucket_s: float
+    """Bucket width in seconds."""
+    factors: tuple[float, ...]
+    """One factor per bucket from t = 0; empty buckets take the nearest earlier (else later) one."""
+
+    def __call__(self, now_s: float) -> float:
+        if not self.factors:
+            return 1.0
+        index = min(max(int(now_s // self.bucket_s), 0), len(self.factors) - 1)
+        return self.factors[index]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.factors) if self.factors else 1.0
+
+    @classmethod
+    def from_steps(cls, steps: Sequence[StepRecord], cost: CostModel, bucket_s: float = 5.0) -> SpeedTrace:
+        """Factors of ``steps`` against ``cost`` (taken at factor 1), bucketed by start time."""
+        buckets: dict[int, list[float]] = {}
+        for start_s, latency_s, entries in steps:
+            modelled_s = cost.base_step_s(entries) * cost.scale
+            if modelled_s > 0.0 and latency_s > 0.0:
+                buckets.setdefault(max(int(start_s // bucket_s), 0), []).append(latency_s / modelled_s)
+        if not buckets:
+            return cls(bucket_s, ())
+        factors: list[float | None] = [None] * (max(buckets) + 1)
+        for index, ratios in buckets.items():
+            factors[index] = statistics.median(ratios)
+        first = next(f for f in factors if f is not None)
+        filled, last = [], first
+        for f in factors:
+            last = f if f is not None else last
+            filled.append(last)
+        return cls(bucket_s, tuple(filled))
