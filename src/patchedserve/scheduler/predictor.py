@@ -11,10 +11,14 @@ it predicts in about a microsecond, incrementally, which keeps a decision over 1
 requests well under a millisecond. The profile command measures the MLP alternative too.
 
 Online: every executed step feeds ``observe``, which keeps an exponentially weighted average of
-log(observed / model) and multiplies all predictions by its exponential. After a change of
-machine speed by a factor ``s`` the remaining error decays as ``(1 - alpha)^n · log s``: with
-``alpha = 0.1`` a 2x slowdown is back under 5% after about 25 steps. Per-step ratios are clipped
-so one hiccup (a page fault storm, a GC pause) moves the factor by at most ``alpha · log(clip)``.
+log(observed / model) and multiplies all predictions by its exponential. With ``alpha = 0.1`` the
+factor averages out per-step noise (about 10 steps' worth), but alone it would take about 25
+steps to follow a 2x change of machine speed, longer in practice because short steps are slowed
+less by CPU contention than long ones. So a shift is detected: after ``shift_steps`` steps in a
+row off by more than ``shift_threshold`` in the same direction, the weight rises to
+``fast_alpha`` until the error is back under the threshold (measured: see
+``scripts/predictor_drift.py``). Per-step ratios are clipped, so one hiccup (a page-fault storm, a
+GC pause) moves the factor by at most ``alpha · log(clip_ratio)`` and never starts the fast mode.
 
 Stored as JSON (never pickles). Built by ``profile``; read by the engine and the schedulers.
 """
@@ -50,10 +54,18 @@ class OnlineConfig:
     """Weight of the newest step in the moving average of log(observed / model)."""
     clip_ratio: float = 3.0
     """Per-step ratios are clipped to [1/clip_ratio, clip_ratio] before averaging."""
+    shift_threshold: float = 0.1
+    """Relative error beyond which a step counts towards a shift of machine speed."""
+    shift_steps: int = 3
+    """Consecutive steps off in the same direction that make a shift."""
+    fast_alpha: float = 0.5
+    """Weight of the newest step while a shift is being followed."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.fast_alpha <= 1.0:
+            raise ValueError(f"alpha and fast_alpha must be in [0, 1], got {self.alpha}, {self.fast_alpha}")
+        if self.shift_threshold < 0.0 or self.shift_steps < 1:
+            raise ValueError("shift_threshold must be >= 0 and shift_steps >= 1")
         if self.clip_ratio < 1.0:
             raise ValueError(f"clip_ratio must be >= 1, got {self.clip_ratio}")
 
@@ -124,6 +136,7 @@ class LatencyPredictor:
 
     def __post_init__(self) -> None:
         self._entry_memo: dict[Entry, tuple[float, int]] = {}  # entry -> (additive model s, patches)
+        self._streak = 0  # signed count of consecutive steps off by more than the shift threshold
         if len(self.coef) != len(FEATURE_NAMES):
             raise ValueError(f"expected {len(FEATURE_NAMES)} coefficients, got {len(self.coef)}")
         if self.patch_size <= 0:
@@ -183,7 +196,7 @@ class LatencyPredictor:
         resolutions, groups = mix.requests_per_resolution, mix.entries_per_patch_count
         c_res, c_group = self.coef[_RESOLUTIONS], self.coef[_PATCH_GROUPS]
         correction = self.correction
-        terms = self._entry_terms
+        terms = self.entry_terms
 
         def step_with(entry: Entry) -> float:
             additive, n = terms(entry)
@@ -193,7 +206,7 @@ class LatencyPredictor:
 
         return step_with
 
-    def _entry_terms(self, entry: Entry) -> tuple[float, int]:
+    def entry_terms(self, entry: Entry) -> tuple[float, int]:
         """Model seconds an entry adds through the additive features, and its patches (memoised)."""
         terms = self._entry_memo.get(entry)
         if terms is None:
@@ -210,7 +223,7 @@ class LatencyPredictor:
 
     def solo_step_s(self, entry: Entry, corrected: bool = True) -> float:
         """Predicted latency of one step of this request alone (memoised, O(1))."""
-        additive, _ = self._entry_terms(entry)
+        additive, _ = self.entry_terms(entry)
         alone = additive + self.coef[0] + self.coef[_RESOLUTIONS] + self.coef[_PATCH_GROUPS]
         return alone * self.correction if corrected else alone
 
@@ -254,9 +267,17 @@ class LatencyPredictor:
         modelled = self.model_s(self.mix(entries).vector())
         if modelled <= 0.0:
             return
-        bound = math.log(self.online.clip_ratio)
-        log_ratio = min(max(math.log(latency_s / modelled), -bound), bound)
-        self.log_correction += self.online.alpha * (log_ratio - self.log_correction)
+        online = self.online
+        bound = math.log(online.clip_ratio)
+        residual = min(max(math.log(latency_s / modelled), -bound), bound) - self.log_correction
+        if abs(residual) <= math.log1p(online.shift_threshold):
+            self._streak = 0
+        elif self._streak * residual > 0:  # same direction as the steps before
+            self._streak += 1 if residual > 0 else -1
+        else:
+            self._streak = 1 if residual > 0 else -1
+        alpha = online.fast_alpha if abs(self._streak) >= online.shift_steps else online.alpha
+        self.log_correction += alpha * residual
         self.num_observed += 1
 
     # ------------------------------------------------------------------ storage
