@@ -1,14 +1,19 @@
 """Profiling: time random mixes on the patched model, fit the ``LatencyPredictor``, report its error.
 
-``run_profile`` is what ``patchedserve profile`` runs (about 200 mixes, a few minutes on a CPU);
-``profile_quick`` is what the server runs at start-up when it was given no profile (a few dozen
-small mixes, seconds). Both time ``PatchedModel.forward_batch`` on random inputs shaped like real
-requests (the model's own prompt encoding gives the text shapes).
+``run_profile`` is what ``patchedserve profile`` runs (about 200 mixes); ``profile_quick`` is what
+the server runs at start-up when it was given no profile (two dozen small mixes, seconds). Both
+time ``PatchedModel.forward_batch`` on random inputs shaped like real requests (the model's own
+prompt encoding gives the text shapes).
 
-Noise: a shared machine is noisy in bursts, so the mixes are timed in interleaved rounds (a burst
-hits one repeat of many mixes, not every repeat of a few) and each mix keeps the median of its
-repeats. Every mix is warmed up once first, which also builds its layout context the way the
-engine does once per composition.
+Noise on a shared machine, and what is done about it:
+
+* Clock: on a CPU with one intra-op thread, the calling thread's CPU time (``thread_time``) is
+  the step's compute time without the time slices other processes take, i.e. the wall time of an
+  unshared machine; elsewhere (GPU, several threads) wall time, synchronised.
+* Order: the mixes run in interleaved rounds, so a burst of load lands on one repeat of many
+  mixes rather than on every repeat of a few; each mix keeps the median of its repeats.
+* Drift: what remains is mostly slow drift of the machine's speed, removed by
+  ``fitting.fit_with_drift``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 from patchedserve.models import ModelBundle
 from patchedserve.patch import PatchBatch, PatchedModel
 from patchedserve.scheduler.features import FEATURE_NAMES, Entry
-from patchedserve.scheduler.predictor import LatencyPredictor, Overhead, StepSample, mape
+from patchedserve.scheduler.fitting import TimedRun, error_report, fit_with_drift
+from patchedserve.scheduler.predictor import LatencyPredictor, Overhead, StepSample
 
 DEFAULT_PATCH_SIZE = 256
 """Patch side in pixels profiled by default: the engine's default patch size."""
@@ -57,7 +63,12 @@ class ProfileConfig:
     cfg_share: float = 0.5
     """Probability that a request runs classifier-free guidance."""
     repeats: int = 3
-    """Timed runs of each mix (after one warm-up); the median is kept."""
+    """Timed runs of each mix, one per round; the median is kept."""
+    clock: str = "auto"
+    """``thread`` (CPU time of the calling thread), ``wall``, or ``auto`` (thread on a CPU with one
+    intra-op thread, else wall); see the module docstring."""
+    drift_window: int = 10
+    """Runs on each side that estimate the machine's speed at a run (0: no drift correction)."""
     test_fraction: float = 0.25
     """Share of the mixes held out of the fit to measure the error."""
     seed: int = 0
@@ -68,10 +79,12 @@ class ProfileConfig:
             raise ValueError("need mixes >= 4, repeats >= 1, max_requests >= 1 and at least one size")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.clock not in ("auto", "thread", "wall") or self.drift_window < 0:
+            raise ValueError(f"clock must be auto, thread or wall (got {self.clock!r}); drift_window >= 0")
 
 
 QUICK = ProfileConfig(mixes=24, sizes=((256, 256), (512, 256), (512, 512)), max_requests=6, repeats=1)
-"""The start-up profile: small mixes only, about 5 s for the tiny models on a CPU."""
+"""The start-up profile: small mixes only, a few seconds for the tiny models on a CPU."""
 
 
 @dataclass
@@ -135,53 +148,61 @@ class BatchMaker:
         return batch
 
 
-def _timer(device: torch.device) -> Callable[[], float]:
+def make_clock(device: torch.device, clock: str) -> Callable[[], float]:
+    """The timer for ``clock`` (``thread``, ``wall`` or ``auto``; see the module docstring)."""
+    if resolve_clock(device, clock) == "thread":
+        if device.type != "cpu":
+            raise ValueError("the thread clock only measures CPU work; use wall on accelerators")
+        return time.thread_time
     if device.type == "cuda":
 
-        def clock() -> float:
+        def synchronised() -> float:
             torch.cuda.synchronize(device)
             return time.perf_counter()
 
-        return clock
+        return synchronised
     return time.perf_counter
 
 
+def resolve_clock(device: torch.device, clock: str) -> str:
+    if clock == "auto":
+        return "thread" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+    return clock
+
+
 def time_mixes(
-    pm: PatchedModel, make: BatchMaker, mixes: Sequence[tuple[Entry, ...]], repeats: int, block: int = 16
-) -> list[list[float]]:
-    """Seconds of each timed run of each mix.
-
-    Mixes are taken ``block`` at a time (fewer than the patched model keeps layout contexts for);
-    within a block they run in rounds, warm-up round first, so a burst of noise from other
-    processes lands on one repeat of several mixes instead of every repeat of one.
-    """
-    clock = _timer(make.device)
-    times: list[list[float]] = [[] for _ in mixes]
-    for first in range(0, len(mixes), block):
-        batches = [make(mix) for mix in mixes[first : first + block]]
-        for round_index in range(repeats + 1):
-            for i, batch in enumerate(batches, start=first):
-                start = clock()
-                pm.forward_batch(batch)
-                if round_index:  # round 0 warms up and builds the layout context
-                    times[i].append(clock() - start)
-    return times
+    pm: PatchedModel, make: BatchMaker, mixes: Sequence[tuple[Entry, ...]], repeats: int, clock: str
+) -> list[TimedRun]:
+    """Times every mix ``repeats`` times in interleaved rounds, after a warm-up; runs in time order."""
+    timer = make_clock(make.device, clock)
+    batches = [make(mix) for mix in mixes]
+    for batch in batches[:3]:
+        pm.forward_batch(batch)
+    runs = []
+    for _ in range(repeats):
+        for i, batch in enumerate(batches):
+            start = timer()
+            pm.forward_batch(batch)
+            runs.append(TimedRun(i, timer() - start))
+    return runs
 
 
-def measure_overhead(bundle: ModelBundle, sizes: Sequence[tuple[int, int]], repeats: int = 3) -> Overhead:
+def measure_overhead(
+    bundle: ModelBundle, sizes: Sequence[tuple[int, int]], clock: str = "auto", repeats: int = 3
+) -> Overhead:
     """Median prompt-encoding time, and VAE decode time as base + per-megapixel cost over ``sizes``."""
     from patchedserve.models.text import encode_prompts
     from patchedserve.models.vae import decode_latents
 
-    clock = _timer(bundle.device)
+    timer = make_clock(bundle.device, clock)
 
     def median_time(fn: Callable[[], object]) -> float:
         fn()
         runs = []
         for _ in range(repeats):
-            start = clock()
+            start = timer()
             fn()
-            runs.append(clock() - start)
+            runs.append(timer() - start)
         return statistics.median(runs)
 
     encode_s = median_time(lambda: encode_prompts(bundle, ["a photo of a cat", ""], negative=[False, True]))
@@ -213,60 +234,54 @@ def run_profile(
         pm: the patched model to time (default: a new one over ``bundle.denoiser``).
         with_overhead: also measure prompt encoding and VAE decoding.
     """
-    start = time.perf_counter()
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
     if pm is None:
         pm = PatchedModel(
             bundle.denoiser, patch_size=config.patch_size, vae_scale_factor=bundle.vae_scale_factor
         )
     rng = random.Random(config.seed)
     mixes = draw_mixes(config, rng)
-    times = time_mixes(pm, BatchMaker(bundle, pm, config.seed), mixes, config.repeats)
-    samples = [StepSample(mix, statistics.median(t)) for mix, t in zip(mixes, times, strict=True)]
-    order = list(range(len(samples)))
+    clock = resolve_clock(bundle.device, config.clock)
+    runs = time_mixes(pm, BatchMaker(bundle, pm, config.seed), mixes, config.repeats, clock)
+    order = list(range(len(mixes)))
     rng.shuffle(order)
-    n_test = max(1, round(config.test_fraction * len(samples)))
-    test = [samples[i] for i in order[:n_test]]
-    train = [samples[i] for i in order[n_test:]]
-    overhead = measure_overhead(bundle, config.sizes) if with_overhead else Overhead()
+    n_test = max(1, round(config.test_fraction * len(mixes)))
+    test, train = sorted(order[:n_test]), sorted(order[n_test:])
+    fitted, labels, raw = fit_with_drift(mixes, runs, train, pm.patch_size, config.drift_window)
     meta = {
         "model": bundle.name,
         "family": bundle.family,
         "device": str(bundle.device),
         "dtype": str(bundle.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "clock": clock,
         "config": {**asdict(config), "sizes": [list(s) for s in config.sizes]},
     }
-    predictor = LatencyPredictor.fit(train, pm.patch_size, overhead=overhead, meta=meta)
-    report = error_report(predictor, train, test)
-    report["noise_pct"] = 100.0 * statistics.median(_spread(t) for t in times)
-    report["wall_s"] = time.perf_counter() - start
-    report["meta"] = meta
-    return ProfileResult(predictor, train, test, report)
-
-
-def _spread(runs: Sequence[float]) -> float:
-    """Relative spread (max - min) / median of one mix's repeats: the measurement noise."""
-    return (max(runs) - min(runs)) / statistics.median(runs)
-
-
-def error_report(
-    predictor: LatencyPredictor, train: Sequence[StepSample], test: Sequence[StepSample]
-) -> dict[str, Any]:
-    """Error figures of ``predictor`` on the training and held-out mixes (percent)."""
-
-    def errors(samples: Sequence[StepSample]) -> list[float]:
-        return [100.0 * abs(predictor.predict_step(s.entries) / s.latency_s - 1.0) for s in samples]
-
-    held = sorted(errors(test))
-    return {
-        "heldout_mape": sum(held) / len(held),
-        "heldout_p90_ape": held[min(len(held) - 1, int(0.9 * len(held)))],
-        "heldout_max_ape": held[-1],
-        "train_mape": mape([predictor.predict_step(s.entries) for s in train], [s.latency_s for s in train]),
-        "n_train": len(train),
-        "n_test": len(test),
-        "coef": dict(zip(FEATURE_NAMES, predictor.coef, strict=True)),
+    overhead = measure_overhead(bundle, config.sizes, clock) if with_overhead else Overhead()
+    predictor = LatencyPredictor(fitted.coef, pm.patch_size, overhead=overhead, meta=meta)
+    report: dict[str, Any] = error_report(predictor, mixes, labels, raw, train, test)
+    report |= {"n_train": len(train), "n_test": len(test), "noise_pct": _noise_pct(runs)}
+    report |= {"coef": dict(zip(FEATURE_NAMES, predictor.coef, strict=True)), "overhead": asdict(overhead)}
+    report |= {
+        "wall_s": time.perf_counter() - start_wall,
+        "cpu_s": time.process_time() - start_cpu,
+        "meta": meta,
     }
+    return ProfileResult(
+        predictor,
+        [StepSample(mixes[i], labels[i]) for i in train],
+        [StepSample(mixes[i], labels[i]) for i in test],
+        report,
+    )
+
+
+def _noise_pct(runs: Sequence[TimedRun]) -> float:
+    """Median over mixes of (max - min) / median of its repeats: the raw measurement noise."""
+    per_mix: dict[int, list[float]] = {}
+    for run in runs:
+        per_mix.setdefault(run.mix, []).append(run.seconds)
+    spreads = [(max(t) - min(t)) / statistics.median(t) for t in per_mix.values() if len(t) > 1]
+    return 100.0 * statistics.median(spreads) if spreads else 0.0
 
 
 def profile_quick(bundle: ModelBundle, pm: PatchedModel | None = None, seed: int = 0) -> LatencyPredictor:
@@ -275,10 +290,9 @@ def profile_quick(bundle: ModelBundle, pm: PatchedModel | None = None, seed: int
     The online update corrects its scale within a few dozen steps; its shape (how large mixes
     cost) is extrapolated from small ones, so a real profile is better.
     """
-    patch_size = pm.patch_size if pm is not None else DEFAULT_PATCH_SIZE
-    config = QUICK if patch_size == QUICK.patch_size else replace(QUICK, patch_size=patch_size)
-    if seed != config.seed:
-        config = replace(config, seed=seed)
+    p = pm.patch_size if pm is not None else DEFAULT_PATCH_SIZE
+    sizes = tuple((-(-w // p) * p, -(-h // p) * p) for w, h in QUICK.sizes)  # multiples of the patch
+    config = replace(QUICK, patch_size=p, sizes=sizes, seed=seed)
     result = run_profile(bundle, config, pm=pm, with_overhead=False)
     predictor = LatencyPredictor.fit(
         [*result.train, *result.test],
