@@ -79,7 +79,8 @@ class QueueScheduler(Scheduler):
     def finish_requests(self, request_ids: Iterable[int], status: RequestStatus) -> list[Request]:
         ids = set(request_ids)
         removed = [r for r in (*self.waiting, *self.running) if r.request_id in ids]
-        self.waiting = [r for r in self.waiting if r.request_id not in ids]
+        if any(r.request_id in ids for r in self.waiting):  # keep the list (and views of it) otherwise
+            self.waiting = [r for r in self.waiting if r.request_id not in ids]
         self.running = [r for r in self.running if r.request_id not in ids]
         for r in removed:
             r.status = status

@@ -1,26 +1,30 @@
-"""SLO-aware admission after the paper: least slack first, drop the infeasible, admission control.
+"""SLO-aware admission after the paper: least slack first, refuse the infeasible, admission control.
 
 Each ``schedule`` call, with A the active set and L(X) the predicted step latency of set X:
 
-1. Infeasible requests go first: a waiting request that would miss its deadline even if it ran
-   alone from now on (encode + steps x solo step + decode) is dropped (``on_infeasible="drop"``,
-   its ``error`` says by how much) or kept as best-effort, served after every other request.
-   Alone is the optimistic bound, so nothing is dropped that could still make it.
-2. Every waiting request c gets a slack with A + c:
+1. A waiting request that would miss its deadline even if it ran alone from now on (encode +
+   steps x solo step + decode) is refused: dropped (``on_infeasible="drop"``, its ``error`` says
+   by how much) or kept best-effort, served after every other request. Checked at every call, so
+   a full active set does not keep a hopeless request waiting.
+2. While a slot is free, every waiting request c gets a slack with A + c:
    ``(deadline - now - (encode + steps_left x L(A + c) + decode)) / standalone``, where standalone
    is its whole latency alone from the profile. Lower is more urgent; best-effort ones sort last.
-3. c *fits* when it makes its own deadline in A + c (slack >= 0) and every active request that
-   is on course now still makes its own with L(A + c) for all of its remaining steps. Active
-   requests already off course are not protected: they are late anyway, and protecting them
-   would stop all admission. The check is pessimistic: A only shrinks as requests finish.
-4. If the most urgent slack is relaxed (> ``relaxed_slack``), throughput decides: admit the
+3. A request with negative slack cannot finish in time if started now: it is refused as in 1.
+   (The paper takes the least-slack request and refuses it if infeasible, then the next; since
+   slacks do not change meanwhile, that refuses exactly the negative ones.) L(A + c) for all of
+   its steps is pessimistic, as A shrinks when requests finish; it is the paper's rule and it
+   keeps slots from idling behind a request that would only fit an emptier batch.
+4. c *fits* when every active request that is on course now still makes its own deadline with
+   L(A + c) for all of its remaining steps. Active requests already off course are not
+   protected: they are late anyway, and protecting them would stop all admission.
+5. If the most urgent slack is relaxed (> ``relaxed_slack``), throughput decides: admit the
    fitting candidate with the most work per second of added step time,
    ``solo_step(c) / (L(A + c) - L(A))``, ties to the least slack. Work is what the request would
    cost alone, so this favours requests that share the step's fixed costs (small images, a
    resolution already in the batch) and finishes the most requests per second of machine time.
    Otherwise admit the most urgent if it fits, else stop: no backfill, since a less urgent
    request admitted now would slow the batch the urgent one is waiting to join.
-5. Repeat until the cap (``max_running``) or no admission.
+6. Repeat from 2 until the cap (``max_running``) or no admission.
 
 No preemption: a request runs to the end once admitted. ``SchedulerOutput.preempted`` is where a
 preempting variant would report requests it moves back to the queue.
@@ -31,10 +35,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
+
 from patchedserve.request import Request, RequestStatus
+from patchedserve.scheduler.admission import QueueView, RequestCosts, request_costs
 from patchedserve.scheduler.base import QueueScheduler
 from patchedserve.scheduler.config import SchedulerConfig
-from patchedserve.scheduler.deadline import entry_of, standalone_s
+from patchedserve.scheduler.deadline import entry_of
 from patchedserve.scheduler.features import MixSums
 from patchedserve.scheduler.interface import SchedulerOutput, StepOutcome
 from patchedserve.scheduler.predictor import LatencyPredictor
@@ -57,12 +64,14 @@ class SLOScheduler(QueueScheduler):
         self.model: LatencyPredictor = predictor
         self.best_effort: set[int] = set()
         """Ids of requests kept although they cannot make their deadline (``on_infeasible="best-effort"``)."""
-        self._standalone: dict[int, float] = {}
+        self._costs: dict[int, RequestCosts] = {}
+        self._resolution_ids: dict[tuple[int, int], int] = {}
+        self._view: QueueView | None = None
 
     # ------------------------------------------------------------------ bookkeeping
     def add_request(self, request: Request, now_s: float) -> None:
         super().add_request(request, now_s)
-        self._standalone[request.request_id] = standalone_s(request, self.model)
+        self._costs_of(request)
 
     def update_from_output(self, outcome: StepOutcome) -> list[Request]:
         done = super().update_from_output(outcome)
@@ -77,45 +86,69 @@ class SLOScheduler(QueueScheduler):
     def _forget(self, requests: Iterable[Request]) -> None:
         for r in requests:
             self.best_effort.discard(r.request_id)
-            self._standalone.pop(r.request_id, None)
+            self._costs.pop(r.request_id, None)
+
+    def _costs_of(self, r: Request) -> RequestCosts:
+        costs = self._costs.get(r.request_id)
+        if costs is None:
+            key = (r.params.width, r.params.height)
+            resolution_id = self._resolution_ids.setdefault(key, len(self._resolution_ids))
+            costs = self._costs[r.request_id] = request_costs(r, self.model, resolution_id)
+        return costs
+
+    def _queue_view(self) -> QueueView:
+        """The arrays over ``waiting``, rebuilt only when the queue changed since the last call."""
+        view = self._view
+        if view is None or view.source is not self.waiting or len(view.requests) != len(self.waiting):
+            view = QueueView(self.waiting, [self._costs_of(r) for r in self.waiting], self.best_effort)
+            self._view = view
+        return view
 
     # ------------------------------------------------------------------ admission
     def _admit(self, now_s: float, out: SchedulerOutput) -> None:
-        self._drop_infeasible(now_s, out)
+        if not self.waiting:
+            return
+        view = self._queue_view()
+        self._drop_infeasible(view, now_s, out)
         active = self.model.mix([entry_of(r) for r in self.running])
-        while self.waiting and len(self.running) < self.max_running:
-            chosen = self._choose(now_s, active)
-            if chosen is None:
+        while len(self.running) < self.max_running:
+            index = self._choose(view, now_s, active, out)
+            if index is None:
                 break
-            self.waiting.remove(chosen)
+            chosen = view.requests[index]
+            view.open[index] = False
             self.running.append(chosen)
             out.admitted.append(chosen)
-            active.add(entry_of(chosen))
+            active.add(view.costs[index].entry)
+        if out.admitted or out.dropped:
+            self.waiting = view.still_waiting()
+            self._view = None
 
-    def _drop_infeasible(self, now_s: float, out: SchedulerOutput) -> None:
-        """Step 1: drop (or mark best-effort) what cannot finish in time even alone."""
-        p, keep = self.model, []
-        encode_s = p.encode_s()
-        for r in self.waiting:
-            e = entry_of(r)
-            if r.request_id in self.best_effort or r.deadline_s is None:
-                keep.append(r)
-                continue
-            need_s = encode_s + r.steps_left * p.solo_step_s(e) + p.decode_s(e[0], e[1])
-            left_s = r.deadline_s - now_s
-            if need_s <= left_s:
-                keep.append(r)
-            elif self.config.on_infeasible == "best-effort":
-                self.best_effort.add(r.request_id)
-                keep.append(r)
-            else:
-                r.error = (
-                    f"dropped: cannot meet its deadline (needs {need_s:.3f} s even alone, "
-                    f"{max(left_s, 0.0):.3f} s left of its {r.deadline_s - r.arrival_s:.3f} s objective)"
-                )
-                out.dropped.append(r)
-                self._forget([r])
-        self.waiting = keep
+    def _drop_infeasible(self, view: QueueView, now_s: float, out: SchedulerOutput) -> None:
+        """Step 1: refuse what cannot finish in time even alone (checked at every call, even at cap)."""
+        need_s = view.need_alone_s(self.model)  # [W]
+        late = view.open & ~view.best_effort & (now_s + need_s > view.deadline_s)  # [W]
+        for i in np.flatnonzero(late):
+            self._refuse(view, int(i), now_s, float(need_s[i]), "even alone", out)
+
+    def _refuse(
+        self, view: QueueView, index: int, now_s: float, need_s: float, how: str, out: SchedulerOutput
+    ) -> None:
+        """Drops a request that cannot make its deadline, or keeps it best-effort."""
+        r = view.requests[index]
+        if self.config.on_infeasible == "best-effort":
+            self.best_effort.add(r.request_id)
+            view.best_effort[index] = True
+            return
+        assert r.deadline_s is not None  # an infinite deadline is never late
+        left_s, objective_s = max(r.deadline_s - now_s, 0.0), r.deadline_s - r.arrival_s
+        r.error = (
+            f"dropped: cannot meet its deadline (needs {need_s:.3f} s {how}, "
+            f"{left_s:.3f} s left of its {objective_s:.3f} s objective)"
+        )
+        view.open[index] = False
+        out.dropped.append(r)
+        self._forget([r])
 
     def _step_budget(self, now_s: float, step_now_s: float) -> float:
         """Largest step latency that keeps every on-course active request on course (inf if none)."""
@@ -123,46 +156,36 @@ class SLOScheduler(QueueScheduler):
         for a in self.running:
             if a.deadline_s is None or a.steps_left <= 0 or a.request_id in self.best_effort:
                 continue
-            w, h, _ = entry_of(a)
-            fixed_s = p.decode_s(w, h) + (p.encode_s() if a.step_index == 0 else 0.0)
+            costs = self._costs_of(a)
+            fixed_s = (costs.decode_s + (p.overhead.encode_s if a.step_index == 0 else 0.0)) * p.correction
             per_step_s = (a.deadline_s - now_s - fixed_s) / a.steps_left
             if per_step_s >= step_now_s:
                 budget = min(budget, per_step_s)
         return budget
 
-    def _choose(self, now_s: float, active: MixSums) -> Request | None:
-        """Steps 2-4: the request to admit next, or None to stop admitting in this call."""
-        p = self.model
-        step_now_s = p.step_s(active)
-        budget_s = self._step_budget(now_s, step_now_s)
-        step_with = p.step_with_fn(active)
-        encode_s = p.encode_s()
-        urgent: Request | None = None
-        urgent_key, urgent_fits = (True, math.inf), False
-        best: Request | None = None
-        best_key = (-math.inf, -math.inf)
-        for r in self.waiting:
-            e = entry_of(r)
-            step_s = step_with(e)
-            best_effort = r.request_id in self.best_effort
-            remaining_s = encode_s + r.steps_left * step_s + p.decode_s(e[0], e[1])
-            deadline_s = math.inf if r.deadline_s is None else r.deadline_s
-            slack = (deadline_s - now_s - remaining_s) / self._standalone_of(r)
-            fits = step_s <= budget_s and (best_effort or slack >= 0.0)
-            if (best_effort, slack) < urgent_key:
-                urgent, urgent_key, urgent_fits = r, (best_effort, slack), fits
-            if fits and not best_effort:
-                gain = p.solo_step_s(e) / max(step_s - step_now_s, 1e-12)
-                if (gain, -slack) > best_key:
-                    best, best_key = r, (gain, -slack)
-        if urgent is None:
+    def _choose(self, view: QueueView, now_s: float, active: MixSums, out: SchedulerOutput) -> int | None:
+        """Steps 2-5: the queue index to admit next, or None to stop admitting in this call."""
+        step_now_s = self.model.step_s(active)
+        step_s, slack = view.evaluate(self.model, active, now_s, self._resolution_ids)  # [W], [W]
+        # Step 3: a request that would miss its deadline if it joined now is refused. Taken in slack
+        # order one at a time this refuses exactly these, as their slacks do not change meanwhile.
+        late = view.open & ~view.best_effort & (slack < 0.0)  # [W]
+        for i in np.flatnonzero(late):
+            fixed_s = (view.decode_s[i] + self.model.overhead.encode_s) * self.model.correction
+            need_s = float(step_s[i] * view.steps_left[i] + fixed_s)
+            self._refuse(view, int(i), now_s, need_s, f"in a batch with {active.requests} running", out)
+        fits = view.open & (step_s <= self._step_budget(now_s, step_now_s))  # [W]
+        normal = view.open & ~view.best_effort  # [W]
+        pool = normal if normal.any() else view.open
+        if not pool.any():
             return None
-        if not urgent_key[0] and urgent_key[1] > self.config.relaxed_slack:
-            return best
-        return urgent if urgent_fits else None
-
-    def _standalone_of(self, r: Request) -> float:
-        value = self._standalone.get(r.request_id)
-        if value is None:
-            value = self._standalone[r.request_id] = standalone_s(r, self.model)
-        return max(value, 1e-9)
+        urgent = int(np.argmin(np.where(pool, slack, np.inf)))
+        if normal.any() and slack[urgent] > self.config.relaxed_slack:
+            candidates = fits & normal
+            if not candidates.any():
+                return None
+            work_per_s = view.solo_step_s * self.model.correction / np.maximum(step_s - step_now_s, 1e-12)
+            gain = np.where(candidates, work_per_s, -np.inf)
+            best = candidates & (gain >= gain.max())  # ties (same size and CFG) go to the least slack
+            return int(np.argmin(np.where(best, slack, np.inf)))
+        return urgent if fits[urgent] else None
