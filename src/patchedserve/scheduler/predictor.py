@@ -8,17 +8,14 @@ paper's MLP: the features are the step's cost terms, so a linear model is the ri
 extrapolates sanely to batch sizes and resolutions the profile did not cover (an MLP does not);
 its coefficients have units (seconds per patch, per patch² of attention, ...) one can read; and
 it predicts in about a microsecond, incrementally, which keeps a decision over 100 waiting
-requests well under a millisecond. The profile command measures the MLP alternative too.
+requests well under a millisecond. Measured (``patchedserve profile --compare``, tiny-sdxl, 200
+mixes, this 2-core machine): held-out MAPE 2.2% for this fit, 3.2% fitting absolute instead of
+relative error, 19% for the paper's MLP over requests per resolution, 11% for an MLP over our
+features; mixes with a resolution left out of the fit are predicted within 2.1%.
 
-Online: every executed step feeds ``observe``, which keeps an exponentially weighted average of
-log(observed / model) and multiplies all predictions by its exponential. With ``alpha = 0.1`` the
-factor averages out per-step noise (about 10 steps' worth), but alone it would take about 25
-steps to follow a 2x change of machine speed, longer in practice because short steps are slowed
-less by CPU contention than long ones. So a shift is detected: after ``shift_steps`` steps in a
-row off by more than ``shift_threshold`` in the same direction, the weight rises to
-``fast_alpha`` until the error is back under the threshold (measured: see
-``scripts/predictor_drift.py``). Per-step ratios are clipped, so one hiccup (a page-fault storm, a
-GC pause) moves the factor by at most ``alpha · log(clip_ratio)`` and never starts the fast mode.
+Online: every executed step feeds ``observe``, which moves a multiplicative correction factor
+towards observed / modelled latency (``online.follow``: a moving average that speeds up when the
+machine's speed shifts). The factor scales every prediction.
 
 Stored as JSON (never pickles). Built by ``profile``; read by the engine and the schedulers.
 """
@@ -36,6 +33,7 @@ import numpy as np
 
 from patchedserve.errors import InvalidRequestError
 from patchedserve.scheduler.features import FEATURE_NAMES, Entry, MixSums
+from patchedserve.scheduler.online import OnlineConfig, follow
 
 _RESOLUTIONS = FEATURE_NAMES.index("resolutions")
 _PATCH_GROUPS = FEATURE_NAMES.index("patch_groups")
@@ -44,30 +42,6 @@ FORMAT = "patchedserve-latency-profile"
 """Value of the ``format`` key of a profile file."""
 VERSION = 1
 """Version of the profile file layout."""
-
-
-@dataclass(frozen=True)
-class OnlineConfig:
-    """How the predictor follows the machine at run time."""
-
-    alpha: float = 0.1
-    """Weight of the newest step in the moving average of log(observed / model)."""
-    clip_ratio: float = 3.0
-    """Per-step ratios are clipped to [1/clip_ratio, clip_ratio] before averaging."""
-    shift_threshold: float = 0.1
-    """Relative error beyond which a step counts towards a shift of machine speed."""
-    shift_steps: int = 3
-    """Consecutive steps off in the same direction that make a shift."""
-    fast_alpha: float = 0.5
-    """Weight of the newest step while a shift is being followed."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.fast_alpha <= 1.0:
-            raise ValueError(f"alpha and fast_alpha must be in [0, 1], got {self.alpha}, {self.fast_alpha}")
-        if self.shift_threshold < 0.0 or self.shift_steps < 1:
-            raise ValueError("shift_threshold must be >= 0 and shift_steps >= 1")
-        if self.clip_ratio < 1.0:
-            raise ValueError(f"clip_ratio must be >= 1, got {self.clip_ratio}")
 
 
 @dataclass(frozen=True)
@@ -267,17 +241,9 @@ class LatencyPredictor:
         modelled = self.model_s(self.mix(entries).vector())
         if modelled <= 0.0:
             return
-        online = self.online
-        bound = math.log(online.clip_ratio)
-        residual = min(max(math.log(latency_s / modelled), -bound), bound) - self.log_correction
-        if abs(residual) <= math.log1p(online.shift_threshold):
-            self._streak = 0
-        elif self._streak * residual > 0:  # same direction as the steps before
-            self._streak += 1 if residual > 0 else -1
-        else:
-            self._streak = 1 if residual > 0 else -1
-        alpha = online.fast_alpha if abs(self._streak) >= online.shift_steps else online.alpha
-        self.log_correction += alpha * residual
+        self.log_correction, self._streak = follow(
+            self.log_correction, self._streak, math.log(latency_s / modelled), self.online
+        )
         self.num_observed += 1
 
     # ------------------------------------------------------------------ storage
