@@ -21,21 +21,7 @@ def reference(model: str) -> ReferencePipeline:
 
 
 def reference_image(model: str, g: GenerationRequest) -> np.ndarray:
-    image = (
-        reference(model)
-        .generate(
-            prompt=g.prompt,
-            negative_prompt=g.negative_prompt,
-            width=g.width,
-            height=g.height,
-            steps=g.steps,
-            guidance_scale=g.guidance_scale,
-            seed=g.seed,
-            sampler=g.sampler,
-        )
-        .image
-    )
-    return np.asarray(image, dtype=np.int16)
+    return np.asarray(reference(model).generate_request(g).image, dtype=np.int16)
 
 
 def assert_matches_reference(model: str, g: GenerationRequest, result: GenerationResult) -> None:

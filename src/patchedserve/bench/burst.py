@@ -49,14 +49,7 @@ def run_burst_bench(
     reference.generate(prompt="warm-up", width=sizes[0][1], height=sizes[0][0], steps=1)
     start = time.perf_counter()
     for g in requests:
-        reference.generate(
-            prompt=g.prompt,
-            width=g.width,
-            height=g.height,
-            steps=g.steps,
-            guidance_scale=g.guidance_scale,
-            seed=g.seed,
-        )
+        reference.generate_request(g)
     reference_s = time.perf_counter() - start
     engine = Engine(bundle, EngineConfig(patch_size=patch_size, max_running=max_running))
     try:

@@ -26,6 +26,7 @@ from patchedserve.models import (
     stack_conditioning,
     validate_generation,
 )
+from patchedserve.request import GenerationRequest
 from patchedserve.sampler import Sampler, get_sampler
 
 
@@ -97,6 +98,20 @@ class ReferencePipeline:
             "total_s": done - start,
         }
         return ReferenceResult(image=image, latents=latents[0], params=params, timings=timings)
+
+    def generate_request(self, request: GenerationRequest, progress: bool = False) -> ReferenceResult:
+        """``generate`` with the fields of a ``GenerationRequest`` (the engine's request type)."""
+        return self.generate(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            seed=request.seed,
+            sampler=request.sampler,
+            progress=progress,
+        )
 
     def _encode(self, prompt: str, negative_prompt: str, params: GenerationParams) -> _Branches:
         if params.do_cfg:
