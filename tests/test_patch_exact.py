@@ -144,3 +144,22 @@ def test_bad_patch_sizes_and_image_sizes_are_refused() -> None:
     bad = torch.zeros(4, pm.latent_patch + 1, pm.latent_patch)
     with pytest.raises(InvalidRequestError, match="multiple of the patch size"):
         pm([bad], [torch.tensor(1.0)], [torch.zeros(TEXT_LEN, pm.model.config.cross_attention_dim)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_patched_equals_full_image_forward_on_cuda(name: str) -> None:
+    import copy
+
+    denoiser = copy.deepcopy(load_model(name).denoiser).cuda()  # the cached bundle stays on CPU
+    pm = PatchedModel(denoiser, patch_size=PatchedModel.min_patch_size(denoiser))
+    cpu_pm = patched(name, 1)
+    reqs = [make_request(cpu_pm, g, 40 + i) for i, g in enumerate([(1, 2), (2, 2), (3, 1)])]
+    for r in reqs:
+        for field in ("latent", "timestep", "text", "pooled", "time_ids"):
+            value = getattr(r, field)
+            if value is not None:
+                setattr(r, field, value.cuda())
+    for r, out in zip(reqs, run_patched(pm, reqs), strict=True):
+        assert rel_err(out, run_full(pm, r)) <= REL_TOL
