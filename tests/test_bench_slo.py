@@ -151,3 +151,15 @@ def test_tiny_real_replay_writes_results_and_plots(
     rows = json.loads((tmp_path / "sim" / "compare.json").read_text())["rows"]
     assert len(rows) == 5 and all(r["sim_satisfaction"] == 1.0 for r in rows)
     assert "largest |difference| 0.0 pp" in capsys.readouterr().out
+
+
+def test_report_lists_where_patchedserve_falls_short() -> None:
+    from patchedserve.bench.report import satisfaction_matrix, shortfalls
+
+    runs = [
+        {"system": s, "qps": q, "slo_scale": 5.0, "slo_satisfaction": v}
+        for s, pts in {"patchedserve": [(1.0, 1.0), (2.0, 0.7)], "nirvana": [(1.0, 1.0), (2.0, 0.8)]}.items()
+        for q, v in pts
+    ]
+    assert shortfalls(runs) == ["- 1 replica(s), 2 req/s: patchedserve 0.7000 < nirvana 0.8000"]
+    assert "| nirvana | 1.000 | 0.800 |" in satisfaction_matrix(runs)

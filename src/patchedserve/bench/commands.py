@@ -1,5 +1,5 @@
-"""``patchedserve bench ...``: the benchmark command group (step, burst; slo and calibrate
-from ``bench.slo_commands``)."""
+"""``patchedserve bench ...``: the benchmark command group (step, burst; slo, calibrate and
+report from ``bench.slo_commands``)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def add_parser(subparsers: Any) -> None:
     burst.add_argument("--json", type=Path, default=None)
     burst.set_defaults(handler=run_burst)
 
-    add_slo_parsers(group)  # slo, calibrate
+    add_slo_parsers(group)  # slo, calibrate, report
 
 
 def run_step(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ def make_run(
     run = summarize_run(system, qps, slo_scale, outcomes, duration_s)
     run["replicas"] = replicas
     run["duration_s"] = duration_s
+    run["arrival_rps"] = len(outcomes) / duration_s  # the trace's realised rate (qps is the nominal one)
     run["latencies_s"] = sorted(
         round(o.latency_s, 4) for o in outcomes if o.status == "finished" and o.latency_s is not None
     )

@@ -1,4 +1,4 @@
-"""``patchedserve bench slo`` and ``bench calibrate``, and the trace/system flags that
+"""``patchedserve bench slo``, ``bench calibrate`` and ``bench report``, and the trace/system flags that
 ``patchedserve simulate`` (``cluster.commands``) shares with them.
 
 ``bench slo`` loads the model once, makes one trace per (QPS, SLO scale), replays it on a fresh
@@ -130,7 +130,7 @@ def check_sizes(traces: list[Trace], patch_size: int) -> None:
 
 
 def add_parsers(group: Any) -> None:
-    """Adds ``slo`` and ``calibrate-image`` to the ``bench`` command group."""
+    """Adds ``slo``, ``calibrate`` and ``report`` to the ``bench`` command group."""
     slo = group.add_parser("slo", help="replay traces on every system on the wall clock (SLO satisfaction)")
     add_trace_args(slo)
     add_system_args(slo, "image-fcfs,res-batch,nirvana,patched-fcfs,patchedserve")
@@ -151,6 +151,21 @@ def add_parsers(group: Any) -> None:
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--out", type=Path, required=True, help="folder for image_cost.json, patched_cost.json")
     cal.set_defaults(handler=run_calibrate)
+    add_report_parser(group)
+
+
+def add_report_parser(group: Any) -> None:
+    report = group.add_parser("report", help="markdown tables of a results.json (bench slo or simulate)")
+    report.add_argument("results", type=Path, help="results.json")
+    report.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from patchedserve.bench.report import report_lines
+    from patchedserve.bench.results import load_results
+
+    print("\n".join(report_lines(load_results(args.results))))
+    return 0
 
 
 def run_slo(args: argparse.Namespace) -> int:

@@ -57,7 +57,8 @@ def add_parser(subparsers: Any) -> None:
         "--decode-interference",
         type=float,
         default=None,
-        help="share of the loop's speed a running decode takes (default: the patched calibration's)",
+        help="share of the loop's speed a running decode takes (default: the patched calibration's; "
+        "0 with --speed-trace)",
     )
     p.set_defaults(handler=run_simulate)
 
@@ -175,6 +176,8 @@ def run_compare(args: argparse.Namespace) -> int:
     config = SimConfig(
         patch_size=meta["patch_size"], max_running=meta["max_running"], cost_scale=args.cost_scale
     )
+    if args.speed_trace:  # the measured speed includes the decode worker's interference
+        costs = replace(costs, decode_interference=0.0)
     if args.decode_interference is not None:
         costs = replace(costs, decode_interference=args.decode_interference)
     embedder = _embedder(args.nirvana_similarity, meta["model"])

@@ -2,11 +2,14 @@
 
 On a shared machine other processes slow every step by a factor that drifts over minutes (tens
 of percent here). A real replay logs each step (start, latency, active set; ``bench.replay``);
-``SpeedTrace.from_steps`` divides each observed latency by what the cost model says that step
-costs and keeps the median ratio per time bucket. Given to the cost model (``CostModel.speed``),
+``SpeedTrace.from_steps`` divides, per time bucket, the observed step time by what the cost model
+says those steps cost (a ratio of sums: the bucket's throughput, so slow steps, e.g. those
+overlapping a decode, weigh as much as they cost). Given to the cost model (``CostModel.speed``),
 the simulated machine is then as slow as the real one was at the same trace time: what remains
-of a real/simulated difference is the simulator's own (policy, batching, overheads), not the
-neighbours'. Only step latencies enter, never outcomes. Used by ``simulate --compare --speed-trace``.
+of a real/simulated difference is the simulator's own (policy, batching, queueing), not the
+neighbours'. The decode worker's interference is part of the measured speed, so it is not added
+again (``decode_interference`` 0). Only step latencies enter, never outcomes. Used by
+``simulate --compare --speed-trace``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from patchedserve.cluster.costs import CostModel
 
 @dataclass(frozen=True)
 class SpeedTrace:
-    """Cost factor per time bucket: observed / modelled step latency (median in the bucket)."""
+    """Cost factor per time bucket: observed / modelled step time (sums over the bucket's steps)."""
 
     bucket_s: float
     """Bucket width in seconds."""
@@ -41,16 +44,16 @@ class SpeedTrace:
     @classmethod
     def from_steps(cls, steps: Sequence[StepRecord], cost: CostModel, bucket_s: float = 5.0) -> SpeedTrace:
         """Factors of ``steps`` against ``cost`` (taken at factor 1), bucketed by start time."""
-        buckets: dict[int, list[float]] = {}
+        buckets: dict[int, list[tuple[float, float]]] = {}  # bucket -> [(observed s, modelled s)]
         for start_s, latency_s, entries in steps:
             modelled_s = cost.base_step_s(entries) * cost.scale
             if modelled_s > 0.0 and latency_s > 0.0:
-                buckets.setdefault(max(int(start_s // bucket_s), 0), []).append(latency_s / modelled_s)
+                buckets.setdefault(max(int(start_s // bucket_s), 0), []).append((latency_s, modelled_s))
         if not buckets:
             return cls(bucket_s, ())
         factors: list[float | None] = [None] * (max(buckets) + 1)
-        for index, ratios in buckets.items():
-            factors[index] = statistics.median(ratios)
+        for index, pairs in buckets.items():
+            factors[index] = sum(o for o, _ in pairs) / sum(m for _, m in pairs)
         first = next(f for f in factors if f is not None)
         filled, last = [], first
         for f in factors:
