@@ -11,7 +11,7 @@ speed during the run can be read off afterwards (``cluster.speed``). Called by `
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -144,22 +144,39 @@ def replay(
             deadlines.append(engine.clock() + slo_s)
         except QueueFullError:
             rejected.add(i)
-    cutoff = max(deadlines, default=engine.clock())
-    while engine.clock() < cutoff and not all(f.done() for f in futures.values()):
-        time.sleep(POLL_S)
-        _update(bar, futures, rejected)
-    for f in futures.values():
-        if not f.done():
-            engine.cancel(f.request_id)  # type: ignore[attr-defined]
-    give_up = time.monotonic() + config.drain_timeout_s
-    while time.monotonic() < give_up and not all(f.done() for f in futures.values()):
-        time.sleep(POLL_S)
+    _finish(
+        engine,
+        futures,
+        max(deadlines, default=engine.clock()),
+        config.drain_timeout_s,
+        lambda: _update(bar, futures, rejected),
+    )
     _update(bar, futures, rejected)
     bar.close()
     return [
         _outcome(i, r, slo, futures.get(i))
         for i, (r, slo) in enumerate(zip(requests, objectives_s, strict=True))
     ]
+
+
+def _finish(
+    engine: Engine,
+    futures: dict[int, Future[GenerationResult]],
+    cutoff_s: float,
+    drain_timeout_s: float,
+    tick: Callable[[], None],
+) -> None:
+    """Waits for every request until ``cutoff_s`` (the last deadline), then cancels what is left and
+    waits (at most ``drain_timeout_s``) for the step and decodes in flight."""
+    while engine.clock() < cutoff_s and not all(f.done() for f in futures.values()):
+        time.sleep(POLL_S)
+        tick()
+    for f in futures.values():
+        if not f.done():
+            engine.cancel(f.request_id)  # type: ignore[attr-defined]
+    give_up = time.monotonic() + drain_timeout_s
+    while time.monotonic() < give_up and not all(f.done() for f in futures.values()):
+        time.sleep(POLL_S)
 
 
 def _update(bar: tqdm[Any], futures: dict[int, Future[GenerationResult]], rejected: set[int]) -> None:
