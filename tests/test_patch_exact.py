@@ -163,3 +163,17 @@ def test_patched_equals_full_image_forward_on_cuda(name: str) -> None:
                 setattr(r, field, value.cuda())
     for r, out in zip(reqs, run_patched(pm, reqs), strict=True):
         assert rel_err(out, run_full(pm, r)) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_chunked_calls_equal_one_call(name: str) -> None:
+    pm = patched(name, 1)
+    reqs = [make_request(pm, g, 60 + i) for i, g in enumerate([(1, 1), (2, 1), (1, 1), (3, 2), (2, 2)])]
+    whole = run_patched(pm, reqs)
+    pm.max_patches_per_call = 4  # entries of 1+1, 2+2... patches per call; the 6-patch one alone
+    try:
+        chunked = run_patched(pm, reqs)
+    finally:
+        pm.max_patches_per_call = None
+    for a, b in zip(whole, chunked, strict=True):
+        assert rel_err(b, a) <= REL_TOL

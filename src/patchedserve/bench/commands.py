@@ -45,6 +45,7 @@ def add_parser(subparsers: Any) -> None:
     step.add_argument("--device", default="auto", help="auto, cpu or cuda")
     step.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     step.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    step.add_argument("--max-patches-per-call", type=int, default=None, help="chunk the patched step")
     step.add_argument("--json", type=Path, default=None, help="write the report here")
     step.set_defaults(handler=run_step)
 
@@ -71,7 +72,7 @@ def run_step(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     report = run_step_bench(
         args.model, parse_sizes(args.sizes), parse_ints(args.per_size, "per_size"), args.patch_size,
-        args.repeats, args.device, args.dtype,
+        args.repeats, args.device, args.dtype, args.max_patches_per_call,
     )
     write_report(report, args.json)
     print("\n".join(summary_lines(report)))

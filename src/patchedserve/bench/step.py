@@ -164,12 +164,18 @@ def run_step_bench(
     repeats: int,
     device: str,
     dtype: str,
+    max_patches_per_call: int | None = None,
 ) -> dict[str, Any]:
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     bundle = load_model(model)
     denoiser = bundle.denoiser.to(dev, torch_dtype)
-    pm = PatchedModel(denoiser, patch_size=patch_size, vae_scale_factor=bundle.vae_scale_factor)
+    pm = PatchedModel(
+        denoiser,
+        patch_size=patch_size,
+        vae_scale_factor=bundle.vae_scale_factor,
+        max_patches_per_call=max_patches_per_call,
+    )
     runs = []
     for k in per_size:
         mix = random_mix(pm, [s for s in sizes for _ in range(k)], dev, torch_dtype)
@@ -181,6 +187,7 @@ def run_step_bench(
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
         "patch_size": patch_size,
+        "max_patches_per_call": max_patches_per_call,
         "sizes": [f"{w}x{h}" for h, w in sizes],
         "repeats": repeats,
         "runs": runs,

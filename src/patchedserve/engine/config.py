@@ -29,6 +29,9 @@ class EngineConfig:
     """Torch device of the denoiser (``cpu``, ``cuda``, ``cuda:1``)."""
     dtype: str = "float32"
     """Denoiser dtype: float32, float16 or bfloat16."""
+    max_patches_per_call: int | None = None
+    """Run the patched step in chunks of whole images of at most this many patches (None: one call).
+    On CPUs, smaller working sets can be faster; measure with ``patchedserve bench step``."""
     execution: str = "patched"
     """``patched``: one patched model call over all requests; ``image``: the model's own forward per
     resolution (the image-level baselines)."""

@@ -53,7 +53,12 @@ class Engine:
         weight = next(bundle.denoiser.parameters())
         if weight.device != self.device or weight.dtype != self.config.torch_dtype:
             bundle.denoiser.to(self.device, self.config.torch_dtype)
-        self.model = PatchedModel(bundle.denoiser, self.config.patch_size, bundle.vae_scale_factor)
+        self.model = PatchedModel(
+            bundle.denoiser,
+            self.config.patch_size,
+            bundle.vae_scale_factor,
+            max_patches_per_call=self.config.max_patches_per_call,
+        )
         self.preparer = Preparer(bundle, self.device, self.config.torch_dtype)
         self.batch = self._new_batch()
         self.approx_cache = ApproxCache() if self.config.approx_cache else None

@@ -49,6 +49,7 @@ class PatchedModel:
         patch_size: int = 256,
         vae_scale_factor: int = 8,
         context_cache_size: int = 32,
+        max_patches_per_call: int | None = None,
     ) -> None:
         self.model: Any = model  # a diffusers denoiser (untyped for mypy)
         self.is_sd3 = isinstance(model, SD3Transformer2DModel)
@@ -66,6 +67,7 @@ class PatchedModel:
             wrap_sd3(model)
         else:
             wrap_unet(model)
+        self.max_patches_per_call = max_patches_per_call
         self._contexts: OrderedDict[tuple, PatchContext] = OrderedDict()
         self._cache_size = context_cache_size
 
@@ -113,6 +115,14 @@ class PatchedModel:
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def forward_batch(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
+        """One denoiser step over the batch; with ``max_patches_per_call``, over chunks of whole
+        entries (keeps the working set in cache on CPUs; every entry still sees its whole image)."""
+        limit = self.max_patches_per_call
+        if limit is None or batch.layout.num_patches <= limit:
+            return self._forward(batch)
+        return torch.cat([self._forward(part) for part in split_batch(batch, limit)])
+
+    def _forward(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
         x = batch.patches
         ctx = self.context(batch.layout, x.device)
         per_patch = ctx.patch_entry
@@ -139,7 +149,7 @@ class PatchedModel:
                     added_cond_kwargs=added,
                     return_dict=False,
                 )[0]
-        return out  # type: ignore[no-any-return]
+        return out
 
     def __call__(
         self,
@@ -178,3 +188,32 @@ class PatchedModel:
         for pos, i in enumerate(order):
             result[i] = outs[pos]
         return result
+
+
+def split_batch(batch: PatchBatch, max_patches: int) -> list[PatchBatch]:
+    """Consecutive runs of whole entries with at most ``max_patches`` patches each (an entry
+    larger than the limit forms its own run)."""
+    layout, parts, start = batch.layout, [], 0
+    offsets = layout.entry_offsets
+    while start < layout.num_entries:
+        end = start + 1
+        while end < layout.num_entries and offsets[end + 1] - offsets[start] <= max_patches:
+            end += 1
+        sub = CSPLayout.build(layout.sizes[start:end], layout.patch_size, layout.entry_ids[start:end])
+        pa, pb = int(offsets[start]), int(offsets[end])
+
+        def rows(t: torch.Tensor | None, a: int = start, b: int = end) -> torch.Tensor | None:
+            return None if t is None else t[a:b]
+
+        parts.append(
+            PatchBatch(
+                sub,
+                batch.patches[pa:pb],
+                batch.timesteps[start:end],
+                batch.encoder_hidden_states[start:end],
+                rows(batch.pooled),
+                rows(batch.time_ids),
+            )
+        )
+        start = end
+    return parts
