@@ -135,6 +135,7 @@ def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) ->
             fn()
         memory[name] = {"mib": peak.mib, "how": peak.how}
     median = {k: statistics.median(v) for k, v in times.items()}
+    chunked = pm.max_patches_per_call is not None and layout.num_patches > pm.max_patches_per_call
     ctx = pm.context(layout, device)  # the cached context forward_batch will use
     ctx.stopwatch = Stopwatch()
     instrumented = _time(lambda: pm.forward_batch(batch), device)
@@ -149,8 +150,9 @@ def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) ->
         "all_s": times,
         "speedup_vs_one_at_a_time": median["one_at_a_time"] / median["patched"],
         "speedup_vs_same_res_batches": median["same_res_batches"] / median["patched"],
-        "stitch_share": sections.get("stitch", 0.0) / instrumented,
-        "regroup_share": sections.get("regroup", 0.0) / instrumented,
+        # Shares come from the whole-batch context; chunked calls use other contexts: not measured.
+        "stitch_share": None if chunked else sections.get("stitch", 0.0) / instrumented,
+        "regroup_share": None if chunked else sections.get("regroup", 0.0) / instrumented,
         "split_merge_s": split_merge,
         "peak_memory": memory,
     }
@@ -215,7 +217,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"  {r['per_size']} per size ({r['num_requests']} requests, {r['num_patches']} patches): "
             f"patched {m['patched'] * 1e3:.1f} ms, one-at-a-time {m['one_at_a_time'] * 1e3:.1f} ms "
             f"(x{r['speedup_vs_one_at_a_time']:.2f}), same-res batches {m['same_res_batches'] * 1e3:.1f} ms "
-            f"(x{r['speedup_vs_same_res_batches']:.2f}); stitch {r['stitch_share']:.1%}, "
-            f"regroup {r['regroup_share']:.1%}"
+            f"(x{r['speedup_vs_same_res_batches']:.2f}); stitch {_share(r['stitch_share'])}, "
+            f"regroup {_share(r['regroup_share'])}"
         )
     return lines
+
+
+def _share(value: float | None) -> str:
+    return "not measured (chunked)" if value is None else f"{value:.1%}"
