@@ -18,7 +18,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
         try:
             w, h = (int(v) for v in part.lower().split("x"))
         except ValueError:
-            raise InvalidRequestError(f"size {part!r} is not WIDTHxHEIGHT, e.g. 768x512", field="size") from None
+            raise InvalidRequestError(
+                f"size {part!r} is not WIDTHxHEIGHT, e.g. 768x512", field="size"
+            ) from None
         sizes.append((h, w))
     return sizes
 
@@ -27,7 +29,9 @@ def parse_ints(text: str, field: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise InvalidRequestError(f"{field} must be comma-separated integers; got {text!r}", field=field) from None
+        raise InvalidRequestError(
+            f"{field} must be comma-separated integers; got {text!r}", field=field
+        ) from None
     if any(v < 1 for v in values):
         raise InvalidRequestError(f"{field} values must be at least 1; got {text!r}", field=field)
     return values
@@ -71,8 +75,14 @@ def run_step(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     report = run_step_bench(
-        args.model, parse_sizes(args.sizes), parse_ints(args.per_size, "per_size"), args.patch_size,
-        args.repeats, args.device, args.dtype, args.max_patches_per_call,
+        args.model,
+        parse_sizes(args.sizes),
+        parse_ints(args.per_size, "per_size"),
+        args.patch_size,
+        args.repeats,
+        args.device,
+        args.dtype,
+        args.max_patches_per_call,
     )
     write_report(report, args.json)
     print("\n".join(summary_lines(report)))
@@ -85,12 +95,20 @@ def run_burst(args: argparse.Namespace) -> int:
     from patchedserve.bench.burst import run_burst_bench
     from patchedserve.bench.step import write_report
 
-    report = run_burst_bench(args.model, parse_sizes(args.sizes), args.count, args.steps, args.guidance,
-                             args.patch_size, args.max_running)
+    report = run_burst_bench(
+        args.model,
+        parse_sizes(args.sizes),
+        args.count,
+        args.steps,
+        args.guidance,
+        args.patch_size,
+        args.max_running,
+    )
     write_report(report, args.json)
+    engine = f"{report['engine_images_per_min']:.2f} img/min ({report['engine_s']:.1f} s)"
+    reference = f"{report['reference_images_per_min']:.2f} img/min ({report['reference_s']:.1f} s)"
     print(
-        f"{report['count']} requests x {report['steps']} steps on {report['model']}: engine "
-        f"{report['engine_images_per_min']:.2f} img/min ({report['engine_s']:.1f} s), reference one at a time "
-        f"{report['reference_images_per_min']:.2f} img/min ({report['reference_s']:.1f} s), x{report['speedup']:.2f}"
+        f"{report['count']} requests x {report['steps']} steps on {report['model']}: engine {engine}, "
+        f"reference one at a time {reference}, x{report['speedup']:.2f}"
     )
     return 0
