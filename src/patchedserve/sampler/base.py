@@ -172,3 +172,24 @@ def check_sampler_name(name: str, allowed: Sequence[str]) -> None:
             f"unknown sampler {name!r}; allowed: {', '.join(allowed)}",
             field="sampler",
         )
+
+
+class LinearStepSampler(Sampler):
+    """A single-step sampler whose update is ``c_sample * x + c_model * model_output`` per row.
+
+    Euler and DDIM differ only in how their plans fill ``c_sample`` and ``c_model``.
+    """
+
+    def step(
+        self,
+        sample: torch.Tensor,  # [B, ...]
+        model_output: torch.Tensor,  # [B, ...]
+        history: torch.Tensor | None,  # ignored
+        plans: Sequence[SamplerPlan],
+        step_index: Sequence[int],
+        row_request: torch.Tensor,  # [B] int64
+    ) -> tuple[torch.Tensor, None]:  # [B, ...], None
+        c = self._row_coeffs(sample, plans, step_index, row_request)
+        dtype = compute_dtype(sample)
+        x_next = sample.to(dtype) * c["c_sample"] + model_output.to(dtype) * c["c_model"]
+        return x_next.to(sample.dtype), None

@@ -7,7 +7,7 @@ Deterministic DDIM, x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps, is line
 the model output for both epsilon and v prediction, so each step is two per-row coefficients.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from patchedserve.errors import InvalidRequestError
-from patchedserve.sampler.base import Sampler, SamplerPlan, compute_dtype
+from patchedserve.sampler.base import LinearStepSampler, SamplerPlan
 from patchedserve.sampler.schedule import (
     check_num_steps,
     leading_timesteps,
@@ -26,7 +26,7 @@ from patchedserve.sampler.schedule import (
 )
 
 
-class DDIMSampler(Sampler):
+class DDIMSampler(LinearStepSampler):
     """Deterministic DDIM; the model input is not scaled and the initial noise has unit variance."""
 
     name = "ddim"
@@ -90,17 +90,3 @@ class DDIMSampler(Sampler):
             coeffs=torch.stack([c_sample, c_model], dim=1),
             init_noise_sigma=1.0,
         )
-
-    def step(
-        self,
-        sample: torch.Tensor,  # [B, ...]
-        model_output: torch.Tensor,  # [B, ...]
-        history: torch.Tensor | None,  # ignored
-        plans: Sequence[SamplerPlan],
-        step_index: Sequence[int],
-        row_request: torch.Tensor,  # [B] int64
-    ) -> tuple[torch.Tensor, None]:  # [B, ...], None
-        c = self._row_coeffs(sample, plans, step_index, row_request)
-        dtype = compute_dtype(sample)
-        x_next = sample.to(dtype) * c["c_sample"] + model_output.to(dtype) * c["c_model"]
-        return x_next.to(sample.dtype), None

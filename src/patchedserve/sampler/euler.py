@@ -15,7 +15,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from patchedserve.errors import InvalidRequestError
-from patchedserve.sampler.base import Sampler, SamplerPlan, compute_dtype
+from patchedserve.sampler.base import LinearStepSampler, SamplerPlan
 from patchedserve.sampler.schedule import (
     check_num_steps,
     leading_timesteps,
@@ -27,7 +27,7 @@ from patchedserve.sampler.schedule import (
 )
 
 
-class EulerSampler(Sampler):
+class EulerSampler(LinearStepSampler):
     """Euler method on the VE ODE dx/dsigma = (x - x0) / sigma; model input scaled by 1/sqrt(sigma^2+1)."""
 
     name = "euler"
@@ -104,17 +104,3 @@ class EulerSampler(Sampler):
     ) -> torch.Tensor:  # [B, ...]
         c = self._row_coeffs(sample, plans, step_index, row_request)
         return (sample.to(c["in_scale"].dtype) / c["in_scale"]).to(sample.dtype)
-
-    def step(
-        self,
-        sample: torch.Tensor,  # [B, ...]
-        model_output: torch.Tensor,  # [B, ...]
-        history: torch.Tensor | None,  # ignored
-        plans: Sequence[SamplerPlan],
-        step_index: Sequence[int],
-        row_request: torch.Tensor,  # [B] int64
-    ) -> tuple[torch.Tensor, None]:  # [B, ...], None
-        c = self._row_coeffs(sample, plans, step_index, row_request)
-        dtype = compute_dtype(sample)
-        x_next = sample.to(dtype) * c["c_sample"] + model_output.to(dtype) * c["c_model"]
-        return x_next.to(sample.dtype), None
