@@ -29,7 +29,7 @@ from patchedserve.engine.prepare import Preparer
 from patchedserve.engine.results import EngineObserver, GenerationResult
 from patchedserve.engine.scheduling import build_scheduler
 from patchedserve.errors import InvalidRequestError, PatchedServeError
-from patchedserve.models import ModelBundle, decode_latents, load_model, validate_generation
+from patchedserve.models import GenerationParams, ModelBundle, decode_latents, load_model, validate_generation
 from patchedserve.patch import PatchedModel
 from patchedserve.request import GenerationRequest, Request, RequestStatus
 from patchedserve.scheduler import Scheduler, StepOutcome
@@ -73,6 +73,7 @@ class Engine:
             ThreadPoolExecutor(1, thread_name_prefix="decode") if self.config.decode_in_thread else None
         )
         self._wake = threading.Event()
+        self._submit_lock = threading.Lock()
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
 
@@ -105,8 +106,13 @@ class Engine:
                 f"allowed sizes are multiples of {lp} in both width and height",
                 field="size",
             )
-        if self.scheduler.num_waiting + self._inbox.qsize() >= self.config.max_waiting:
-            raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting); retry later")
+        with self._submit_lock:  # check and enqueue together, so concurrent submits cannot overshoot
+            if self.scheduler.num_waiting + self._inbox.qsize() >= self.config.max_waiting:
+                raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting); retry later")
+            return self._enqueue(gen, params)
+
+    def _enqueue(self, gen: GenerationRequest, params: GenerationParams) -> Future[GenerationResult]:
+        lp = self.model.patch_size
         req = Request(
             request_id=next(self._ids),
             prompt=gen.prompt,
