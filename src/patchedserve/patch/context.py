@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from patchedserve.layout import AttentionGroup, CSPLayout
+from patchedserve.patch.cache import ActiveSet, PatchCache
 from patchedserve.patch.stitcher import HaloIndex, build_halo_index
 
 _state = threading.local()
@@ -60,8 +61,14 @@ class PatchContext:
     entry_first_patch: torch.Tensor  # [R] long, first patch of each entry
     entry_average: torch.Tensor  # [N, N] float32, row n averages over the patches of n's entry
     groups: list[AttentionGroup]
+    arange: torch.Tensor  # [N] long, 0..N-1 (the active set of a full block call)
+    arange_host: np.ndarray  # [N] int64
     stopwatch: Stopwatch | None = None
     """Set by benchmarks to time the stitcher and regrouping; None (free) otherwise."""
+    cache: PatchCache | None = None
+    """The patch-level block cache of this forward (``PatchedModel`` sets it per call), or None."""
+    active: ActiveSet | None = None
+    """Inside a cached block: the patches it computes; None outside cached blocks."""
     _halo: dict[tuple[int, int], HaloIndex] = field(default_factory=dict, repr=False)
     _extra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -74,6 +81,8 @@ class PatchContext:
             entry_first_patch=torch.as_tensor(layout.entry_offsets[:-1], device=device),
             entry_average=torch.as_tensor(_entry_average(layout), device=device),
             groups=layout.attention_groups(),
+            arange=torch.arange(layout.num_patches, device=device),
+            arange_host=np.arange(layout.num_patches),
         )
 
     @property
@@ -83,6 +92,17 @@ class PatchContext:
     @property
     def num_entries(self) -> int:
         return self.layout.num_entries
+
+    @property
+    def subset(self) -> ActiveSet | None:
+        """The active set when a cached block computes only some patches (None: all of them)."""
+        active = self.active
+        return None if active is None or active.full else active
+
+    def recording(self, key: tuple[int, str], value: torch.Tensor) -> None:
+        """Inside a cached block, keep an operator's full-batch input for later partial calls."""
+        if self.active is not None and self.cache is not None:
+            self.cache.record(key, value)
 
     def halo_index(self, side: int, halo: int) -> HaloIndex:
         """Stitch indices for patches of ``side`` pixels padded by ``halo`` (built once, then cached)."""

@@ -13,8 +13,9 @@ expanded to patches because the model's embedding layers run per sample. Used by
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from patchedserve.errors import InvalidRequestError
 from patchedserve.layout import CSPLayout, merge_patches, split_latents
+from patchedserve.patch.cache import PatchCache, PatchCacheConfig
 from patchedserve.patch.context import PatchContext, forward_context
 from patchedserve.patch.wrap import wrap_sd3, wrap_unet
 
@@ -50,6 +52,7 @@ class PatchedModel:
         vae_scale_factor: int = 8,
         context_cache_size: int = 32,
         max_patches_per_call: int | None = None,
+        cache: PatchCacheConfig | None = None,
     ) -> None:
         self.model: Any = model  # a diffusers denoiser (untyped for mypy)
         self.is_sd3 = isinstance(model, SD3Transformer2DModel)
@@ -67,7 +70,14 @@ class PatchedModel:
             wrap_sd3(model)
         else:
             wrap_unet(model)
+        if cache is not None and max_patches_per_call is not None:
+            raise InvalidRequestError(
+                "the patch cache needs whole-batch calls; leave max_patches_per_call unset",
+                field="patch_cache",
+            )
         self.max_patches_per_call = max_patches_per_call
+        self.cache = None if cache is None else PatchCache(cache)
+        """Patch-level block cache (approximate); carried across calls, so one batch per model."""
         self._contexts: OrderedDict[tuple, PatchContext] = OrderedDict()
         self._cache_size = context_cache_size
 
@@ -127,7 +137,10 @@ class PatchedModel:
         ctx = self.context(batch.layout, x.device)
         per_patch = ctx.patch_entry
         t = batch.timesteps.to(x.device)[per_patch]  # [N]
-        with forward_context(ctx):
+        if self.cache is not None:
+            self.cache.prepare(batch.layout, x.device)
+        ctx.cache = self.cache
+        with forward_context(ctx), _detach_cache(ctx):
             if self.is_sd3:
                 if batch.pooled is None:
                     raise ValueError("SD3 needs pooled projections")
@@ -188,6 +201,15 @@ class PatchedModel:
         for pos, i in enumerate(order):
             result[i] = outs[pos]
         return result
+
+
+@contextlib.contextmanager
+def _detach_cache(ctx: PatchContext) -> Iterator[None]:
+    """Unset the context's cache after the call (contexts are shared across calls)."""
+    try:
+        yield
+    finally:
+        ctx.cache = None
 
 
 def split_batch(batch: PatchBatch, max_patches: int) -> list[PatchBatch]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from patchedserve.patch.context import get_forward_context, timed
 from patchedserve.patch.hooks import set_patched_forward
-from patchedserve.patch.stitcher import stitch
+from patchedserve.patch.stitcher import gather_rows_from_buffer, refreshed_buffer, stitch
 
 
 def conv_halo(conv: nn.Conv2d) -> int:
@@ -52,8 +52,15 @@ def patch_conv2d(conv: nn.Conv2d, prepadded: bool = False) -> None:
         if prepadded:
             side = x.shape[-1] - 2 * halo
             padded = x
+        elif ctx.subset is not None and ctx.cache is not None:  # patch cache: halos of reused patches
+            side, rows = x.shape[-1], ctx.subset.index
+            buf, full = refreshed_buffer(ctx.cache.site((id(conv), "in")), rows, x)
+            ctx.cache.record((id(conv), "in"), full)
+            with timed(ctx, "stitch"):
+                padded = gather_rows_from_buffer(buf, ctx.halo_index(side, halo), rows)
         else:
             side = x.shape[-1]
+            ctx.recording((id(conv), "in"), x)
             with timed(ctx, "stitch"):
                 padded = stitch(x, ctx.halo_index(side, halo))
         out = F.conv2d(padded, conv.weight, conv.bias, stride, 0, 1, conv.groups)

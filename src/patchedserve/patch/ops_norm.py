@@ -23,7 +23,12 @@ from torch import nn
 
 from patchedserve.patch.context import PatchContext, get_forward_context, timed
 from patchedserve.patch.hooks import set_patched_forward
-from patchedserve.patch.stitcher import gather_from_buffer, pixel_buffer
+from patchedserve.patch.stitcher import (
+    gather_from_buffer,
+    gather_rows_from_buffer,
+    pixel_buffer,
+    refreshed_buffer,
+)
 
 
 def _per_channel(v: torch.Tensor, channels: int) -> torch.Tensor:  # [N, G] -> [N, C]
@@ -65,9 +70,13 @@ def patch_group_norm(norm: nn.GroupNorm, emit_halo: int = 0) -> None:
         ctx = get_forward_context()
         if ctx is None:
             return original(x)
+        if ctx.subset is not None:
+            return _partial(norm, x, ctx, emit_halo)
         n, c = x.shape[:2]
         view = (n, c) + (1,) * (x.dim() - 2)
         out0, mean_p, rstd_p = patch_stats(norm, x)
+        ctx.recording((id(norm), "mean"), mean_p)
+        ctx.recording((id(norm), "rstd"), rstd_p)
         mean_e, rstd_e = entry_stats(mean_p, rstd_p, norm.eps, ctx)
         w, b = _weight_bias(norm, c, x.device)
         # Re-base the patch-normalised output onto the entry statistics (and apply the affine).
@@ -79,7 +88,34 @@ def patch_group_norm(norm: nn.GroupNorm, emit_halo: int = 0) -> None:
         # padded patch (neighbours' normalised borders, zeros at the image border).
         buf, normed = pixel_buffer(n, c, x.shape[-1], x)
         torch.addcmul(shift, out0, scale, out=normed)
+        ctx.recording((id(norm), "out"), normed)
         with timed(ctx, "stitch"):
             return gather_from_buffer(buf, n, ctx.halo_index(x.shape[-1], emit_halo))  # [N, C, p+2h, p+2h]
 
     set_patched_forward(norm, forward)
+
+
+def _partial(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, emit_halo: int) -> torch.Tensor:
+    """GroupNorm of the active patches ``x`` [A, C, ...] (patch cache): image statistics combine
+    the active patches' fresh statistics with the others' last computed ones."""
+    active = ctx.subset
+    assert active is not None and ctx.cache is not None
+    a, c = x.shape[:2]
+    view = (a, c) + (1,) * (x.dim() - 2)
+    out0, mean_a, rstd_a = patch_stats(norm, x)
+    key = id(norm)
+    mean_p = ctx.cache.site((key, "mean")).index_copy(0, active.index, mean_a)  # [N, G]
+    rstd_p = ctx.cache.site((key, "rstd")).index_copy(0, active.index, rstd_a)
+    ctx.cache.record((key, "mean"), mean_p)
+    ctx.cache.record((key, "rstd"), rstd_p)
+    mean_e, rstd_e = (t.index_select(0, active.index) for t in entry_stats(mean_p, rstd_p, norm.eps, ctx))
+    w, b = _weight_bias(norm, c, x.device)
+    scale = (_per_channel(rstd_e / rstd_a, c) * w).view(view).to(x.dtype)
+    shift = (_per_channel((mean_a - mean_e) * rstd_e, c) * w + b).view(view).to(x.dtype)
+    normed = torch.addcmul(shift, out0, scale)  # [A, C, ...]
+    if not emit_halo:
+        return normed
+    buf, full = refreshed_buffer(ctx.cache.site((key, "out")), active.index, normed)
+    ctx.cache.record((key, "out"), full)
+    with timed(ctx, "stitch"):
+        return gather_rows_from_buffer(buf, ctx.halo_index(x.shape[-1], emit_halo), active.index)

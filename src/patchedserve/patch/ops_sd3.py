@@ -67,7 +67,13 @@ def patch_context_norm(norm: nn.Module) -> None:
 
     def forward(original: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         ctx = get_forward_context()
-        if ctx is not None:
+        if ctx is not None and ctx.subset is not None and ctx.subset.entry_emb is not None:
+            # patch cache: the block sees only active patches; the context stream needs every entry
+            if "emb" in kwargs:
+                kwargs["emb"] = ctx.subset.entry_emb  # [R, E]
+            else:
+                args = (ctx.subset.entry_emb, *args[1:])
+        elif ctx is not None:
             if "emb" in kwargs:  # AdaLayerNormZero(x, emb=...)
                 kwargs["emb"] = kwargs["emb"].index_select(0, ctx.entry_first_patch)  # [R, E]
             else:  # AdaLayerNormContinuous(x, conditioning_embedding)

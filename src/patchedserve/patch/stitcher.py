@@ -90,3 +90,26 @@ def gather_from_buffer(buf: torch.Tensor, n: int, index: HaloIndex) -> torch.Ten
 def stitch(x: torch.Tensor, index: HaloIndex) -> torch.Tensor:  # [N, C, S, S] channels-last
     """Padded patches with neighbour halos and zeros at the image border. ``x``: [N, C, side, side]."""
     return gather_halo(x, index).mul_(index.mask.to(x.dtype))
+
+
+def refreshed_buffer(
+    stored: torch.Tensor,  # [N, C, side, side] values of every patch as last computed
+    rows: torch.Tensor,  # [A] long, patches computed now
+    fresh: torch.Tensor,  # [A, C, side, side]
+) -> tuple[torch.Tensor, torch.Tensor]:  # buffer [N*side*side + 1, C], its [N, C, side, side] view
+    """A :func:`pixel_buffer` holding ``stored`` with ``rows`` replaced by ``fresh`` (patch cache)."""
+    n, c, side = stored.shape[0], stored.shape[1], stored.shape[-1]
+    buf, view = pixel_buffer(n, c, side, fresh)
+    view.copy_(stored)
+    view[rows] = fresh.to(view.dtype)
+    return buf, view
+
+
+def gather_rows_from_buffer(
+    buf: torch.Tensor, index: HaloIndex, rows: torch.Tensor
+) -> torch.Tensor:  # [A, C, S, S] channels-last
+    """Padded patches of ``rows`` only (zeros off-image), from a :func:`pixel_buffer`."""
+    s2 = index.padded * index.padded
+    flat = index.flat_src_zero.view(-1, s2).index_select(0, rows).view(-1)  # [A*S*S]
+    out = buf.index_select(0, flat)
+    return out.view(len(rows), index.padded, index.padded, buf.shape[1]).permute(0, 3, 1, 2)

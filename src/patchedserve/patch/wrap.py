@@ -3,12 +3,14 @@
 One pass over the module tree decides, per module, which patched forward it gets: halo convs,
 per-image GroupNorms (fused with the following conv's halo where the block structure allows it),
 per-image attention processors, and for SD3 the positional embedding and context-stream norms.
+The denoiser's blocks get the patch cache's entry point (inert unless the model runs with a cache).
 Anything the patched path cannot make exact is refused here, at construction, with a clear error.
 Called by ``PatchedModel``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -18,7 +20,9 @@ from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
-from patchedserve.patch.hooks import is_patched
+from patchedserve.patch.cache import BlockSpec
+from patchedserve.patch.context import get_forward_context
+from patchedserve.patch.hooks import is_patched, set_patched_forward
 from patchedserve.patch.ops_attention import PatchedAttnProcessor, PatchedJointAttnProcessor
 from patchedserve.patch.ops_conv import conv_halo, patch_conv2d
 from patchedserve.patch.ops_norm import patch_group_norm
@@ -74,6 +78,12 @@ def wrap_unet(model: nn.Module) -> None:
             patch_group_norm(m, emit_halo=fused_norms.get(id(m), 0))
         elif isinstance(m, Attention) and not isinstance(m.processor, PatchedAttnProcessor):
             m.set_processor(PatchedAttnProcessor(m.processor))  # type: ignore[arg-type]
+    blocks: Any = model
+    for name in ("down_blocks", "up_blocks"):
+        for i, block in enumerate(blocks.get_submodule(name)):
+            _cache_block(block, f"{name}.{i}")
+    if blocks.mid_block is not None:
+        _cache_block(blocks.mid_block, "mid_block")
 
 
 def wrap_sd3(model: nn.Module) -> None:
@@ -94,3 +104,35 @@ def wrap_sd3(model: nn.Module) -> None:
         for attn in (block.attn, getattr(block, "attn2", None)):
             if attn is not None and not isinstance(attn.processor, PatchedJointAttnProcessor):
                 attn.set_processor(PatchedJointAttnProcessor(attn.processor))
+    for i, block in enumerate(blocks):
+        _cache_block(
+            block, f"transformer_blocks.{i}", per_entry_outputs=frozenset({0}), entry_emb_from="temb"
+        )
+
+
+def _cache_block(
+    block: nn.Module,
+    key: str,
+    per_entry_outputs: frozenset[int] = frozenset(),
+    entry_emb_from: str | None = None,
+) -> None:
+    """Route ``block`` through the patch cache when the forward has one (``patch.cache``)."""
+    if is_patched(block):
+        return
+    signature = inspect.signature(block.forward)
+    names = signature.parameters
+    spec = BlockSpec(
+        signature=signature,
+        per_patch=tuple(n for n in ("hidden_states", "res_hidden_states_tuple", "temb") if n in names),
+        watch=tuple(n for n in ("hidden_states", "res_hidden_states_tuple") if n in names),
+        per_entry_outputs=per_entry_outputs,
+        entry_emb_from=entry_emb_from,
+    )
+
+    def forward(original: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx = get_forward_context()
+        if ctx is None or ctx.cache is None:
+            return original(*args, **kwargs)
+        return ctx.cache.run_block(key, spec, original, args, kwargs, ctx)
+
+    set_patched_forward(block, forward)

@@ -1,0 +1,132 @@
+"""The patch-level block cache: its partial block calls are exact given exact stand-ins, it carries
+across composition changes, and it reuses where inputs repeat.
+
+The cache is approximate by design (reused patches take an earlier step's block output). What must
+hold exactly is the machinery: when the stand-ins a partial call reads (other patches' GroupNorm
+statistics, halos, keys and values) are the values the full call would compute, the partial call
+equals the full forward. We get that by repeating an identical call while the reuse decision is
+replaced by a random mask, so every partial path (GroupNorm, fused halo, conv halo, self-, cross-
+and SD3 joint attention, the context stream) runs with arbitrary active sets.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+import torch
+
+from patchedserve.errors import InvalidRequestError
+from patchedserve.layout import merge_patches, split_latents
+from patchedserve.models import load_model
+from patchedserve.patch import PatchBatch, PatchCacheConfig, PatchedModel
+from patchedserve.patch.cache import PatchCache
+from test_patch_exact import FAMILIES, REL_TOL, Req, make_request, patched, rel_err, run_full, run_patched
+
+
+@cache
+def cached_model(name: str) -> PatchedModel:
+    denoiser = load_model(name).denoiser
+    return PatchedModel(
+        denoiser, patch_size=PatchedModel.min_patch_size(denoiser), cache=PatchCacheConfig(threshold=1.0)
+    )
+
+
+def fresh_cache(pm: PatchedModel, seed: int, share: float = 0.5) -> PatchCache:
+    """Reset ``pm``'s cache and make it reuse a random ``share`` of the valid patches per block."""
+    assert pm.cache is not None
+    pm.cache = PatchCache(pm.cache.config)
+    g = torch.Generator().manual_seed(seed)
+
+    def decide(state: object, watched: object) -> torch.Tensor:
+        valid = state.valid  # type: ignore[attr-defined]
+        return valid & (torch.rand(valid.shape, generator=g) < share)
+
+    pm.cache._decide = decide  # type: ignore[method-assign]
+    return pm.cache
+
+
+def batch_of(pm: PatchedModel, reqs: list[Req], ids: list[int]) -> PatchBatch:
+    """A ``PatchBatch`` with stable entry ids (as the engine builds them)."""
+    layout = pm.layout_for(
+        [(r.latent.shape[-2] * pm.vae_scale_factor, r.latent.shape[-1] * pm.vae_scale_factor) for r in reqs],
+        ids,
+    )
+    by_id = dict(zip(ids, reqs, strict=True))
+    order = [by_id[i] for i in layout.entry_ids]
+    return PatchBatch(
+        layout,
+        split_latents([r.latent for r in order], layout),
+        torch.stack([r.timestep for r in order]),
+        torch.stack([r.text for r in order]),
+        None if order[0].pooled is None else torch.stack([r.pooled for r in order]),  # type: ignore[misc]
+        None if order[0].time_ids is None else torch.stack([r.time_ids for r in order]),  # type: ignore[misc]
+    )
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_partial_block_calls_are_exact_with_exact_stand_ins(name: str) -> None:
+    pm = cached_model(name)
+    reqs = [make_request(pm, g, 10 + i) for i, g in enumerate([(1, 1), (2, 1), (2, 2), (3, 2), (1, 3)])]
+    refs = [run_full(pm, r) for r in reqs]
+    cache_state = fresh_cache(pm, seed=1)
+    for _ in range(3):  # the first call computes everything; later ones run partial blocks
+        for out, ref in zip(run_patched(pm, reqs), refs, strict=True):
+            assert rel_err(out, ref) <= REL_TOL
+    assert 0.2 < cache_state.stats.reuse_fraction < 0.6  # partial calls really happened
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cache_follows_the_batch_when_requests_join_and_leave(name: str) -> None:
+    pm = cached_model(name)
+    reqs = [make_request(pm, g, 30 + i) for i, g in enumerate([(1, 1), (2, 1), (2, 2), (1, 2)])]
+    fresh_cache(pm, seed=2)
+    pm.forward_batch(batch_of(pm, reqs[:3], [0, 1, 2]))
+    # request 0 leaves, 3 joins (new rows must compute everything), 1 and 2 move in the layout
+    batch = batch_of(pm, reqs[1:], [1, 2, 3])
+    out = pm.forward_batch(batch)
+    merged = merge_patches(out, batch.layout)
+    for eid, got in zip(batch.layout.entry_ids, merged, strict=True):
+        assert rel_err(got, run_full(pm, reqs[eid])) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_threshold_zero_never_reuses_and_stays_exact(name: str) -> None:
+    denoiser = load_model(name).denoiser
+    pm = PatchedModel(denoiser, PatchedModel.min_patch_size(denoiser), cache=PatchCacheConfig(threshold=0.0))
+    exact = patched(name, 1)
+    reqs = [make_request(pm, g, 50 + i) for i, g in enumerate([(1, 2), (2, 2)])]
+    for _ in range(2):
+        for a, b in zip(run_patched(pm, reqs), run_patched(exact, reqs), strict=True):
+            assert rel_err(a, b) <= REL_TOL
+    assert pm.cache is not None and pm.cache.stats.reused == 0
+
+
+def test_repeated_inputs_reuse_and_changed_inputs_recompute() -> None:
+    denoiser = load_model("tiny-sdxl").denoiser
+    pm = PatchedModel(denoiser, 64, cache=PatchCacheConfig(threshold=1e-3, max_reuse=1))
+    exact = patched("tiny-sdxl", 1)
+    r = make_request(pm, (2, 2), seed=5)
+    run_patched(pm, [r])
+    assert pm.cache is not None
+    before = pm.cache.stats.reused
+    run_patched(pm, [r])  # identical input: every patch reuses every block
+    blocks = len(pm.cache.blocks)
+    assert pm.cache.stats.reused - before == 4 * blocks
+    again = run_patched(pm, [r])[0]  # max_reuse=1: must recompute now
+    assert rel_err(again, run_patched(exact, [r])[0]) <= REL_TOL
+    r.latent = r.latent + torch.randn_like(r.latent)  # a large change: nothing may reuse
+    before = pm.cache.stats.reused
+    changed = run_patched(pm, [r])[0]
+    assert pm.cache.stats.reused == before
+    assert rel_err(changed, run_patched(exact, [r])[0]) <= REL_TOL
+
+
+def test_bad_cache_settings_are_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="threshold"):
+        PatchCacheConfig(threshold=-1.0)
+    with pytest.raises(InvalidRequestError, match="max_reuse"):
+        PatchCacheConfig(max_reuse=0)
+    denoiser = load_model("tiny-sdxl").denoiser
+    with pytest.raises(InvalidRequestError, match="max_patches_per_call"):
+        PatchedModel(denoiser, 64, max_patches_per_call=4, cache=PatchCacheConfig())
