@@ -126,6 +126,7 @@ def test_tiny_real_replay_writes_results_and_plots(
         "res-batch",
         "nirvana",
         "patched-fcfs",
+        "mixed-cache",
         "patchedserve",
     ]
     for run in data["runs"]:
@@ -134,7 +135,7 @@ def test_tiny_real_replay_writes_results_and_plots(
         assert set(run["per_resolution"]) == {"64x64", "128x64"}
     for name in ("slo_vs_qps.png", "goodput_vs_qps.png", "latency_cdf.png"):
         assert (out / name).stat().st_size > 1000
-    assert len(list((out / "outcomes").glob("*.jsonl"))) == 5
+    assert len(list((out / "outcomes").glob("*.jsonl"))) == 6
     steps = load_steps(run_file(out, "steps", "patched-fcfs", 1, data["runs"][3]["qps"]))
     assert sum(len(entries) for _, _, entries in steps) == 2 + 2 + 2  # every request ran its 2 steps
     assert all(latency_s > 0.0 for _, latency_s, _ in steps)
@@ -149,7 +150,7 @@ def test_tiny_real_replay_writes_results_and_plots(
     ]
     assert main(compare) == 0
     rows = json.loads((tmp_path / "sim" / "compare.json").read_text())["rows"]
-    assert len(rows) == 5 and all(r["sim_satisfaction"] == 1.0 for r in rows)
+    assert len(rows) == 6 and all(r["sim_satisfaction"] == 1.0 for r in rows)
     assert "largest |difference| 0.0 pp" in capsys.readouterr().out
 
 

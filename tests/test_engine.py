@@ -202,6 +202,31 @@ def test_resolution_batching_never_mixes_resolutions() -> None:
         engine.stop()
 
 
+def test_patch_cache_reuses_and_stays_close_to_exact() -> None:
+    from patchedserve.patch import PatchCacheConfig
+
+    reqs = [
+        GenerationRequest("a red fox", width=128, height=128, steps=12, seed=1),
+        GenerationRequest("a dog", width=128, height=64, steps=12, seed=2),
+    ]
+    exact = Engine.from_model("tiny-sdxl", patch_size=64, decode_in_thread=False).generate(reqs)
+    off = Engine.from_model(
+        "tiny-sdxl", patch_size=64, decode_in_thread=False, patch_cache=PatchCacheConfig(threshold=0.0)
+    )
+    for a, b in zip(off.generate(reqs), exact, strict=True):  # never reusing: the exact images
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    on = Engine.from_model(
+        "tiny-sdxl", patch_size=64, decode_in_thread=False, patch_cache=PatchCacheConfig(threshold=0.05)
+    )
+    results = on.generate(reqs)
+    assert on.model.cache is not None and on.model.cache.stats.reuse_fraction > 0.1
+    for a, b in zip(results, exact, strict=True):
+        mse = np.mean((np.asarray(a.image, dtype=np.float64) - np.asarray(b.image, dtype=np.float64)) ** 2)
+        assert mse > 0 and 10 * np.log10(255**2 / mse) > 40  # approximate, but close (PSNR dB)
+    with pytest.raises(InvalidRequestError, match="patched execution"):
+        Engine.from_model("tiny-sdxl", execution="image", patch_cache=PatchCacheConfig())
+
+
 def test_approximate_cache_skips_steps_for_a_repeated_prompt() -> None:
     engine = Engine.from_model(
         "tiny-sdxl",

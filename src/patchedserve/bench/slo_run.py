@@ -8,6 +8,7 @@ after every run, so an interrupted sweep keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -72,6 +73,7 @@ def ensure_costs(
         batch_sizes=tuple(b for b in (1, 2, 4, 8, 12) if b <= args.max_running),
         guidance_scale=guidance,
         patch_size=args.patch_size,
+        steps=int(statistics.median(r.steps for t in traces for r in t[2])) if traces[0][2] else 8,
     )
     paths = {}
     for execution in sorted(executions):

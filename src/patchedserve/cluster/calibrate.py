@@ -30,7 +30,7 @@ from patchedserve.engine.batch import DenoiseBatch
 from patchedserve.engine.image_batch import ImageBatch
 from patchedserve.engine.prepare import Preparer
 from patchedserve.models import ModelBundle, validate_generation
-from patchedserve.patch import PatchedModel
+from patchedserve.patch import PatchCacheConfig, PatchedModel
 from patchedserve.request import Request
 from patchedserve.scheduler import Entry, LatencyPredictor, Overhead, StepSample
 
@@ -55,6 +55,10 @@ class Calibration:
     """Patch side of the patched model, and the unit the features are counted in."""
     seed: int = 0
     """Seed of the patched mixes."""
+    steps: int = 8
+    """Trajectory length for the patch cache's saving (the traces' step count)."""
+    cache_mixes: int = 4
+    """Random mixes run as whole trajectories, exact and cached, for the patch cache's saving."""
 
 
 def _requests(
@@ -130,6 +134,9 @@ def calibrate(
     }
     if execution == "patched":
         meta["decode_interference"] = measure_decode_interference(bundle, preparer, pm, config)
+        meta["patch_cache_factor"], meta["patch_cache_reuse"] = measure_patch_cache_factor(
+            bundle, preparer, config
+        )
     predictor = LatencyPredictor.fit(samples, config.patch_size, overhead=overhead, meta=meta)
     errors = [abs(predictor.predict_step(s.entries) / s.latency_s - 1.0) for s in samples]
     predictor.meta["fit_mape_pct"] = 100.0 * sum(errors) / len(errors)
@@ -175,3 +182,35 @@ def measure_decode_interference(
         stop.set()
         worker.join()
     return min(max(1.0 - alone_s / statistics.median(busy), 0.0), 1.0)
+
+
+def measure_patch_cache_factor(
+    bundle: ModelBundle, preparer: Preparer, config: Calibration, cache: PatchCacheConfig | None = None
+) -> tuple[float, float]:
+    """Cached / exact denoising time over whole trajectories, and the share of patch-block
+    computations the cache reused.
+
+    Runs ``config.cache_mixes`` random mixes for ``config.steps`` steps each, exact and cached back
+    to back (after one warm-up trajectory of each), and returns the ratio of the summed times.
+    """
+    exact = PatchedModel(bundle.denoiser, config.patch_size, bundle.vae_scale_factor)
+    cached = PatchedModel(
+        bundle.denoiser, config.patch_size, bundle.vae_scale_factor, cache=cache or PatchCacheConfig()
+    )
+    rng = random.Random(config.seed + 1)
+    mixes = [
+        [rng.choice(config.sizes) for _ in range(rng.choice(config.batch_sizes))]
+        for _ in range(config.cache_mixes)
+    ]
+    totals = {"exact": 0.0, "cached": 0.0}
+    for k, sizes in enumerate([mixes[0], *mixes]):
+        for name, pm in (("exact", exact), ("cached", cached)):
+            requests = _requests(bundle, sizes, config, steps=config.steps)
+            preparer.prepare(requests)
+            if pm.cache is not None:
+                pm.cache.clear()
+            spent = sum(time_steps(bundle, DenoiseBatch(pm, preparer.samplers, bundle.device), requests))
+            if k > 0:  # the first trajectory of each warms up
+                totals[name] += spent
+    assert cached.cache is not None
+    return totals["cached"] / totals["exact"], cached.cache.stats.reuse_fraction

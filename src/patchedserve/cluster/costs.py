@@ -9,6 +9,10 @@ it (``encode_s`` each, from the profile), then one denoising step of the active 
 * image-level systems: the sum over resolution groups (and samplers, as ``ImageBatch`` groups) of
   the image-level cost model's latency of that group (``cluster.calibrate``).
 
+A system with the patch-level block cache pays ``cache_factor`` of the patched step cost: the
+measured ratio of cached to exact denoising time over whole trajectories of the trace's step count
+(``cluster.calibrate.measure_patch_cache_factor``; 1 when not measured).
+
 A finished request is decoded on the engine's single decode worker (FIFO, overlapping the
 denoising loop, as ``decode_in_thread`` does): ``decode_s(width, height)`` from the profile.
 ``scale`` multiplies every figure (a machine that is uniformly slower or faster than profiled);
@@ -53,6 +57,8 @@ class CostModel:
     """Trace time (s) -> cost factor at that time; None: constant 1."""
     decode_interference: float = 0.0
     """Share of the denoising loop's speed lost while the decode worker runs, in [0, 1]."""
+    cache_factor: float = 1.0
+    """Multiplies the step cost (the patch cache's measured saving; 1 without a cache)."""
 
     def step_with_decode_s(self, step_s: float, start_s: float, decoder_free_s: float) -> float:
         """Duration of a step of ``step_s`` (alone) that starts at ``start_s`` while the decode
@@ -73,7 +79,7 @@ class CostModel:
         groups: dict[tuple[int, int, str], list[Entry]] = {}
         for r in running:
             groups.setdefault((r.params.width, r.params.height, r.params.sampler), []).append(entry_of(r))
-        return self.factor(now_s) * self._groups_s(list(groups.values()))
+        return self.factor(now_s) * self.cache_factor * self._groups_s(list(groups.values()))
 
     def base_step_s(self, entries: Sequence[Entry]) -> float:
         """One step of ``entries`` (one sampler) at factor 1: what a measured step is compared to."""
@@ -108,6 +114,9 @@ class MachineCosts:
     """Machine speed over trace time (``CostModel.speed``); None: constant."""
     decode_interference: float = 0.0
     """Share of the loop's speed a concurrent decode takes (``CostModel.decode_interference``)."""
+    patch_cache_factor: float | None = None
+    """Cached / exact denoising time of the patch cache (``CostModel.cache_factor``); None: not
+    measured, and cached systems are priced as exact ones."""
 
     @classmethod
     def load(cls, image: str | Path | None, patched: str | Path | None) -> MachineCosts:
@@ -115,15 +124,21 @@ class MachineCosts:
         patched calibration's measurement."""
         image_cost = LatencyPredictor.load(image) if image else None
         patched_cost = LatencyPredictor.load(patched) if patched else None
-        interference = float(patched_cost.meta.get("decode_interference", 0.0)) if patched_cost else 0.0
-        return cls(image_cost, patched_cost, None, interference)
+        meta = patched_cost.meta if patched_cost else {}
+        interference = float(meta.get("decode_interference", 0.0))
+        factor = meta.get("patch_cache_factor")
+        return cls(image_cost, patched_cost, None, interference, None if factor is None else float(factor))
 
 
 def cost_model(
-    execution: str, profile: LatencyPredictor, costs: MachineCosts, scale: float = 1.0
+    execution: str,
+    profile: LatencyPredictor,
+    costs: MachineCosts,
+    scale: float = 1.0,
+    patch_cache: bool = False,
 ) -> CostModel:
-    """The cost model of a system with ``execution`` (``patched`` or ``image``); encode and decode
-    costs come from ``profile``."""
+    """The cost model of a system with ``execution`` (``patched`` or ``image``), with or without the
+    patch cache; encode and decode costs come from ``profile``."""
     if execution == "image":
         if costs.image is None:
             raise ValueError(
@@ -131,4 +146,7 @@ def cost_model(
                 "(written by `patchedserve bench slo` or `patchedserve bench calibrate`)"
             )
         return CostModel(costs.image, True, profile, scale, costs.speed, costs.decode_interference)
-    return CostModel(costs.patched or profile, False, profile, scale, costs.speed, costs.decode_interference)
+    factor = costs.patch_cache_factor if patch_cache and costs.patch_cache_factor is not None else 1.0
+    return CostModel(
+        costs.patched or profile, False, profile, scale, costs.speed, costs.decode_interference, factor
+    )

@@ -104,7 +104,7 @@ def build_replicas(
     embed: Embedder | None,
 ) -> list[SimReplica]:
     """``config.replicas`` fresh engines of ``spec``, each with its own predictor copy and cache."""
-    cost = cost_model(spec.execution, profile, costs, config.cost_scale)
+    cost = cost_model(spec.execution, profile, costs, config.cost_scale, spec.patch_cache)
     replicas = []
     for _ in range(config.replicas):
         own = LatencyPredictor.from_dict(profile.to_dict())  # each engine loads the profile itself

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from patchedserve.errors import InvalidRequestError
+from patchedserve.patch import PatchCacheConfig
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class EngineConfig:
     execution: str = "patched"
     """``patched``: one patched model call over all requests; ``image``: the model's own forward per
     resolution (the image-level baselines)."""
+    patch_cache: PatchCacheConfig | None = None
+    """Patch-level block cache (approximate): reuse a block's output per patch where its input
+    barely changed since the last step. None: exact output."""
     approx_cache: bool = False
     """NIRVANA-style reuse of similar prompts' intermediate latents (a baseline; approximate)."""
     profile: str | None = None
@@ -51,6 +55,10 @@ class EngineConfig:
             )
         if self.execution not in ("patched", "image"):
             raise InvalidRequestError("execution must be patched or image", field="execution")
+        if self.patch_cache is not None and (self.execution != "patched" or self.max_patches_per_call):
+            raise InvalidRequestError(
+                "the patch cache needs patched execution in whole-batch calls", field="patch_cache"
+            )
         if self.on_infeasible not in ("drop", "best-effort"):
             raise InvalidRequestError("on_infeasible must be drop or best-effort", field="on_infeasible")
 

@@ -58,6 +58,7 @@ class Engine:
             self.config.patch_size,
             bundle.vae_scale_factor,
             max_patches_per_call=self.config.max_patches_per_call,
+            cache=self.config.patch_cache,
         )
         self.preparer = Preparer(bundle, self.device, self.config.torch_dtype)
         self.batch = self._new_batch()
