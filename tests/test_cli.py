@@ -91,3 +91,14 @@ def test_bad_input_is_one_error_line_and_exit_code_2(
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert BAD_INPUTS[case][1] in err
     assert "Traceback" not in err and out == ""
+
+
+def test_serve_flags_reach_the_engine_config() -> None:
+    from patchedserve.cli import build_parser
+    from patchedserve.server.commands import engine_config
+
+    args = build_parser().parse_args(["serve", "--policy", "slo", "--patch-cache", "0.1"])
+    config = engine_config(args)
+    assert config.policy == "slo"
+    assert config.patch_cache is not None and config.patch_cache.threshold == 0.1
+    assert engine_config(build_parser().parse_args(["serve"])).patch_cache is None

@@ -35,7 +35,7 @@ from patchedserve.layout import CSPLayout
 class PatchCacheConfig:
     """When a patch may reuse a block's output from an earlier step."""
 
-    threshold: float = 0.01
+    threshold: float = 0.05
     """Largest relative squared change of the block input (per patch) that still reuses."""
     max_reuse: int = 2
     """Most consecutive steps a patch may reuse one block before it must be recomputed."""

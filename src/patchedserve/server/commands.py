@@ -19,6 +19,7 @@ import uvicorn
 from patchedserve.engine import Engine, EngineConfig
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import DEFAULT_MODEL, ModelBundle, load_model
+from patchedserve.patch import PatchCacheConfig
 from patchedserve.server.app import create_app
 
 ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
@@ -55,6 +56,14 @@ def add_parser(subparsers: Any) -> None:
             default=None,
             help=f"{text} (default: the engine's)",
         )
+    serve.add_argument(
+        "--patch-cache",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="turn on the patch-level block cache (approximate): reuse a block per patch when its input "
+        "changed by less than THRESHOLD (relative squared change; 0.05 is the default setting)",
+    )
     serve.set_defaults(handler=run_serve)
 
 
@@ -64,6 +73,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     given = {name: getattr(args, name) for name, _, _ in ENGINE_OPTIONS if getattr(args, name) is not None}
     for name in given.keys() - known:
         raise InvalidRequestError(f"--{name.replace('_', '-')} is not supported by this engine yet", name)
+    if getattr(args, "patch_cache", None) is not None:
+        given["patch_cache"] = PatchCacheConfig(threshold=args.patch_cache)
     return EngineConfig(**given)
 
 
