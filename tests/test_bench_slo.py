@@ -126,8 +126,8 @@ def test_tiny_real_replay_writes_results_and_plots(
         "res-batch",
         "nirvana",
         "patched-fcfs",
-        "mixed-cache",
         "patchedserve",
+        "patchedserve-cache",
     ]
     for run in data["runs"]:
         assert set(run) >= RUN_KEYS

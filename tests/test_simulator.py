@@ -63,7 +63,7 @@ def test_patch_cache_systems_pay_the_measured_cache_factor() -> None:
     r = req(2.0, size=512, steps=10)
     solo_s = profile(1.1).solo_step_s((512, 512, True), corrected=False)
     overhead_s = p.overhead.encode_s + p.overhead.decode_s(512, 512)
-    for name, factor in (("patched-fcfs", 1.0), ("mixed-cache", 0.75), ("patchedserve", 0.75)):
+    for name, factor in (("patched-fcfs", 1.0), ("mixed-cache", 0.75), ("patchedserve-cache", 0.75)):
         [outcome] = simulate([r], objectives_s([r], p), SYSTEMS[name], p, costs)
         assert outcome.latency_s == pytest.approx(overhead_s + 10 * factor * solo_s, rel=1e-9)
     unmeasured = cost_model("patched", p, MachineCosts(), patch_cache=True)

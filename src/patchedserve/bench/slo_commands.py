@@ -133,7 +133,7 @@ def add_parsers(group: Any) -> None:
     """Adds ``slo``, ``calibrate`` and ``report`` to the ``bench`` command group."""
     slo = group.add_parser("slo", help="replay traces on every system on the wall clock (SLO satisfaction)")
     add_trace_args(slo)
-    add_system_args(slo, "image-fcfs,res-batch,nirvana,patched-fcfs,mixed-cache,patchedserve")
+    add_system_args(slo, "image-fcfs,res-batch,nirvana,patched-fcfs,patchedserve,patchedserve-cache")
     slo.add_argument("--threads", type=int, default=None, help="torch CPU threads (match the profile's)")
     slo.add_argument("--device", default="cpu")
     slo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -187,11 +187,13 @@ def measure_decode_interference(
 def measure_patch_cache_factor(
     bundle: ModelBundle, preparer: Preparer, config: Calibration, cache: PatchCacheConfig | None = None
 ) -> tuple[float, float]:
-    """Cached / exact denoising time over whole trajectories, and the share of patch-block
+    """Cached / exact denoising time as requests come and go, and the share of patch-block
     computations the cache reused.
 
-    Runs ``config.cache_mixes`` random mixes for ``config.steps`` steps each, exact and cached back
-    to back (after one warm-up trajectory of each), and returns the ratio of the summed times.
+    Each of ``config.cache_mixes`` random mixes is served as a serving engine would see it: one
+    request joins per step, each leaves after ``config.steps`` steps, so the batch changes at most
+    steps (the cache then carries its buffers across). Exact and cached run back to back per mix,
+    after one warm-up mix of each; the ratio of the summed step times is returned.
     """
     exact = PatchedModel(bundle.denoiser, config.patch_size, bundle.vae_scale_factor)
     cached = PatchedModel(
@@ -205,12 +207,33 @@ def measure_patch_cache_factor(
     totals = {"exact": 0.0, "cached": 0.0}
     for k, sizes in enumerate([mixes[0], *mixes]):
         for name, pm in (("exact", exact), ("cached", cached)):
-            requests = _requests(bundle, sizes, config, steps=config.steps)
-            preparer.prepare(requests)
             if pm.cache is not None:
                 pm.cache.clear()
-            spent = sum(time_steps(bundle, DenoiseBatch(pm, preparer.samplers, bundle.device), requests))
-            if k > 0:  # the first trajectory of each warms up
+            spent = _serve_staggered(bundle, preparer, pm, _requests(bundle, sizes, config, config.steps))
+            if k > 0:  # the first mix of each warms up
                 totals[name] += spent
     assert cached.cache is not None
     return totals["cached"] / totals["exact"], cached.cache.stats.reuse_fraction
+
+
+def _serve_staggered(
+    bundle: ModelBundle, preparer: Preparer, pm: PatchedModel, requests: list[Request]
+) -> float:
+    """Seconds of denoising steps while ``requests`` join one per step and leave when done."""
+    preparer.prepare(requests)
+    batch = DenoiseBatch(pm, preparer.samplers, bundle.device)
+    waiting, running, spent = list(requests), list[Request](), 0.0
+    cuda = bundle.device.type == "cuda"
+    while waiting or running:
+        if waiting:
+            running.append(waiting.pop(0))
+        batch.sync(running)
+        if cuda:
+            torch.cuda.synchronize(bundle.device)
+        start = time.perf_counter()
+        batch.step()
+        if cuda:
+            torch.cuda.synchronize(bundle.device)
+        spent += time.perf_counter() - start
+        running = [r for r in running if r.step_index < r.params.steps]
+    return spent

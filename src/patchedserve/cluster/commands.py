@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
         "step costs from a profile.",
     )
     add_trace_args(p)
-    add_system_args(p, "image-fcfs,res-batch,nirvana,patched-fcfs,mixed-cache,patchedserve")
+    add_system_args(p, "image-fcfs,res-batch,nirvana,patched-fcfs,patchedserve,patchedserve-cache")
     p.add_argument("--replicas", type=_ints, default=[1], help="replica counts, e.g. 1,2,4,8")
     p.add_argument("--qps-per-replica", action="store_true", help="offered load = each --qps x replicas")
     p.add_argument("--max-waiting", type=int, default=256, help="queue bound per replica")

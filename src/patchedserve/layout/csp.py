@@ -120,6 +120,15 @@ class CSPLayout:
             neighbours,
         )
 
+    def subset(self, positions: Sequence[int]) -> CSPLayout:
+        """The layout of the entries at these layout positions (ascending), in the same order: its
+        patches are those entries' patch ranges of ``self``, concatenated."""
+        return self._from_sorted(
+            tuple(self.sizes[i] for i in positions),
+            tuple(self.entry_ids[i] for i in positions),
+            self.patch_size,
+        )
+
     def with_added(self, sizes: Sequence[tuple[int, int]], entry_ids: Sequence[int]) -> CSPLayout:
         """A layout with more entries, each inserted at the end of its sort position."""
         new_sizes, new_ids = list(self.sizes), list(self.entry_ids)

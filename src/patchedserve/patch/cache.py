@@ -20,6 +20,7 @@ paper's second component). Buffers follow the batch across composition changes w
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +40,14 @@ class PatchCacheConfig:
     """Largest relative squared change of the block input (per patch) that still reuses."""
     max_reuse: int = 2
     """Most consecutive steps a patch may reuse one block before it must be recomputed."""
+    granularity: str = "image"
+    """``image``: a block reuses per image (every patch of it, decided on the image's total change)
+    and recomputes whole images, which see exact context; ``patch``: per patch, with reused
+    neighbours' last values standing in as context (the paper's design)."""
 
     def __post_init__(self) -> None:
+        if self.granularity not in ("image", "patch"):
+            raise InvalidRequestError("patch cache granularity must be image or patch", field="granularity")
         if not self.threshold >= 0:
             raise InvalidRequestError("patch cache threshold must be >= 0", field="patch_cache_threshold")
         if self.max_reuse < 1:
@@ -70,6 +77,7 @@ class BlockSpec:
     watch: tuple[str, ...]
     per_entry_outputs: frozenset[int] = frozenset()
     entry_emb_from: str | None = None  # SD3: the per-patch argument whose entry rows condition context
+    per_entry: tuple[str, ...] = ()  # per-entry arguments (text states), subset for whole-image calls
 
 
 @dataclass
@@ -78,6 +86,7 @@ class _BlockState:
     outputs: list[torch.Tensor | None]  # flattened outputs; per-patch leaves [N, ...]
     reused: torch.Tensor  # [N] int, consecutive reuses per patch
     valid: torch.Tensor  # [N] bool, the patch has a computed output here
+    gen: int  # layout generation ``inputs`` and ``outputs`` are in (flags are always current)
     rebuild: Callable[[Sequence[torch.Tensor | None]], Any]  # leaves -> the block's output structure
 
 
@@ -98,12 +107,26 @@ class PatchCache:
     config: PatchCacheConfig
     layout: CSPLayout | None = None
     blocks: dict[str, _BlockState] = field(default_factory=dict)
-    sites: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # each [N, ...]
+    sites: dict[tuple[int, str], tuple[torch.Tensor, int]] = field(default_factory=dict)
+    """Operator inputs per (module id, tag): ``[N_gen, ...]`` and the generation recorded in."""
     stats: CacheStats = field(default_factory=CacheStats)
+    gen: int = 0
+    """Layout generation: increases at every composition change."""
+    _maps: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per older generation: each current patch's row in it ([N] long, -1 where new)."""
+    _layouts: dict[int, CSPLayout] = field(default_factory=dict)
+    """The layout of each generation still referenced."""
+    _contexts: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict)
+    """Contexts of whole-image subsets (``granularity="image"``), least recently used first."""
 
     # ------------------------------------------------------------------ composition
     def prepare(self, layout: CSPLayout, device: torch.device) -> None:
-        """Carry every buffer to ``layout`` (kept patches move, new ones start invalid)."""
+        """Follow the batch to ``layout``: kept patches keep their cache, new ones start invalid.
+
+        Stored tensors are not moved here (that would copy one forward's activations at every
+        join or leave); each remembers the layout generation it was recorded in, and is gathered
+        into the current layout only when a reuse needs it (``_current``).
+        """
         old = self.layout
         self.layout = layout
         if old is None or (old.entry_ids == layout.entry_ids and old.sizes == layout.sizes):
@@ -113,36 +136,70 @@ class PatchCache:
         for i, (eid, size) in enumerate(zip(layout.entry_ids, layout.sizes, strict=True)):
             if old_size.get(eid, size) != size:  # same id, another image: nothing carries over
                 index_host[layout.entry_offsets[i] : layout.entry_offsets[i + 1]] = -1
-        index = torch.as_tensor(index_host, device=device)
-        kept = (index >= 0).nonzero().squeeze(1)
-        src = index[kept]
+        index = torch.as_tensor(index_host, device=device)  # [N] row in the previous layout, or -1
+        live = {g for _, g in self.sites.values()} | {st.gen for st in self.blocks.values()}
+        self._maps = {
+            g: torch.where(index >= 0, m.index_select(0, index.clamp_min(0)), -1)
+            for g, m in self._maps.items()
+            if g in live
+        }
+        self._maps[self.gen] = index
+        self._layouts = {g: lay for g, lay in self._layouts.items() if g in self._maps}
+        self._layouts[self.gen] = old
+        self.gen += 1
+        for state in self.blocks.values():  # small flags move at once
+            state.reused = self._current(state.reused, self.gen - 1)
+            state.valid = self._current(state.valid, self.gen - 1)
 
-        def move(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros((layout.num_patches, *t.shape[1:]))
-            out[kept] = t[src]
-            return out
+    def _current_entries(self, t: torch.Tensor, gen: int) -> torch.Tensor:  # [R_gen, ...] -> [R, ...]
+        """A per-entry tensor of generation ``gen`` in the current layout (zeros for new entries)."""
+        if gen == self.gen:
+            return t
+        assert self.layout is not None
+        first = torch.as_tensor(self.layout.entry_offsets[:-1], device=t.device)
+        rows = self._maps[gen].index_select(0, first)  # [R] first patch's row in gen, or -1
+        old_entry = torch.as_tensor(self._layouts[gen].patch_entry, device=t.device)
+        kept = rows >= 0
+        out = t.new_zeros((len(rows), *t.shape[1:]))
+        out[kept] = t[old_entry[rows[kept]]]
+        return out
 
-        for state in self.blocks.values():
-            state.inputs = [move(t) for t in state.inputs]
-            state.outputs = [
-                None if t is None or t.shape[0] != old.num_patches else move(t) for t in state.outputs
-            ]
-            state.reused = move(state.reused)
-            state.valid = move(state.valid)
-        self.sites = {k: move(t) for k, t in self.sites.items()}
+    def _current(self, t: torch.Tensor, gen: int) -> torch.Tensor:  # [N_gen, ...] -> [N, ...]
+        """``t``, recorded in layout generation ``gen``, in the current layout (zeros for new rows)."""
+        if gen == self.gen:
+            return t
+        rows = self._maps[gen]
+        kept = rows >= 0
+        out = t.new_zeros((len(rows), *t.shape[1:]))
+        out[kept] = t[rows[kept]]
+        return out
+
+    def nbytes(self) -> int:
+        """Memory the cache holds: one step's block inputs, outputs and operator inputs."""
+        tensors = [t for st in self.blocks.values() for t in (*st.inputs, *st.outputs) if t is not None]
+        storages = {  # buffers are often shared (a block's output is the next block's input)
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in (*tensors, *(t for t, _ in self.sites.values()))
+        }
+        return sum(storages.values())
 
     def clear(self) -> None:
         self.layout = None
         self.blocks.clear()
         self.sites.clear()
+        self._maps.clear()
+        self._layouts.clear()
+        self._contexts.clear()
 
     # ------------------------------------------------------------------ sites
-    def site(self, key: tuple[int, str]) -> torch.Tensor:
-        """The full-batch buffer an operator recorded at ``key`` (its last computed values)."""
-        return self.sites[key]
+    def site(self, key: tuple[int, str]) -> torch.Tensor:  # [N, ...]
+        """The full-batch buffer an operator recorded at ``key`` (its last computed values), in the
+        current layout; rows of patches new since then are zeros (they are always active)."""
+        value, gen = self.sites[key]
+        return self._current(value, gen)
 
     def record(self, key: tuple[int, str], value: torch.Tensor) -> None:
-        self.sites[key] = value
+        self.sites[key] = (value, self.gen)
 
     # ------------------------------------------------------------------ blocks
     def run_block(
@@ -159,7 +216,20 @@ class PatchCache:
         n = ctx.num_patches
         watched = _leaves([arguments.get(name) for name in spec.watch])
         state = self.blocks.get(key)
-        reuse = None if state is None else self._decide(state, watched)
+        reuse = None
+        if state is not None and bool(state.valid.any()):
+            if state.gen != self.gen:  # the batch changed since: bring this block's cache along
+                state.inputs = [self._current(t, state.gen) for t in state.inputs]
+                state.outputs = [
+                    None
+                    if t is None
+                    else self._current_entries(t, state.gen)
+                    if i in spec.per_entry_outputs
+                    else self._current(t, state.gen)
+                    for i, t in enumerate(state.outputs)
+                ]
+                state.gen = self.gen
+            reuse = self._decide(state, watched, ctx)
         self.stats.patch_blocks += n
         emb = None
         if spec.entry_emb_from is not None:
@@ -173,15 +243,19 @@ class PatchCache:
                 outputs=flat,
                 reused=torch.zeros(n, dtype=torch.int64, device=ctx.device),
                 valid=torch.ones(n, dtype=torch.bool, device=ctx.device),
+                gen=self.gen,
                 rebuild=rebuild,
             )
             return rebuild(flat)
         assert state is not None
         self.stats.reused += int(reuse.sum())
         index = (~reuse).nonzero().squeeze(1)
-        if index.numel() == 0 and not spec.per_entry_outputs:  # every patch reuses: skip the block
+        whole = self.config.granularity == "image"
+        if index.numel() == 0 and (whole or not spec.per_entry_outputs):  # all reuse: skip the block
             state.reused += 1
             return state.rebuild(state.outputs)
+        if whole:
+            return self._run_images(state, spec, original, bound, ctx, reuse, index)
         for name in spec.per_patch:
             arguments[name] = _select(arguments.get(name), index)
         host = index.cpu().numpy()
@@ -200,15 +274,66 @@ class PatchCache:
             for old, cur in zip(state.inputs, watched, strict=True)
         ]
         state.reused = torch.where(reuse, state.reused + 1, torch.zeros_like(state.reused))
+        state.valid = state.valid.index_fill(0, index, True)  # joiners computed here become reusable
         return rebuild(merged)
 
-    def _decide(self, state: _BlockState, watched: Sequence[torch.Tensor]) -> torch.Tensor:  # [N] bool
+    def _run_images(
+        self,
+        state: _BlockState,
+        spec: BlockSpec,
+        original: Callable[..., Any],
+        bound: inspect.BoundArguments,
+        ctx: Any,
+        reuse: torch.Tensor,  # [N] bool, whole images
+        rows: torch.Tensor,  # [A] long, the patches of the images to compute
+    ) -> Any:
+        """Run the block on the images that do not reuse, as an exact batch of their own."""
+        from patchedserve.patch.context import PatchContext, forward_context  # (import cycle)
+
+        host = rows.cpu().numpy()
+        positions = np.unique(ctx.layout.patch_entry[host])  # ascending layout positions
+        entries = torch.as_tensor(positions, device=ctx.device)
+        sub = ctx.layout.subset(positions.tolist())
+        key = (sub.entry_ids, sub.sizes, str(ctx.device))
+        sub_ctx = self._contexts.get(key)
+        if sub_ctx is None:
+            sub_ctx = self._contexts[key] = PatchContext.build(sub, ctx.device)
+            if len(self._contexts) > 32:
+                self._contexts.popitem(last=False)
+        self._contexts.move_to_end(key)
+        arguments = bound.arguments
+        for name in spec.per_patch:
+            arguments[name] = _select(arguments.get(name), rows)
+        for name in spec.per_entry:
+            arguments[name] = _select(arguments.get(name), entries)
+        with forward_context(sub_ctx):
+            out = original(*bound.args, **bound.kwargs)
+        flat, rebuild = _flatten(out)
+        merged: list[torch.Tensor | None] = []
+        for i, (new, old) in enumerate(zip(flat, state.outputs, strict=True)):
+            if new is None or old is None:
+                merged.append(new)
+            else:
+                at = entries if i in spec.per_entry_outputs else rows
+                merged.append(old.index_copy(0, at, new.to(old.dtype)))
+        watched = _leaves([bound.arguments.get(name) for name in spec.watch])  # the computed rows
+        state.outputs = merged
+        state.inputs = [old.index_copy(0, rows, cur) for old, cur in zip(state.inputs, watched, strict=True)]
+        state.reused = torch.where(reuse, state.reused + 1, torch.zeros_like(state.reused))
+        state.valid = state.valid.index_fill(0, rows, True)
+        return rebuild(merged)
+
+    def _decide(self, state: _BlockState, watched: Sequence[torch.Tensor], ctx: Any) -> torch.Tensor:  # [N]
         change = torch.zeros_like(state.reused, dtype=torch.float32)
         norm = torch.zeros_like(change)
         for cur, old in zip(watched, state.inputs, strict=True):
             dims = tuple(range(1, cur.dim()))
             change += (cur.float() - old.float()).square().sum(dims)
             norm += old.float().square().sum(dims)
+        if self.config.granularity == "image":  # the image's total change, for each of its patches
+            entry = ctx.patch_entry
+            change = change.new_zeros(ctx.num_entries).index_add_(0, entry, change)[entry]
+            norm = norm.new_zeros(ctx.num_entries).index_add_(0, entry, norm)[entry]
         relative = change / norm.clamp_min(1e-12)
         return state.valid & (relative < self.config.threshold) & (state.reused < self.config.max_reuse)
 

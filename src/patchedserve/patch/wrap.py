@@ -127,6 +127,7 @@ def _cache_block(
         watch=tuple(n for n in ("hidden_states", "res_hidden_states_tuple") if n in names),
         per_entry_outputs=per_entry_outputs,
         entry_emb_from=entry_emb_from,
+        per_entry=tuple(n for n in ("encoder_hidden_states",) if n in names),
     )
 
     def forward(original: Any, *args: Any, **kwargs: Any) -> Any:
