@@ -45,8 +45,13 @@ def main() -> None:
                 for r, out in zip(reqs, run_patched(pm, reqs), strict=True):
                     ref = run_full(pm, r)
                     worst, low, count = max(worst, rel_err(out, ref)), min(low, psnr(out, ref)), count + 1
-            row = {"model": name, "patch_px": pm.patch_size, "requests": count, "max_rel_err": worst,
-                   "min_psnr_db": low}
+            row = {
+                "model": name,
+                "patch_px": pm.patch_size,
+                "requests": count,
+                "max_rel_err": worst,
+                "min_psnr_db": low,
+            }
             print(row, flush=True)
             report.append(row)
     if args.json:

@@ -252,6 +252,26 @@ def test_approximate_cache_skips_steps_for_a_repeated_prompt() -> None:
     assert started_at == 3  # identical prompt: the top tier skips half of the 6 steps
 
 
+@pytest.mark.parametrize(("similarity", "hits"), [("exact", 1), ("model", 2)])
+def test_exact_similarity_hits_on_repeats_only(similarity: str, hits: int) -> None:
+    engine = Engine.from_model(
+        "tiny-sdxl",
+        patch_size=64,
+        execution="image",
+        policy="res-fcfs",
+        approx_cache=True,
+        approx_cache_similarity=similarity,
+        decode_in_thread=False,
+    )
+    try:
+        for prompt in ("a lighthouse at dusk", "a bowl of ramen", "a lighthouse at dusk"):
+            engine.generate([GenerationRequest(prompt, width=64, height=64, steps=6, seed=1)])
+    finally:
+        engine.stop()
+    # the random-weight text encoder makes two unrelated prompts similar enough to hit
+    assert engine.approx_cache is not None and engine.approx_cache.hits == hits
+
+
 def test_cancelling_the_awaiting_task_cancels_the_request() -> None:
     import asyncio
 

@@ -5,6 +5,7 @@
 | image-fcfs     | image     | fcfs     | 1         | -                                      |
 | res-batch      | image     | res-fcfs | 12        | -                                      |
 | nirvana        | image     | res-fcfs | 12        | prompt-level latents (NIRVANA-style)   |
+| nirvana-exact  | image     | res-fcfs | 12        | the same, hits on verbatim repeats only |
 | patched-fcfs   | patched   | fcfs     | 12        | -                                      |
 | mixed-cache    | patched   | fcfs     | 12        | patch-level blocks (the paper's "Mixed-Cache") |
 | patchedserve   | patched   | slo      | 12        | -                                      |
@@ -12,7 +13,7 @@
 
 Both caches are approximate; the systems without one produce exact images. ``patchedserve`` is
 exact; ``patchedserve-cache`` adds the paper's third part, the patch-level cache (``patch.cache``,
-default settings). ``mixed-cache`` is not in the default sweep.
+default settings). ``mixed-cache`` and ``nirvana-exact`` are not in the default sweep.
 
 Read by the real replay (``bench.replay``) and by the simulator (``cluster``), so both build the
 same policy for a name, and both give every system the same deadlines (``objectives_s``).
@@ -43,6 +44,8 @@ class SystemSpec:
     """Batch cap; None takes the benchmark's ``--max-running``."""
     approx_cache: bool = False
     """NIRVANA-style approximate cache (start from a similar prompt's latent, skip steps)."""
+    nirvana_similarity: str = "model"
+    """Prompt similarity of the NIRVANA cache: ``model`` embeddings or ``exact`` repeats."""
     patch_cache: bool = False
     """Patch-level block cache (``patch.cache``, default settings; patched execution only)."""
 
@@ -53,6 +56,7 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("image-fcfs", "image", "fcfs", max_running=1),
         SystemSpec("res-batch", "image", "res-fcfs"),
         SystemSpec("nirvana", "image", "res-fcfs", approx_cache=True),
+        SystemSpec("nirvana-exact", "image", "res-fcfs", approx_cache=True, nirvana_similarity="exact"),
         SystemSpec("patched-fcfs", "patched", "fcfs"),
         SystemSpec("mixed-cache", "patched", "fcfs", patch_cache=True),
         SystemSpec("patchedserve", "patched", "slo"),
@@ -86,6 +90,7 @@ def engine_config(
         max_running=spec.max_running or max_running,
         execution=spec.execution,
         approx_cache=spec.approx_cache,
+        approx_cache_similarity=spec.nirvana_similarity,
         patch_cache=PatchCacheConfig() if spec.patch_cache else None,
         profile=profile,
         device=device,

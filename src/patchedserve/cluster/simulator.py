@@ -15,7 +15,6 @@ per distinct prompt (``exact_embedder``: only verbatim repeats hit), for models 
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from patchedserve.bench.traces import TraceRequest
 from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
 from patchedserve.cluster.replica import Embedder, SimReplica, make_policy
-from patchedserve.engine.approx_cache import ApproxCache
+from patchedserve.engine.approx_cache import ApproxCache, prompt_vector
 from patchedserve.models import GenerationParams, ModelBundle
 from patchedserve.request import Request, RequestStatus
 from patchedserve.scheduler import LatencyPredictor
@@ -69,14 +68,13 @@ def model_embedder(bundle: ModelBundle) -> Embedder:
 
 
 def exact_embedder(dim: int = 4096) -> Embedder:
-    """Prompt -> a random unit vector seeded by the prompt's text: distinct prompts are nearly
-    orthogonal (cosine about 0 +- 1/sqrt(dim)), equal ones identical."""
+    """Prompt -> ``approx_cache.prompt_vector``: distinct prompts nearly orthogonal, equal ones
+    identical (NIRVANA hits on verbatim repeats only)."""
     memo: dict[str, torch.Tensor] = {}
 
     def embed(prompt: str) -> torch.Tensor:  # [D]
         if prompt not in memo:
-            g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
-            memo[prompt] = torch.randn(dim, generator=g)
+            memo[prompt] = prompt_vector(prompt, dim)
         return memo[prompt]
 
     return embed
@@ -127,7 +125,7 @@ def simulate(
 
     ``profile`` is the schedulers' latency model (as the real engines load it); ``costs`` is what
     the simulated machine really spends (``MachineCosts``; default: the profile, no image cost)."""
-    if spec.approx_cache and embed is None:
+    if spec.approx_cache and (embed is None or spec.nirvana_similarity == "exact"):
         embed = exact_embedder()
     replicas = build_replicas(spec, profile, costs or MachineCosts(), config, embed)
     dispatcher = LeastLoadDispatcher(profile)

@@ -40,7 +40,8 @@ def simulate_traces(
         objectives = objectives_s(requests, profile)
         for spec in systems:
             start = time.perf_counter()
-            embed = embedder() if spec.approx_cache and embedder is not None else None
+            exact = spec.nirvana_similarity == "exact"
+            embed = embedder() if spec.approx_cache and embedder is not None and not exact else None
             speed = speed_for(spec, qps) if speed_for is not None else None
             run_costs = replace(costs, speed=speed)
             outcomes = simulate(requests, objectives, spec, profile, run_costs, config, embed)

@@ -6,10 +6,15 @@ the similarity clears a tier's threshold, the request starts from that request's
 intermediate latent at step K and skips K steps; more similar prompts skip more. Latents are
 recorded at the tiers' step points as requests pass them. The cache is bounded (LRU over source
 requests). Only single-step samplers can resume mid-trajectory, so others never hit.
+
+``similarity="exact"`` compares prompts by their text only (equal prompts are identical, distinct
+ones unrelated): for models whose text encoders carry no meaning, such as the built-in
+random-weight ones, under which any two prompts look 0.9 similar.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -27,6 +32,15 @@ class ApproxCacheConfig:
     """Most source requests whose latents are kept (least recently used leave first)."""
     tiers: tuple[tuple[float, float], ...] = ((0.95, 0.5), (0.9, 0.35), (0.8, 0.2))
     """(minimum cosine similarity, share of steps skipped), most similar first."""
+    similarity: str = "model"
+    """``model``: cosine of the mean prompt token embeddings; ``exact``: verbatim repeats only."""
+
+
+def prompt_vector(prompt: str, dim: int = 4096) -> torch.Tensor:  # [dim]
+    """A random vector seeded by the prompt's text: equal prompts identical, distinct ones nearly
+    orthogonal (cosine about 0 +- 1/sqrt(dim))."""
+    g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+    return torch.randn(dim, generator=g)
 
 
 @dataclass
@@ -52,7 +66,10 @@ class ApproxCache:
 
     def lookup(self, r: Request, single_step_sampler: bool) -> None:
         """Maybe move a freshly prepared request forward to a cached latent; registers it as a source."""
-        embedding = F.normalize(r.state["cond"].prompt_embeds.float().mean(0), dim=0)
+        if self.config.similarity == "exact":
+            embedding = F.normalize(prompt_vector(r.prompt), dim=0)
+        else:
+            embedding = F.normalize(r.state["cond"].prompt_embeds.float().mean(0), dim=0)
         key = self._key(r)
         self.lookups += 1
         if single_step_sampler:

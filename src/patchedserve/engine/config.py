@@ -41,6 +41,8 @@ class EngineConfig:
     barely changed since the last step. None: exact output."""
     approx_cache: bool = False
     """NIRVANA-style reuse of similar prompts' intermediate latents (a baseline; approximate)."""
+    approx_cache_similarity: str = "model"
+    """How that cache compares prompts: ``model`` (text embeddings) or ``exact`` (repeats only)."""
     profile: str | None = None
     """Latency profile (``patchedserve profile --out``); without one, ``slo`` profiles briefly at start."""
     decode_in_thread: bool = True
@@ -59,6 +61,8 @@ class EngineConfig:
             raise InvalidRequestError(
                 "the patch cache needs patched execution in whole-batch calls", field="patch_cache"
             )
+        if self.approx_cache_similarity not in ("model", "exact"):
+            raise InvalidRequestError("approx_cache_similarity must be model or exact", field="approx_cache")
         if self.on_infeasible not in ("drop", "best-effort"):
             raise InvalidRequestError("on_infeasible must be drop or best-effort", field="on_infeasible")
 

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from patchedserve.engine.approx_cache import ApproxCache
+from patchedserve.engine.approx_cache import ApproxCache, ApproxCacheConfig
 from patchedserve.engine.batch import DenoiseBatch
 from patchedserve.engine.config import EngineConfig
 from patchedserve.engine.image_batch import ImageBatch
@@ -62,7 +62,11 @@ class Engine:
         )
         self.preparer = Preparer(bundle, self.device, self.config.torch_dtype)
         self.batch = self._new_batch()
-        self.approx_cache = ApproxCache() if self.config.approx_cache else None
+        self.approx_cache = (
+            ApproxCache(ApproxCacheConfig(similarity=self.config.approx_cache_similarity))
+            if self.config.approx_cache
+            else None
+        )
         self.scheduler = scheduler or build_scheduler(self.config, bundle, self.model)
         self.observers: list[EngineObserver] = []
         self.clock = time.monotonic
