@@ -1,20 +1,27 @@
-"""Patch-level block cache: reuse a block's output per patch where its input barely changed.
+"""Patch-level block cache: reuse a block's output where its input barely changed since.
 
 Before every cached block (U-Net down/mid/up blocks, SD3 transformer blocks), at every step, each
 patch's block input is compared with the input the block last computed that patch from:
 
     change_i = ||x_i - x_i^cached||^2 / ||x_i^cached||^2
 
-A patch whose change is below ``threshold`` (and that has not already reused this block
-``max_reuse`` steps in a row) takes last computed output of the block; the block runs on the other
-patches only (the *active set*). Where a cross-patch operator inside the block needs a reused patch
-as context (GroupNorm statistics, a conv halo, self-attention keys and values), that patch's value
-from its last computation stands in: every such operator records its per-patch input (or keys and
-values) in a *site buffer* here, and reads the full-batch buffer with the active rows refreshed.
+Below ``threshold`` (and fewer than ``max_reuse`` reuses in a row) the block's last computed output
+is reused. Two granularities:
+
+* ``image`` (default): the change is summed over each image's patches and an image reuses or
+  recomputes as a whole; the block runs on the recomputed images as an exact batch of their own
+  (``CSPLayout.subset``), so they see exact context.
+* ``patch`` (the paper's design): each patch decides alone and the block runs on the *active*
+  patches. Where a cross-patch operator inside the block needs a reused patch as context
+  (GroupNorm statistics, a conv halo, self-attention keys and values), that patch's value from
+  its last computation stands in: every such operator records its per-patch input (or keys and
+  values) in a *site buffer* here, and reads the full-batch buffer with the active rows refreshed.
 
 With the cache off the patched path is exact; with it on, output is approximate by design (the
-paper's second component). Buffers follow the batch across composition changes with the layout's
-``patch_index_map``; new requests compute every block on their first step.
+paper's second component). Stored tensors remember the layout generation they were recorded in and
+are carried to the current batch (``patch_index_map``) only when a reuse needs them; new requests
+compute every block on their first step. Memory: one step's block inputs and outputs (and, per
+patch, the site buffers) for the running batch.
 """
 
 from __future__ import annotations
@@ -235,8 +242,11 @@ class PatchCache:
         if spec.entry_emb_from is not None:
             emb = arguments[spec.entry_emb_from].index_select(0, ctx.entry_first_patch)  # [R, E]
         if reuse is None or not bool(reuse.any()):
-            active = ActiveSet(True, ctx.arange, ctx.arange_host, ctx.patch_entry, emb)
-            out = self._call(ctx, active, original, bound)
+            if self.config.granularity == "image":  # whole images never need site buffers
+                out = original(*bound.args, **bound.kwargs)
+            else:
+                active = ActiveSet(True, ctx.arange, ctx.arange_host, ctx.patch_entry, emb)
+                out = self._call(ctx, active, original, bound)
             flat, rebuild = _flatten(out)
             self.blocks[key] = _BlockState(
                 inputs=list(watched),
