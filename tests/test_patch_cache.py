@@ -160,3 +160,19 @@ def test_a_joiner_becomes_reusable_and_full_reuse_keeps_the_output(name: str, gr
     assert pm.cache.stats.reused - before == blocks * patches  # the joiner's patches included
     for eid, got in zip(batch.layout.entry_ids, out, strict=True):  # SD3: the context stream still ran
         assert rel_err(got, run_full(pm, reqs[eid])) <= REL_TOL
+
+
+def test_served_cache_factor_runs_staggered_trajectories() -> None:
+    from patchedserve.cluster.calibrate import Calibration, measure_patch_cache_factor
+    from patchedserve.engine.prepare import Preparer
+
+    bundle = load_model("tiny-sdxl")
+    preparer = Preparer(bundle, bundle.device, bundle.dtype)
+    config = Calibration(sizes=((64, 64), (128, 64)), batch_sizes=(3,), patch_size=64, steps=3, cache_mixes=1)
+    factor, reuse = measure_patch_cache_factor(bundle, preparer, config, PatchCacheConfig(threshold=0.0))
+    assert reuse == 0.0 and 0.0 < factor < float("inf")
+    _, reuse = measure_patch_cache_factor(
+        bundle, preparer, config, PatchCacheConfig(threshold=1e9, max_reuse=9)
+    )
+    # joiners compute their first step; every other patch-block reuses (staggered: 3 joins)
+    assert 0.3 < reuse < 1.0

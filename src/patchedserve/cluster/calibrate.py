@@ -80,18 +80,20 @@ def _requests(
 
 def time_steps(bundle: ModelBundle, batch: DenoiseBatch | ImageBatch, requests: list[Request]) -> list[float]:
     """Seconds of each step of ``requests`` run together in ``batch`` (the first one warms up)."""
-    cuda = bundle.device.type == "cuda"
     batch.sync(requests)
-    times = []
-    for _ in range(requests[0].params.steps):
-        if cuda:
-            torch.cuda.synchronize(bundle.device)
-        start = time.perf_counter()
-        batch.step()
-        if cuda:
-            torch.cuda.synchronize(bundle.device)
-        times.append(time.perf_counter() - start)
-    return times
+    return [timed_step(bundle, batch) for _ in range(requests[0].params.steps)]
+
+
+def timed_step(bundle: ModelBundle, batch: DenoiseBatch | ImageBatch) -> float:
+    """Seconds of one ``batch.step()`` (synchronised on CUDA)."""
+    cuda = bundle.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(bundle.device)
+    start = time.perf_counter()
+    batch.step()
+    if cuda:
+        torch.cuda.synchronize(bundle.device)
+    return time.perf_counter() - start
 
 
 def _groups(config: Calibration, execution: str) -> list[list[tuple[int, int]]]:
@@ -223,17 +225,10 @@ def _serve_staggered(
     preparer.prepare(requests)
     batch = DenoiseBatch(pm, preparer.samplers, bundle.device)
     waiting, running, spent = list(requests), list[Request](), 0.0
-    cuda = bundle.device.type == "cuda"
     while waiting or running:
         if waiting:
             running.append(waiting.pop(0))
         batch.sync(running)
-        if cuda:
-            torch.cuda.synchronize(bundle.device)
-        start = time.perf_counter()
-        batch.step()
-        if cuda:
-            torch.cuda.synchronize(bundle.device)
-        spent += time.perf_counter() - start
+        spent += timed_step(bundle, batch)
         running = [r for r in running if r.step_index < r.params.steps]
     return spent
