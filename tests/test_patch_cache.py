@@ -176,3 +176,24 @@ def test_served_cache_factor_runs_staggered_trajectories() -> None:
     )
     # joiners compute their first step; every other patch-block reuses (staggered: 3 joins)
     assert 0.3 < reuse < 1.0
+
+
+def test_a_served_cache_reports_reuse_and_frees_its_memory_when_idle() -> None:
+    from patchedserve.engine import Engine
+    from patchedserve.request import GenerationRequest
+    from patchedserve.server.metrics import ServerMetrics
+
+    engine = Engine.from_model(
+        "tiny-sdxl", patch_size=64, decode_in_thread=False, patch_cache=PatchCacheConfig(threshold=1e9)
+    )
+    metrics = ServerMetrics(engine)
+    engine.generate([GenerationRequest("a red fox", width=128, height=64, steps=4, seed=1)])
+    text = metrics.render().decode()
+    [sample] = [
+        line for line in text.splitlines() if line.startswith("patchedserve_patch_cache_reuse_ratio ")
+    ]
+    assert float(sample.split()[1]) == pytest.approx(0.5)  # 4 steps, max_reuse 2: compute, reuse x2, compute
+    assert engine.model.cache is not None and engine.model.cache.blocks  # still held after the last step
+    engine.step()  # an idle iteration
+    assert not engine.model.cache.blocks and engine.model.cache.nbytes() == 0
+    assert "patchedserve_patch_cache" not in ServerMetrics(Engine.from_model("tiny-sdxl")).render().decode()
