@@ -35,76 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchedserve.errors import InvalidRequestError
 from patchedserve.layout import CSPLayout
+from patchedserve.patch.cache_parts import (
+    ActiveSet,
+    BlockSpec,
+    BlockState,
+    CacheStats,
+    PatchCacheConfig,
+    flatten,
+    leaves,
+    select_rows,
+)
 
-
-@dataclass(frozen=True)
-class PatchCacheConfig:
-    """When a patch may reuse a block's output from an earlier step."""
-
-    threshold: float = 0.05
-    """Largest relative squared change of the block input (per patch) that still reuses."""
-    max_reuse: int = 2
-    """Most consecutive steps a patch may reuse one block before it must be recomputed."""
-    granularity: str = "image"
-    """``image``: a block reuses per image (every patch of it, decided on the image's total change)
-    and recomputes whole images, which see exact context; ``patch``: per patch, with reused
-    neighbours' last values standing in as context (the paper's design)."""
-
-    def __post_init__(self) -> None:
-        if self.granularity not in ("image", "patch"):
-            raise InvalidRequestError("patch cache granularity must be image or patch", field="granularity")
-        if not self.threshold >= 0:
-            raise InvalidRequestError("patch cache threshold must be >= 0", field="patch_cache_threshold")
-        if self.max_reuse < 1:
-            raise InvalidRequestError(
-                "patch cache max_reuse must be at least 1", field="patch_cache_max_reuse"
-            )
-
-
-@dataclass(frozen=True)
-class ActiveSet:
-    """The patches a block computes at this call; ``full`` when it computes all of them."""
-
-    full: bool
-    index: torch.Tensor  # [A] long, sorted patch indices
-    host: np.ndarray  # [A] int64, the same on the host
-    entry: torch.Tensor  # [A] long, entry of each active patch
-    entry_emb: torch.Tensor | None = None  # [R, E] SD3: each entry's conditioning embedding
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """Which arguments of a block are per patch, which of them decide reuse, which outputs are per
-    entry (SD3's context stream, always recomputed)."""
-
-    signature: inspect.Signature
-    per_patch: tuple[str, ...]
-    watch: tuple[str, ...]
-    per_entry_outputs: frozenset[int] = frozenset()
-    entry_emb_from: str | None = None  # SD3: the per-patch argument whose entry rows condition context
-    per_entry: tuple[str, ...] = ()  # per-entry arguments (text states), subset for whole-image calls
-
-
-@dataclass
-class _BlockState:
-    inputs: list[torch.Tensor]  # watched inputs, each [N, ...], as of each patch's last computation
-    outputs: list[torch.Tensor | None]  # flattened outputs; per-patch leaves [N, ...]
-    reused: torch.Tensor  # [N] int, consecutive reuses per patch
-    valid: torch.Tensor  # [N] bool, the patch has a computed output here
-    gen: int  # layout generation ``inputs`` and ``outputs`` are in (flags are always current)
-    rebuild: Callable[[Sequence[torch.Tensor | None]], Any]  # leaves -> the block's output structure
-
-
-@dataclass
-class CacheStats:
-    patch_blocks: int = 0
-    reused: int = 0
-
-    @property
-    def reuse_fraction(self) -> float:
-        return self.reused / self.patch_blocks if self.patch_blocks else 0.0
+__all__ = ["ActiveSet", "BlockSpec", "CacheStats", "PatchCache", "PatchCacheConfig"]
 
 
 @dataclass
@@ -113,7 +56,7 @@ class PatchCache:
 
     config: PatchCacheConfig
     layout: CSPLayout | None = None
-    blocks: dict[str, _BlockState] = field(default_factory=dict)
+    blocks: dict[str, BlockState] = field(default_factory=dict)
     sites: dict[tuple[int, str], tuple[torch.Tensor, int]] = field(default_factory=dict)
     """Operator inputs per (module id, tag): ``[N_gen, ...]`` and the generation recorded in."""
     stats: CacheStats = field(default_factory=CacheStats)
@@ -221,7 +164,7 @@ class PatchCache:
         bound = spec.signature.bind(*args, **kwargs)
         arguments = bound.arguments
         n = ctx.num_patches
-        watched = _leaves([arguments.get(name) for name in spec.watch])
+        watched = leaves([arguments.get(name) for name in spec.watch])
         state = self.blocks.get(key)
         reuse = None
         if state is not None and bool(state.valid.any()):
@@ -247,8 +190,8 @@ class PatchCache:
             else:
                 active = ActiveSet(True, ctx.arange, ctx.arange_host, ctx.patch_entry, emb)
                 out = self._call(ctx, active, original, bound)
-            flat, rebuild = _flatten(out)
-            self.blocks[key] = _BlockState(
+            flat, rebuild = flatten(out)
+            self.blocks[key] = BlockState(
                 inputs=list(watched),
                 outputs=flat,
                 reused=torch.zeros(n, dtype=torch.int64, device=ctx.device),
@@ -267,11 +210,11 @@ class PatchCache:
         if whole:
             return self._run_images(state, spec, original, bound, ctx, reuse, index)
         for name in spec.per_patch:
-            arguments[name] = _select(arguments.get(name), index)
+            arguments[name] = select_rows(arguments.get(name), index)
         host = index.cpu().numpy()
         active = ActiveSet(False, index, host, ctx.patch_entry.index_select(0, index), emb)
         out = self._call(ctx, active, original, bound)
-        flat, rebuild = _flatten(out)
+        flat, rebuild = flatten(out)
         merged: list[torch.Tensor | None] = []
         for i, (new, old) in enumerate(zip(flat, state.outputs, strict=True)):
             if i in spec.per_entry_outputs or new is None or old is None:
@@ -289,7 +232,7 @@ class PatchCache:
 
     def _run_images(
         self,
-        state: _BlockState,
+        state: BlockState,
         spec: BlockSpec,
         original: Callable[..., Any],
         bound: inspect.BoundArguments,
@@ -313,12 +256,12 @@ class PatchCache:
         self._contexts.move_to_end(key)
         arguments = bound.arguments
         for name in spec.per_patch:
-            arguments[name] = _select(arguments.get(name), rows)
+            arguments[name] = select_rows(arguments.get(name), rows)
         for name in spec.per_entry:
-            arguments[name] = _select(arguments.get(name), entries)
+            arguments[name] = select_rows(arguments.get(name), entries)
         with forward_context(sub_ctx):
             out = original(*bound.args, **bound.kwargs)
-        flat, rebuild = _flatten(out)
+        flat, rebuild = flatten(out)
         merged: list[torch.Tensor | None] = []
         for i, (new, old) in enumerate(zip(flat, state.outputs, strict=True)):
             if new is None or old is None:
@@ -326,14 +269,14 @@ class PatchCache:
             else:
                 at = entries if i in spec.per_entry_outputs else rows
                 merged.append(old.index_copy(0, at, new.to(old.dtype)))
-        watched = _leaves([bound.arguments.get(name) for name in spec.watch])  # the computed rows
+        watched = leaves([bound.arguments.get(name) for name in spec.watch])  # the computed rows
         state.outputs = merged
         state.inputs = [old.index_copy(0, rows, cur) for old, cur in zip(state.inputs, watched, strict=True)]
         state.reused = torch.where(reuse, state.reused + 1, torch.zeros_like(state.reused))
         state.valid = state.valid.index_fill(0, rows, True)
         return rebuild(merged)
 
-    def _decide(self, state: _BlockState, watched: Sequence[torch.Tensor], ctx: Any) -> torch.Tensor:  # [N]
+    def _decide(self, state: BlockState, watched: Sequence[torch.Tensor], ctx: Any) -> torch.Tensor:  # [N]
         change = torch.zeros_like(state.reused, dtype=torch.float32)
         norm = torch.zeros_like(change)
         for cur, old in zip(watched, state.inputs, strict=True):
@@ -357,44 +300,3 @@ class PatchCache:
             return original(*bound.args, **bound.kwargs)
         finally:
             ctx.active = previous
-
-
-def _select(value: Any, index: torch.Tensor) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, index)
-    return type(value)(_select(v, index) for v in value)
-
-
-def _leaves(values: Sequence[Any]) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, tuple | list):
-            out.extend(_leaves(list(v)))
-    return out
-
-
-def _flatten(out: Any) -> tuple[list[torch.Tensor | None], Callable[[Sequence[torch.Tensor | None]], Any]]:
-    """Leaves of a block output (tensor, None, or nested tuples) and a function that rebuilds it."""
-    leaves: list[torch.Tensor | None] = []
-
-    def shape_of(x: Any) -> Any:
-        if isinstance(x, tuple | list):
-            return tuple(shape_of(v) for v in x)
-        leaves.append(x)
-        return None
-
-    structure = shape_of(out)
-
-    def rebuild(values: Sequence[torch.Tensor | None]) -> Any:
-        it = iter(values)
-
-        def build(s: Any) -> Any:
-            return next(it) if s is None else tuple(build(v) for v in s)
-
-        return build(structure)
-
-    return leaves, rebuild

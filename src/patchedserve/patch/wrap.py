@@ -20,7 +20,7 @@ from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
-from patchedserve.patch.cache import BlockSpec
+from patchedserve.patch.cache_parts import BlockSpec
 from patchedserve.patch.context import get_forward_context
 from patchedserve.patch.hooks import is_patched, set_patched_forward
 from patchedserve.patch.ops_attention import PatchedAttnProcessor, PatchedJointAttnProcessor
