@@ -77,7 +77,9 @@ class PatchedModel:
             )
         self.max_patches_per_call = max_patches_per_call
         self.cache = None if cache is None else PatchCache(cache)
-        """Patch-level block cache (approximate); carried across calls, so one batch per model."""
+        """Patch-level block cache (approximate); carried across calls, so one batch per model. It
+        follows entries by id: with the list API ids are input positions, so keep each request at
+        the same position from call to call (``forward_batch`` takes the caller's ids)."""
         self._contexts: OrderedDict[tuple, PatchContext] = OrderedDict()
         self._cache_size = context_cache_size
 
