@@ -181,8 +181,8 @@ class PatchCache:
                 state.gen = self.gen
             reuse = self._decide(state, watched, ctx)
         self.stats.patch_blocks += n
-        emb = None
-        if spec.entry_emb_from is not None:
+        emb = None  # per-patch calls only: SD3's context stream needs every entry's conditioning
+        if spec.entry_emb_from is not None and self.config.granularity == "patch":
             emb = arguments[spec.entry_emb_from].index_select(0, ctx.entry_first_patch)  # [R, E]
         if reuse is None or not bool(reuse.any()):
             if self.config.granularity == "image":  # whole images never need site buffers
