@@ -18,22 +18,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from patchedserve.patch.context import PatchContext, get_forward_context, timed
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:  # [B, L, H*d] -> [B, H, L, d]
-    b, length, inner = x.shape
-    return x.view(b, length, heads, inner // heads).transpose(1, 2)
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, d] -> [B, L, H*d]
-    b, h, length, d = x.shape
-    return x.transpose(1, 2).reshape(b, length, h * d)
+from patchedserve.patch.ops_attention_partial import (
+    merge_heads,
+    partial_attention,
+    partial_joint_groups,
+    refreshed_kv,
+    split_heads,
+)
 
 
 def grouped_attention(
@@ -55,13 +51,13 @@ def grouped_attention(
         else:
             k = key[g.patch_start : g.patch_end].reshape(rows, -1, key.shape[-1])
             v = value[g.patch_start : g.patch_end].reshape(rows, -1, value.shape[-1])
-        qh, kh, vh = _heads(q, attn.heads), _heads(k, attn.heads), _heads(v, attn.heads)
+        qh, kh, vh = split_heads(q, attn.heads), split_heads(k, attn.heads), split_heads(v, attn.heads)
         if attn.norm_q is not None:
             qh = attn.norm_q(qh)
         if attn.norm_k is not None:
             kh = attn.norm_k(kh)
         o = F.scaled_dot_product_attention(qh, kh, vh)
-        outs.append(_merge_heads(o).reshape(g.patch_end - g.patch_start, t, inner))
+        outs.append(merge_heads(o).reshape(g.patch_end - g.patch_start, t, inner))
     with timed(ctx, "regroup"):
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -105,7 +101,7 @@ class PatchedAttnProcessor:
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         if ctx.subset is not None:
             if not cross:
-                key, value = _refreshed_kv(attn, key, value, ctx)
+                key, value = refreshed_kv(attn, key, value, ctx)
             out = partial_attention(attn, query, key, value, ctx, per_entry_kv=cross)
         else:
             if not cross:
@@ -142,7 +138,7 @@ class PatchedJointAttnProcessor:
             raise NotImplementedError("patched joint attention supports no attention masks")
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         if ctx.subset is not None:
-            k, v = _refreshed_kv(attn, k, v, ctx)  # [N, T, H*d]: every patch, reused ones as cached
+            k, v = refreshed_kv(attn, k, v, ctx)  # [N, T, H*d]: every patch, reused ones as cached
         else:
             ctx.recording((id(attn), "k"), k)
             ctx.recording((id(attn), "v"), v)
@@ -153,7 +149,7 @@ class PatchedJointAttnProcessor:
                 img = grouped_attention(attn, q, k, v, ctx, per_entry_kv=False)
             return attn.to_out[1](attn.to_out[0](img))
         if ctx.subset is not None:
-            img, ctx_out = _partial_joint_groups(attn, q, k, v, encoder_hidden_states, ctx)
+            img, ctx_out = partial_joint_groups(attn, q, k, v, encoder_hidden_states, ctx)
         else:
             img, ctx_out = _joint_groups(attn, q, k, v, encoder_hidden_states, ctx)
         img = attn.to_out[1](attn.to_out[0](img))
@@ -171,9 +167,9 @@ def _joint_groups(
     ctx: PatchContext,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # image [N, T, H*d], context [R, L, H*d]
     heads = attn.heads
-    cq = _heads(attn.add_q_proj(context), heads)  # [R, H, L, d]
-    ck = _heads(attn.add_k_proj(context), heads)
-    cv = _heads(attn.add_v_proj(context), heads)
+    cq = split_heads(attn.add_q_proj(context), heads)  # [R, H, L, d]
+    ck = split_heads(attn.add_k_proj(context), heads)
+    cv = split_heads(attn.add_v_proj(context), heads)
     if attn.norm_added_q is not None:
         cq = attn.norm_added_q(cq)
     if attn.norm_added_k is not None:
@@ -183,7 +179,7 @@ def _joint_groups(
     for g in ctx.groups:
         rows, tokens = g.num_entries, g.patches_per_entry * t
         sl, el = slice(g.patch_start, g.patch_end), slice(g.entry_start, g.entry_end)
-        qi, ki, vi = (_heads(x[sl].reshape(rows, tokens, inner), heads) for x in (q, k, v))
+        qi, ki, vi = (split_heads(x[sl].reshape(rows, tokens, inner), heads) for x in (q, k, v))
         if attn.norm_q is not None:
             qi = attn.norm_q(qi)
         if attn.norm_k is not None:
@@ -191,110 +187,10 @@ def _joint_groups(
         o = F.scaled_dot_product_attention(
             torch.cat([qi, cq[el]], dim=2), torch.cat([ki, ck[el]], dim=2), torch.cat([vi, cv[el]], dim=2)
         )
-        o = _merge_heads(o)  # [R_g, tokens + L, H*d]
+        o = merge_heads(o)  # [R_g, tokens + L, H*d]
         img_outs.append(o[:, :tokens].reshape(g.patch_end - g.patch_start, t, inner))
         ctx_outs.append(o[:, tokens:])
     with timed(ctx, "regroup"):
         img = torch.cat(img_outs) if len(img_outs) > 1 else img_outs[0]
         context_out = torch.cat(ctx_outs) if len(ctx_outs) > 1 else ctx_outs[0]
     return img, context_out
-
-
-# ---------------------------------------------------------------------- patch cache (partial calls)
-def _refreshed_kv(
-    attn: Attention, key: torch.Tensor, value: torch.Tensor, ctx: PatchContext
-) -> tuple[torch.Tensor, torch.Tensor]:  # [N, T, H*d] each
-    """Keys and values of every patch: the active ones fresh ([A, T, H*d]), the others as cached."""
-    assert ctx.subset is not None and ctx.cache is not None
-    rows, out = ctx.subset.index, []
-    for tag, fresh in (("k", key), ("v", value)):
-        full = ctx.cache.site((id(attn), tag)).index_copy(0, rows, fresh)
-        ctx.cache.record((id(attn), tag), full)
-        out.append(full)
-    return out[0], out[1]
-
-
-def _group_rows(ctx: PatchContext) -> list[tuple[Any, int, int, torch.Tensor]]:
-    """Per attention group with active patches: the group, the active range [lo, hi) and the
-    group-local entry of each of those active patches."""
-    active = ctx.subset
-    assert active is not None
-    out = []
-    for g in ctx.groups:
-        lo, hi = (int(i) for i in np.searchsorted(active.host, [g.patch_start, g.patch_end]))
-        if lo < hi:
-            out.append((g, lo, hi, active.entry[lo:hi] - g.entry_start))
-    return out
-
-
-def partial_attention(
-    attn: Attention,
-    query: torch.Tensor,  # [A, T, H*d] active patches
-    key: torch.Tensor,  # [N, T, H*d] every patch, or [R, L, H*d] per entry when ``per_entry_kv``
-    value: torch.Tensor,
-    ctx: PatchContext,
-    per_entry_kv: bool,
-) -> torch.Tensor:  # [A, T, H*d]
-    """Each active patch's queries against its whole entry's keys (one call per group)."""
-    active = ctx.subset
-    assert active is not None
-    heads, t, inner = attn.heads, query.shape[1], query.shape[2]
-    if per_entry_kv:
-        k, v = key.index_select(0, active.entry), value.index_select(0, active.entry)  # [A, L, H*d]
-        return _merge_heads(_sdpa(attn, _heads(query, heads), _heads(k, heads), _heads(v, heads)))
-    out = query.new_empty(query.shape)
-    for g, lo, hi, local in _group_rows(ctx):
-        rows, tokens = g.num_entries, g.patches_per_entry * t
-        kg = key[g.patch_start : g.patch_end].reshape(rows, tokens, -1).index_select(0, local)
-        vg = value[g.patch_start : g.patch_end].reshape(rows, tokens, -1).index_select(0, local)
-        o = _sdpa(attn, _heads(query[lo:hi], heads), _heads(kg, heads), _heads(vg, heads))
-        out[lo:hi] = _merge_heads(o).to(out.dtype)
-    return out.view(-1, t, inner)
-
-
-def _sdpa(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def _partial_joint_groups(
-    attn: Attention,
-    q: torch.Tensor,  # [A, T, H*d] active patches
-    k: torch.Tensor,  # [N, T, H*d] every patch
-    v: torch.Tensor,
-    context: torch.Tensor,  # [R, L, D]
-    ctx: PatchContext,
-) -> tuple[torch.Tensor, torch.Tensor]:  # image [A, T, H*d], context [R, L, H*d]
-    """SD3 joint attention when only some patches compute: every entry's context attends to all
-    its image tokens (reused patches as cached); active patches' tokens attend likewise."""
-    heads, t, inner = attn.heads, q.shape[1], q.shape[2]
-    cq = _heads(attn.add_q_proj(context), heads)  # [R, H, L, d]
-    ck = _heads(attn.add_k_proj(context), heads)
-    cv = _heads(attn.add_v_proj(context), heads)
-    if attn.norm_added_q is not None:
-        cq = attn.norm_added_q(cq)
-    if attn.norm_added_k is not None:
-        ck = attn.norm_added_k(ck)
-    img = q.new_empty(q.shape)
-    ctx_out = []
-    rows_of = {id(g): (lo, hi, local) for g, lo, hi, local in _group_rows(ctx)}
-    for g in ctx.groups:
-        rows, tokens = g.num_entries, g.patches_per_entry * t
-        el = slice(g.entry_start, g.entry_end)
-        kg = _heads(k[g.patch_start : g.patch_end].reshape(rows, tokens, inner), heads)
-        vg = _heads(v[g.patch_start : g.patch_end].reshape(rows, tokens, inner), heads)
-        if attn.norm_k is not None:
-            kg = attn.norm_k(kg)
-        keys, values = torch.cat([kg, ck[el]], dim=2), torch.cat([vg, cv[el]], dim=2)  # [R_g, H, tokens+L, d]
-        ctx_out.append(_merge_heads(F.scaled_dot_product_attention(cq[el], keys, values)))
-        if id(g) in rows_of:
-            lo, hi, local = rows_of[id(g)]
-            qi = _heads(q[lo:hi], heads)
-            if attn.norm_q is not None:
-                qi = attn.norm_q(qi)
-            o = F.scaled_dot_product_attention(qi, keys.index_select(0, local), values.index_select(0, local))
-            img[lo:hi] = _merge_heads(o).to(img.dtype)
-    return img, torch.cat(ctx_out) if len(ctx_out) > 1 else ctx_out[0]
