@@ -14,10 +14,9 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from patchedserve.errors import InvalidRequestError
 from patchedserve.sampler.base import LinearStepSampler, SamplerPlan
 from patchedserve.sampler.schedule import (
-    check_num_steps,
+    checked_timesteps,
     leading_timesteps,
     refuse_common,
     refuse_unless,
@@ -60,14 +59,7 @@ class DDIMSampler(LinearStepSampler):
 
     def _build_plan(self, num_steps: int) -> SamplerPlan:
         train_steps = int(self.config["num_train_timesteps"])
-        check_num_steps(num_steps, train_steps)
-        timesteps = self._timesteps(num_steps)
-        if len(timesteps) != num_steps:
-            raise InvalidRequestError(
-                f"{self.config['timestep_spacing']} spacing gives {len(timesteps)} timesteps for "
-                f"num_steps={num_steps} in diffusers; choose another step count",
-                field="num_steps",
-            )
+        timesteps = checked_timesteps(num_steps, self.config, self._timesteps)
         alphas_cumprod = train_alphas_cumprod(self.name, self.config).double()  # [T], float32 values
         final = 1.0 if self.config["set_alpha_to_one"] else float(alphas_cumprod[0])
         # diffusers steps to t - T // n, which is not the next timestep for linspace/trailing spacing.

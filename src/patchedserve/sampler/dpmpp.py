@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from patchedserve.errors import InvalidRequestError
 from patchedserve.sampler.base import Sampler, SamplerPlan, compute_dtype
 from patchedserve.sampler.schedule import (
-    check_num_steps,
+    checked_timesteps,
     refuse_common,
     refuse_unless,
     trailing_timesteps,
@@ -79,14 +78,7 @@ class DPMPP2MSampler(Sampler):
         return spaced.astype(np.int64)
 
     def _build_plan(self, num_steps: int) -> SamplerPlan:
-        check_num_steps(num_steps, int(self.config["num_train_timesteps"]))
-        timesteps = self._timesteps(num_steps)
-        if len(timesteps) != num_steps:
-            raise InvalidRequestError(
-                f"{self.config['timestep_spacing']} spacing gives {len(timesteps)} timesteps for "
-                f"num_steps={num_steps} in diffusers; choose another step count",
-                field="num_steps",
-            )
+        timesteps = checked_timesteps(num_steps, self.config, self._timesteps)
         table = train_sigmas(train_alphas_cumprod(self.name, self.config))  # [T] float64
         sigmas32 = np.concatenate([np.interp(timesteps, np.arange(len(table)), table), [0.0]])
         sigmas = torch.from_numpy(sigmas32.astype(np.float32)).double()  # [n + 1], float32 values

@@ -17,7 +17,7 @@ from diffusers import EulerDiscreteScheduler
 from patchedserve.errors import InvalidRequestError
 from patchedserve.sampler.base import LinearStepSampler, SamplerPlan
 from patchedserve.sampler.schedule import (
-    check_num_steps,
+    checked_timesteps,
     leading_timesteps,
     refuse_common,
     refuse_unless,
@@ -66,14 +66,7 @@ class EulerSampler(LinearStepSampler):
         return torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
 
     def _build_plan(self, num_steps: int) -> SamplerPlan:
-        check_num_steps(num_steps, int(self.config["num_train_timesteps"]))
-        timesteps = self._timesteps(num_steps)
-        if len(timesteps) != num_steps:
-            raise InvalidRequestError(
-                f"{self.config['timestep_spacing']} spacing gives {len(timesteps)} timesteps for "
-                f"num_steps={num_steps} in diffusers; choose another step count",
-                field="num_steps",
-            )
+        timesteps = checked_timesteps(num_steps, self.config, self._timesteps)
         sigmas32 = self._sigmas(timesteps)  # [n + 1] float32
         # diffusers computes this in float32 on the sigma table; do the same so the value is identical.
         max_sigma = sigmas32.max()

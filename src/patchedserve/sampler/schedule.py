@@ -10,7 +10,7 @@ precision starts here.
 """
 
 import math
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 import numpy as np
@@ -94,3 +94,18 @@ def check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
         raise InvalidRequestError(
             f"num_steps must be between 1 and {num_train_timesteps}, got {num_steps}", field="num_steps"
         )
+
+
+def checked_timesteps(
+    num_steps: int, config: Mapping[str, Any], timesteps: Callable[[int], np.ndarray]
+) -> np.ndarray:  # [num_steps]
+    """``timesteps(num_steps)`` after refusing step counts the schedule cannot give exactly."""
+    check_num_steps(num_steps, int(config["num_train_timesteps"]))
+    spaced = timesteps(num_steps)
+    if len(spaced) != num_steps:
+        raise InvalidRequestError(
+            f"{config['timestep_spacing']} spacing gives {len(spaced)} timesteps for "
+            f"num_steps={num_steps} in diffusers; choose another step count",
+            field="num_steps",
+        )
+    return spaced
