@@ -64,6 +64,8 @@ class PatchCache:
     """Layout generation: increases at every composition change."""
     _maps: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per older generation: each current patch's row in it ([N] long, -1 where new)."""
+    _gathers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Per older generation: ``_maps`` as gather rows (new rows read row 0) and the new rows."""
     _layouts: dict[int, CSPLayout] = field(default_factory=dict)
     """The layout of each generation still referenced."""
     _contexts: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict)
@@ -87,13 +89,15 @@ class PatchCache:
             if old_size.get(eid, size) != size:  # same id, another image: nothing carries over
                 index_host[layout.entry_offsets[i] : layout.entry_offsets[i + 1]] = -1
         index = torch.as_tensor(index_host, device=device)  # [N] row in the previous layout, or -1
-        live = {g for _, g in self.sites.values()} | {st.gen for st in self.blocks.values()}
+        live = {g for _, g in self.sites.values()}
+        live |= {g for st in self.blocks.values() for g in (st.gen, st.out_gen)}
         self._maps = {
             g: torch.where(index >= 0, m.index_select(0, index.clamp_min(0)), -1)
             for g, m in self._maps.items()
             if g in live
         }
         self._maps[self.gen] = index
+        self._gathers = {g: (m.clamp_min(0), (m < 0).nonzero().squeeze(1)) for g, m in self._maps.items()}
         self._layouts = {g: lay for g, lay in self._layouts.items() if g in self._maps}
         self._layouts[self.gen] = old
         self.gen += 1
@@ -118,11 +122,9 @@ class PatchCache:
         """``t``, recorded in layout generation ``gen``, in the current layout (zeros for new rows)."""
         if gen == self.gen:
             return t
-        rows = self._maps[gen]
-        kept = rows >= 0
-        out = t.new_zeros((len(rows), *t.shape[1:]))
-        out[kept] = t[rows[kept]]
-        return out
+        source, new = self._gathers[gen]
+        out = t.index_select(0, source)  # one gather; new rows read row 0 and are zeroed below
+        return out.index_fill_(0, new, 0) if new.numel() else out
 
     def nbytes(self) -> int:
         """Memory the cache holds: one step's block inputs, outputs and operator inputs."""
@@ -138,6 +140,7 @@ class PatchCache:
         self.blocks.clear()
         self.sites.clear()
         self._maps.clear()
+        self._gathers.clear()
         self._layouts.clear()
         self._contexts.clear()
 
@@ -168,16 +171,8 @@ class PatchCache:
         state = self.blocks.get(key)
         reuse = None
         if state is not None and bool(state.valid.any()):
-            if state.gen != self.gen:  # the batch changed since: bring this block's cache along
+            if state.gen != self.gen:  # the batch changed since: bring the inputs along to compare
                 state.inputs = [self._current(t, state.gen) for t in state.inputs]
-                state.outputs = [
-                    None
-                    if t is None
-                    else self._current_entries(t, state.gen)
-                    if i in spec.per_entry_outputs
-                    else self._current(t, state.gen)
-                    for i, t in enumerate(state.outputs)
-                ]
                 state.gen = self.gen
             reuse = self._decide(state, watched, ctx)
         self.stats.patch_blocks += n
@@ -197,11 +192,13 @@ class PatchCache:
                 reused=torch.zeros(n, dtype=torch.int64, device=ctx.device),
                 valid=torch.ones(n, dtype=torch.bool, device=ctx.device),
                 gen=self.gen,
+                out_gen=self.gen,
                 rebuild=rebuild,
             )
             return rebuild(flat)
         assert state is not None
         self.stats.reused += int(reuse.sum())
+        self._bring_outputs(state, spec)  # only now: a block that recomputes everything never needs them
         index = (~reuse).nonzero().squeeze(1)
         whole = self.config.granularity == "image"
         if index.numel() == 0 and (whole or not spec.per_entry_outputs):  # all reuse: skip the block
@@ -229,6 +226,20 @@ class PatchCache:
         state.reused = torch.where(reuse, state.reused + 1, torch.zeros_like(state.reused))
         state.valid = state.valid.index_fill(0, index, True)  # joiners computed here become reusable
         return rebuild(merged)
+
+    def _bring_outputs(self, state: BlockState, spec: BlockSpec) -> None:
+        """Carry a block's stored outputs to the current layout (after a join or leave)."""
+        if state.out_gen == self.gen:
+            return
+        state.outputs = [
+            None
+            if t is None
+            else self._current_entries(t, state.out_gen)
+            if i in spec.per_entry_outputs
+            else self._current(t, state.out_gen)
+            for i, t in enumerate(state.outputs)
+        ]
+        state.out_gen = self.gen
 
     def _run_images(
         self,
@@ -279,10 +290,10 @@ class PatchCache:
     def _decide(self, state: BlockState, watched: Sequence[torch.Tensor], ctx: Any) -> torch.Tensor:  # [N]
         change = torch.zeros_like(state.reused, dtype=torch.float32)
         norm = torch.zeros_like(change)
-        for cur, old in zip(watched, state.inputs, strict=True):
+        for cur, old in zip(watched, state.inputs, strict=True):  # fused reductions, one temporary
             dims = tuple(range(1, cur.dim()))
-            change += (cur.float() - old.float()).square().sum(dims)
-            norm += old.float().square().sum(dims)
+            change += torch.linalg.vector_norm(cur - old, dim=dims, dtype=torch.float32).square()
+            norm += torch.linalg.vector_norm(old, dim=dims, dtype=torch.float32).square()
         if self.config.granularity == "image":  # the image's total change, for each of its patches
             entry = ctx.patch_entry
             change = change.new_zeros(ctx.num_entries).index_add_(0, entry, change)[entry]

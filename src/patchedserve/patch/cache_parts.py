@@ -72,7 +72,8 @@ class BlockState:
     outputs: list[torch.Tensor | None]  # flattened outputs; per-patch leaves [N, ...]
     reused: torch.Tensor  # [N] int, consecutive reuses per patch
     valid: torch.Tensor  # [N] bool, the patch has a computed output here
-    gen: int  # layout generation ``inputs`` and ``outputs`` are in (flags are always current)
+    gen: int  # layout generation ``inputs`` are in (flags are always current)
+    out_gen: int  # layout generation ``outputs`` are in (carried only when a reuse needs them)
     rebuild: Callable[[Sequence[torch.Tensor | None]], Any]  # leaves -> the block's output structure
 
 
