@@ -62,7 +62,7 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         metavar="THRESHOLD",
         help="turn on the patch-level block cache (approximate): reuse a block per patch when its input "
-        "changed by less than THRESHOLD (relative squared change; 0.05 is the default setting)",
+        "changed by less than THRESHOLD (relative squared change; 0.1 is the default setting)",
     )
     serve.set_defaults(handler=run_serve)
 
