@@ -164,3 +164,33 @@ def test_report_lists_where_patchedserve_falls_short() -> None:
     ]
     assert shortfalls(runs) == ["- 1 replica(s), 2 req/s: patchedserve 0.7000 < nirvana 0.8000"]
     assert "| nirvana | 1.000 | 0.800 |" in satisfaction_matrix(runs)
+
+
+def test_report_takes_ratios_and_shortfalls_against_a_chosen_reference(tmp_path: Path) -> None:
+    from patchedserve.bench.metrics import goodput_at_target
+    from patchedserve.bench.report import report_lines
+
+    points = {
+        "patchedserve": [1.0, 0.7, 0.2],
+        "nirvana": [1.0, 0.8, 0.5],
+        "patchedserve-cache": [1.0, 0.9, 0.6],
+    }
+    runs = [
+        {"system": s, "qps": q, "slo_scale": 5.0, "slo_satisfaction": v, "requests": 10, "replicas": 1}
+        for s, values in points.items()
+        for q, v in zip((1.0, 2.0, 3.0), values, strict=True)
+    ]
+    for r in runs:
+        r.update(goodput_rps=None, p50_s=None, p90_s=None, p99_s=None, drop_rate=0.0, duration_s=10.0)
+    data = {"meta": {}, "runs": runs, "goodput_at_90": goodput_at_target(runs)}
+    default = "\n".join(report_lines(data))
+    assert "patchedserve 0.7000 < nirvana 0.8000" in default
+    cached = "\n".join(report_lines(data, "patchedserve-cache"))
+    assert "| patchedserve-cache / system |" in cached
+    # QPS at 90%: patchedserve-cache 2.0 exactly, nirvana 1 + 0.1/0.2 = 1.5 -> ratio 1.33
+    assert "| nirvana@5x | 1.50 | 1.33 |" in cached
+    assert "- none: patchedserve-cache is at or above every other system at every point" in cached
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    assert main(["bench", "report", str(path), "--reference", "no-such-system"]) == 2
+    assert main(["bench", "report", str(path), "--reference", "nirvana"]) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from patchedserve.bench.metrics import goodput_at_target
 from patchedserve.bench.systems import SYSTEMS
 
 Run = dict[str, Any]
@@ -101,15 +102,22 @@ def shortfalls(runs: Sequence[Run], reference: str = "patchedserve") -> list[str
     return lines or [f"- none: {reference} is at or above every other system at every point"]
 
 
-def report_lines(data: dict[str, Any]) -> list[str]:
+def report_lines(data: dict[str, Any], reference: str = "patchedserve") -> list[str]:
+    """The whole report; ratios and shortfalls are taken against ``reference``."""
     runs = data["runs"]
+    if not any(r["system"] == reference for r in runs):
+        names = sorted({r["system"] for r in runs})
+        raise ValueError(f"no runs of {reference!r} in these results; they hold {', '.join(names)}")
+    goodput = data["goodput_at_90"]
+    if goodput.get("reference") != reference:
+        goodput = goodput_at_target(runs, reference, goodput.get("target", 0.9))
     return [
         *satisfaction_matrix(runs),
         *run_table(runs),
         "",
-        *goodput_table(data["goodput_at_90"]),
+        *goodput_table(goodput),
         "",
-        "Points where patchedserve's SLO satisfaction is below another system's:",
+        f"Points where {reference}'s SLO satisfaction is below another system's:",
         "",
-        *shortfalls(runs),
+        *shortfalls(runs, reference),
     ]

@@ -157,6 +157,11 @@ def add_parsers(group: Any) -> None:
 def add_report_parser(group: Any) -> None:
     report = group.add_parser("report", help="markdown tables of a results.json (bench slo or simulate)")
     report.add_argument("results", type=Path, help="results.json")
+    report.add_argument(
+        "--reference",
+        default="patchedserve",
+        help="system the QPS-at-90%% ratios and the shortfalls are taken against",
+    )
     report.set_defaults(handler=run_report)
 
 
@@ -164,7 +169,12 @@ def run_report(args: argparse.Namespace) -> int:
     from patchedserve.bench.report import report_lines
     from patchedserve.bench.results import load_results
 
-    print("\n".join(report_lines(load_results(args.results))))
+    try:
+        lines = report_lines(load_results(args.results), args.reference)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
     return 0
 
 
