@@ -173,6 +173,19 @@ def test_speed_trace_reads_the_machine_off_logged_steps() -> None:
     assert slow[0].latency_s == pytest.approx(2.0 * (fast[0].latency_s or 0.0))
 
 
+def test_speed_trace_of_a_cached_system_is_relative_to_its_cached_cost() -> None:
+    """The cache's saving is in the cost model; the speed trace must not count it a second time."""
+    p = profile()
+    costs = MachineCosts(patch_cache_factor=0.6)
+    cached = cost_model("patched", p, costs, patch_cache=True)
+    entries = [(512, 512, True)]
+    # A machine running exactly as calibrated: every cached step takes 0.6 x the exact cost.
+    steps = [(t, 0.6 * cached.base_step_s(entries), entries) for t in (0.5, 6.0)]
+    assert SpeedTrace.from_steps(steps, cached, bucket_s=5.0).factors == pytest.approx((1.0, 1.0))
+    exact = cost_model("patched", p, costs)
+    assert SpeedTrace.from_steps(steps, exact, bucket_s=5.0).factors == pytest.approx((0.6, 0.6))
+
+
 def test_a_running_decode_slows_the_step_it_overlaps() -> None:
     cost = replace(cost_model("patched", profile(), MachineCosts()), decode_interference=0.5)
     assert cost.step_with_decode_s(0.2, start_s=0.0, decoder_free_s=1.0) == pytest.approx(0.4)

@@ -210,6 +210,7 @@ def _speed_reader(real_dir: Path, profile: Any, costs: Any, bucket_s: float) -> 
         path = run_file(real_dir, "steps", spec.name, 1, qps)
         if not path.exists():
             return None
-        return SpeedTrace.from_steps(load_steps(path), cost_model(spec.execution, profile, costs), bucket_s)
+        cost = cost_model(spec.execution, profile, costs, patch_cache=spec.patch_cache)
+        return SpeedTrace.from_steps(load_steps(path), cost, bucket_s)
 
     return speed_for

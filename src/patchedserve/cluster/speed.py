@@ -43,10 +43,11 @@ class SpeedTrace:
 
     @classmethod
     def from_steps(cls, steps: Sequence[StepRecord], cost: CostModel, bucket_s: float = 5.0) -> SpeedTrace:
-        """Factors of ``steps`` against ``cost`` (taken at factor 1), bucketed by start time."""
+        """Factors of ``steps`` against ``cost`` (taken at factor 1, with its cache factor: what the
+        simulator charges for the same step at speed 1), bucketed by start time."""
         buckets: dict[int, list[tuple[float, float]]] = {}  # bucket -> [(observed s, modelled s)]
         for start_s, latency_s, entries in steps:
-            modelled_s = cost.base_step_s(entries) * cost.scale
+            modelled_s = cost.base_step_s(entries) * cost.scale * cost.cache_factor
             if modelled_s > 0.0 and latency_s > 0.0:
                 buckets.setdefault(max(int(start_s // bucket_s), 0), []).append((latency_s, modelled_s))
         if not buckets:
