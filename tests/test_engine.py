@@ -227,15 +227,21 @@ def test_patch_cache_reuses_and_stays_close_to_exact() -> None:
         Engine.from_model("tiny-sdxl", execution="image", patch_cache=PatchCacheConfig())
 
 
-def test_approximate_cache_skips_steps_for_a_repeated_prompt() -> None:
-    engine = Engine.from_model(
+def _nirvana_engine(similarity: str = "model") -> Engine:
+    """The nirvana baseline's engine: image-level, same-resolution batches, approximate cache."""
+    return Engine.from_model(
         "tiny-sdxl",
         patch_size=64,
         execution="image",
         policy="res-fcfs",
         approx_cache=True,
+        approx_cache_similarity=similarity,
         decode_in_thread=False,
     )
+
+
+def test_approximate_cache_skips_steps_for_a_repeated_prompt() -> None:
+    engine = _nirvana_engine()
     g = GenerationRequest("a lighthouse at dusk", width=64, height=64, steps=6, seed=1)
     try:
         first = engine.generate([g])[0]
@@ -254,15 +260,7 @@ def test_approximate_cache_skips_steps_for_a_repeated_prompt() -> None:
 
 @pytest.mark.parametrize(("similarity", "hits"), [("exact", 1), ("model", 2)])
 def test_exact_similarity_hits_on_repeats_only(similarity: str, hits: int) -> None:
-    engine = Engine.from_model(
-        "tiny-sdxl",
-        patch_size=64,
-        execution="image",
-        policy="res-fcfs",
-        approx_cache=True,
-        approx_cache_similarity=similarity,
-        decode_in_thread=False,
-    )
+    engine = _nirvana_engine(similarity)
     try:
         for prompt in ("a lighthouse at dusk", "a bowl of ramen", "a lighthouse at dusk"):
             engine.generate([GenerationRequest(prompt, width=64, height=64, steps=6, seed=1)])
