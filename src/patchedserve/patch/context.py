@@ -99,6 +99,11 @@ class PatchContext:
         active = self.active
         return None if active is None or active.full else active
 
+    @property
+    def records(self) -> bool:
+        """Whether operators must keep their inputs for the patch cache (inside a cached block)."""
+        return self.active is not None and self.cache is not None
+
     def recording(self, key: tuple[int, str], value: torch.Tensor) -> None:
         """Inside a cached block, keep an operator's full-batch input for later partial calls."""
         if self.active is not None and self.cache is not None:

@@ -1,17 +1,25 @@
 """Patch-aware GroupNorm with per-image statistics, optionally emitting the next conv's halo.
 
-Each patch's own statistics come from the native GroupNorm kernel (fast and numerically stable);
-they are combined over all patches of the same entry with the parallel-variance formula (patches
-of an entry have equal counts), so the result means exactly what ``nn.GroupNorm`` means on the
-full image. The patch-normalised output is then re-based onto the entry statistics with one
-per-channel multiply-add. (``torch.var_mean`` would be the obvious way to get the statistics but
-is an order of magnitude slower than the GroupNorm kernel on CPU.)
+GroupNorm is blind to where a pixel sits, so an image's statistics are those of the bag of all its
+patches' pixels. In a channels-last batch the pixels of one patch are one contiguous block of
+``[side*side, C]`` rows, and an entry's patches are adjacent in the CSP layout, so an entry is one
+contiguous block too: viewed as a channels-last image ``[1, C, k*side, side]`` (its k patches
+stacked), it is normalised by the native kernel with the model's own affine, exactly as
+``nn.GroupNorm`` normalises the full image. Entries with equal patch counts are contiguous (the
+attention groups), so one native call per group covers a whole batch. Inputs that arrive NCHW are
+made channels-last first (one copy); the output is channels-last either way.
 
 When GroupNorm feeds a convolution through an activation with ``act(0) == 0`` (ResNet blocks,
 ``conv_norm_out``), the norm writes its output into a pixel buffer with one extra zero row and
 returns the padded patches gathered from it: the halo comes out of the normalisation pass with no
-masking pass, and the conv skips its own gather (the activation maps the zero border to zero). Installed by
-``PatchedModel``.
+masking pass, and the conv skips its own gather (the activation maps the zero border to zero).
+
+The patch cache keeps each patch's own statistics so that partial calls can mix fresh and stored
+patches; while it records (and in its partial calls) the statistics come per patch from the native
+kernel and are combined over each entry with the parallel-variance formula (patches of an entry
+have equal counts), then the patch-normalised output is re-based onto them with one per-channel
+multiply-add. (``torch.var_mean`` would be the obvious way to get the statistics but is an order
+of magnitude slower than the GroupNorm kernel on CPU.) Installed by ``PatchedModel``.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ def patch_group_norm(norm: nn.GroupNorm, emit_halo: int = 0) -> None:
             return original(x)
         if ctx.subset is not None:
             return _partial(norm, x, ctx, emit_halo)
+        if x.dim() == 4 and not ctx.records:
+            return _whole_entries(norm, x, ctx, emit_halo)
         n, c = x.shape[:2]
         view = (n, c) + (1,) * (x.dim() - 2)
         out0, mean_p, rstd_p = patch_stats(norm, x)
@@ -93,6 +103,40 @@ def patch_group_norm(norm: nn.GroupNorm, emit_halo: int = 0) -> None:
             return gather_from_buffer(buf, n, ctx.halo_index(x.shape[-1], emit_halo))  # [N, C, p+2h, p+2h]
 
     set_patched_forward(norm, forward)
+
+
+def entry_norm_into(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, out: torch.Tensor) -> None:
+    """Normalise every entry of ``x`` [N, C, side, side] (channels-last) over its whole image into
+    ``out`` [N*side*side, C], the same pixels as rows: one native call per attention group."""
+    n, c, side = x.shape[0], x.shape[1], x.shape[-1]
+    area = side * side
+    pixels = x.permute(0, 2, 3, 1).reshape(n * area, c)  # [N*side*side, C], a view
+    weight, bias = (norm.weight, norm.bias) if norm.affine else (None, None)
+    for g in ctx.groups:
+        rows, k = g.num_entries, g.patches_per_entry
+        block = slice(g.patch_start * area, g.patch_end * area)
+        src = pixels[block].view(rows, k * side, side, c).permute(0, 3, 1, 2)  # [R_g, C, k*side, side]
+        dst = out[block].view(rows, k * side, side, c).permute(0, 3, 1, 2)
+        stats = x.new_empty((rows, norm.num_groups)), x.new_empty((rows, norm.num_groups))
+        torch.ops.aten.native_group_norm.out(
+            src, weight, bias, rows, c, k * area, norm.num_groups, norm.eps,
+            out0=dst, out1=stats[0], out2=stats[1],
+        )  # fmt: skip
+
+
+def _whole_entries(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, emit_halo: int) -> torch.Tensor:
+    """Per-image GroupNorm of a full batch ``x`` [N, C, side, side]; channels-last output
+    ([N, C, side + 2*emit_halo, ...] padded patches when ``emit_halo``)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c, side = x.shape[0], x.shape[1], x.shape[-1]
+    if not emit_halo:
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        entry_norm_into(norm, x, ctx, out.permute(0, 2, 3, 1).view(-1, c))
+        return out
+    buf, _ = pixel_buffer(n, c, side, x)
+    entry_norm_into(norm, x, ctx, buf[:-1])
+    with timed(ctx, "stitch"):
+        return gather_from_buffer(buf, n, ctx.halo_index(side, emit_halo))  # [N, C, p+2h, p+2h]
 
 
 def _partial(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, emit_halo: int) -> torch.Tensor:
