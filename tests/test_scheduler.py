@@ -121,10 +121,13 @@ def test_infeasible_request_is_dropped_with_a_reason() -> None:
     assert s.num_waiting == 0
 
 
+@pytest.mark.parametrize("admission", ["throughput", "least-slack"])
 @pytest.mark.parametrize("seed", range(4))
-def test_admitted_requests_meet_their_deadlines_when_the_predictor_is_right(seed: int) -> None:
+def test_admitted_requests_meet_their_deadlines_when_the_predictor_is_right(
+    seed: int, admission: str
+) -> None:
     requests = workload(seed)
-    trace = simulate(scheduler(), requests)
+    trace = simulate(scheduler(admission=admission), requests)
     assert trace.dropped, "the workload should overload the machine"
     by_id = {r.request_id: r for r in requests}
     assert set(trace.admitted) == set(trace.finished_s)
@@ -134,8 +137,8 @@ def test_admitted_requests_meet_their_deadlines_when_the_predictor_is_right(seed
 
 
 def test_least_slack_first_under_pressure() -> None:
-    # Slack rules alone (relaxed_slack=inf); arrival order is the opposite of urgency.
-    s = scheduler(max_running=1, relaxed_slack=math.inf)
+    # The paper's rule, slack alone (relaxed_slack=inf); arrival order is the opposite of urgency.
+    s = scheduler(max_running=1, admission="least-slack", relaxed_slack=math.inf)
     solo_s = standalone_s(request(0), predictor())
     for i, scale in enumerate([8.0, 4.0, 2.0]):
         s.add_request(request(i, slo_ms=1000 * solo_s * scale), 0.0)
@@ -146,7 +149,7 @@ def test_least_slack_first_under_pressure() -> None:
 
 def test_throughput_preference_when_slack_is_relaxed() -> None:
     def pick(relaxed_slack: float) -> int:
-        s = scheduler(max_running=2, relaxed_slack=relaxed_slack)
+        s = scheduler(max_running=2, admission="least-slack", relaxed_slack=relaxed_slack)
         s.add_request(request(0, size=512), 0.0)
         assert [r.request_id for r in s.schedule(0.0).admitted] == [0]
         s.add_request(request(1, size=768, slo_ms=60_000), 0.0)  # less slack (larger), arrived first
@@ -155,6 +158,44 @@ def test_throughput_preference_when_slack_is_relaxed() -> None:
 
     assert pick(relaxed_slack=1.0) == 2  # relaxed: most work per second of added step time
     assert pick(relaxed_slack=math.inf) == 1  # never relaxed: least slack
+
+
+def test_throughput_admission_prefers_work_per_second_even_under_pressure() -> None:
+    s = scheduler(max_running=2)
+    s.add_request(request(0, size=512), 0.0)
+    assert [r.request_id for r in s.schedule(0.0).admitted] == [0]
+    p = predictor()
+    urgent = request(1, size=768)  # little slack, adds a new resolution and 9 patches per step
+    urgent.slo_ms = 1000 * standalone_s(urgent, p) * 1.9
+    s.add_request(urgent, 0.0)
+    s.add_request(request(2, size=512, slo_ms=600_000), 0.0)  # shares the step with request 0
+    assert [r.request_id for r in s.schedule(0.0).admitted] == [2]
+
+
+def wait_for_drain(admission: str) -> tuple[Request, Trace]:
+    """A request that misses its deadline if it joins the running batch now, but not once the
+    batch has finished."""
+    p = predictor()
+    running = request(0, size=768, steps=4, slo_ms=600_000)
+    joiner = request(1, size=256, steps=10, arrival_s=0.001)
+    alone_s = standalone_s(joiner, p)
+    now_s = p.predict_step([entry_of(running), entry_of(joiner)])
+    assert 10 * now_s > 1.5 * alone_s  # joining the big batch for all its steps would miss
+    joiner.slo_ms = 1000 * 1.5 * alone_s + 4000 * p.predict_step([entry_of(running)])
+    trace = simulate(scheduler(admission=admission), [running, joiner])
+    return joiner, trace
+
+
+def test_throughput_admission_lets_a_request_wait_for_the_batch_to_drain() -> None:
+    joiner, trace = wait_for_drain("throughput")
+    assert not trace.dropped and trace.admitted == [0, 1]
+    assert joiner.deadline_s is not None and trace.finished_s[1] <= joiner.deadline_s
+
+
+def test_least_slack_admission_refuses_a_request_that_would_miss_in_the_current_batch() -> None:
+    joiner, trace = wait_for_drain("least-slack")
+    assert trace.dropped == [joiner] and trace.admitted == [0]
+    assert joiner.error is not None and "in a batch with 1 running" in joiner.error
 
 
 def test_admission_keeps_active_requests_on_time() -> None:
@@ -215,3 +256,6 @@ def test_make_scheduler_rejects_unknown_policies_and_slo_without_predictor() -> 
     with pytest.raises(InvalidRequestError) as bad:
         SchedulerConfig(on_infeasible="retry")
     assert bad.value.field == "on_infeasible"
+    with pytest.raises(InvalidRequestError, match="throughput, least-slack") as bad:
+        SchedulerConfig(admission="edf")
+    assert bad.value.field == "admission"

@@ -9,11 +9,13 @@
 | patched-fcfs   | patched   | fcfs     | 12        | -                                      |
 | mixed-cache    | patched   | fcfs     | 12        | patch-level blocks (the paper's "Mixed-Cache") |
 | patchedserve   | patched   | slo      | 12        | -                                      |
+| patchedserve-least-slack | patched | slo (paper's admission) | 12 | -                    |
 | patchedserve-cache | patched | slo    | 12        | patch-level blocks                     |
 
 Both caches are approximate; the systems without one produce exact images. ``patchedserve`` is
 exact; ``patchedserve-cache`` adds the paper's third part, the patch-level cache (``patch.cache``,
-default settings). ``mixed-cache`` and ``nirvana-exact`` are not in the default sweep.
+default settings). ``patchedserve-least-slack`` is ``patchedserve`` with the paper's admission rule
+(``SchedulerConfig.admission``). ``mixed-cache`` and ``nirvana-exact`` are not in the default sweep.
 
 Read by the real replay (``bench.replay``) and by the simulator (``cluster``), so both build the
 same policy for a name, and both give every system the same deadlines (``objectives_s``).
@@ -48,6 +50,8 @@ class SystemSpec:
     """Prompt similarity of the NIRVANA cache: ``model`` embeddings or ``exact`` repeats."""
     patch_cache: bool = False
     """Patch-level block cache (``patch.cache``, default settings; patched execution only)."""
+    admission: str = "throughput"
+    """How the ``slo`` policy admits (``SchedulerConfig.admission``)."""
 
 
 SYSTEMS: dict[str, SystemSpec] = {
@@ -60,6 +64,7 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("patched-fcfs", "patched", "fcfs"),
         SystemSpec("mixed-cache", "patched", "fcfs", patch_cache=True),
         SystemSpec("patchedserve", "patched", "slo"),
+        SystemSpec("patchedserve-least-slack", "patched", "slo", admission="least-slack"),
         SystemSpec("patchedserve-cache", "patched", "slo", patch_cache=True),
     )
 }
@@ -92,6 +97,7 @@ def engine_config(
         approx_cache=spec.approx_cache,
         approx_cache_similarity=spec.nirvana_similarity,
         patch_cache=PatchCacheConfig() if spec.patch_cache else None,
+        admission=spec.admission,
         profile=profile,
         device=device,
         dtype=dtype,

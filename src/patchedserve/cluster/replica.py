@@ -48,7 +48,8 @@ def make_policy(
     cap = spec.max_running or max_running
     if spec.policy == ResolutionBatchScheduler.policy:
         return ResolutionBatchScheduler(cap, predictor, SchedulerConfig("fcfs", cap, slo_scale))
-    return make_scheduler(spec.policy, predictor, SchedulerConfig(spec.policy, cap, slo_scale))
+    config = SchedulerConfig(spec.policy, cap, slo_scale, admission=spec.admission)
+    return make_scheduler(spec.policy, predictor, config)
 
 
 @dataclass

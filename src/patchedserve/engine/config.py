@@ -8,6 +8,7 @@ import torch
 
 from patchedserve.errors import InvalidRequestError
 from patchedserve.patch import PatchCacheConfig
+from patchedserve.scheduler.config import ADMISSIONS
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class EngineConfig:
     """Deadline = arrival + slo_scale x standalone latency when a request gives no ``slo_ms``."""
     on_infeasible: str = "drop"
     """``slo`` policy: ``drop`` requests that cannot make their deadline, or keep them ``best-effort``."""
+    admission: str = "throughput"
+    """``slo`` policy: ``throughput`` or ``least-slack`` (the paper's rule); see ``scheduler.slo``."""
     device: str = "cpu"
     """Torch device of the denoiser (``cpu``, ``cuda``, ``cuda:1``)."""
     dtype: str = "float32"
@@ -63,6 +66,10 @@ class EngineConfig:
             )
         if self.approx_cache_similarity not in ("model", "exact"):
             raise InvalidRequestError("approx_cache_similarity must be model or exact", field="approx_cache")
+        if self.admission not in ADMISSIONS:
+            raise InvalidRequestError(
+                f"admission must be one of {', '.join(ADMISSIONS)}; got {self.admission!r}", field="admission"
+            )
         if self.on_infeasible not in ("drop", "best-effort"):
             raise InvalidRequestError("on_infeasible must be drop or best-effort", field="on_infeasible")
 

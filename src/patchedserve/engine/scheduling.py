@@ -37,6 +37,7 @@ def build_scheduler(config: EngineConfig, bundle: ModelBundle, model: PatchedMod
         max_running=config.max_running,
         slo_scale=config.slo_scale,
         on_infeasible=config.on_infeasible,
+        admission=config.admission,
     )
     predictor = build_predictor(config, bundle, model)
     if config.policy == ResolutionBatchScheduler.policy:

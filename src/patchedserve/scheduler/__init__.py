@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from patchedserve.errors import InvalidRequestError
 from patchedserve.scheduler.base import QueueScheduler
-from patchedserve.scheduler.config import ON_INFEASIBLE, POLICIES, SchedulerConfig
+from patchedserve.scheduler.config import ADMISSIONS, ON_INFEASIBLE, POLICIES, SchedulerConfig
 from patchedserve.scheduler.deadline import assign_deadline, entry_of, standalone_s
 from patchedserve.scheduler.fcfs import FCFSScheduler
 from patchedserve.scheduler.features import FEATURE_NAMES, Entry, MixSums
@@ -46,6 +46,7 @@ def make_scheduler(
 
 
 __all__ = [
+    "ADMISSIONS",
     "FEATURE_NAMES",
     "ON_INFEASIBLE",
     "POLICIES",

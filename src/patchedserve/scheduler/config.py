@@ -14,6 +14,8 @@ POLICIES: tuple[str, ...] = ("fcfs", "slo")
 """Policy names ``make_scheduler`` knows."""
 ON_INFEASIBLE: tuple[str, ...] = ("drop", "best-effort")
 """What the ``slo`` policy does with a request that cannot make its deadline."""
+ADMISSIONS: tuple[str, ...] = ("throughput", "least-slack")
+"""How the ``slo`` policy picks among waiting requests (see ``scheduler.slo``)."""
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,15 @@ class SchedulerConfig:
     on_infeasible: str = "drop"
     """``drop``: refuse a request that cannot make its deadline even alone; ``best-effort``: keep it,
     served after every request that can still make its deadline."""
+    admission: str = "throughput"
+    """``throughput``: a request that would miss its deadline in the current batch waits for the
+    batch to drain, and the fitting candidate that adds the most work per second of step time
+    joins first; ``least-slack`` (the paper's rule): such a request is refused, and the least
+    slack goes first unless slack is relaxed."""
     relaxed_slack: float = 1.0
-    """When the most urgent waiting request has more slack than this (spare time in units of its
-    standalone latency), admit the candidate that adds the most work per second of step time."""
+    """``least-slack`` only: when the most urgent waiting request has more slack than this (spare
+    time in units of its standalone latency), admit the candidate that adds the most work per
+    second of step time."""
     observe_steps: bool = True
     """Feed every executed step's latency to the predictor's online update."""
 
@@ -50,6 +58,10 @@ class SchedulerConfig:
             raise InvalidRequestError(
                 f"on_infeasible must be one of {', '.join(ON_INFEASIBLE)}; got {self.on_infeasible!r}",
                 field="on_infeasible",
+            )
+        if self.admission not in ADMISSIONS:
+            raise InvalidRequestError(
+                f"admission must be one of {', '.join(ADMISSIONS)}; got {self.admission!r}", field="admission"
             )
         if self.relaxed_slack < 0.0:
             raise InvalidRequestError(

@@ -1,4 +1,4 @@
-"""SLO-aware admission after the paper: least slack first, refuse the infeasible, admission control.
+"""SLO-aware admission after the paper: refuse the infeasible, keep every admitted request on time.
 
 Each ``schedule`` call, with A the active set and L(X) the predicted step latency of set X:
 
@@ -8,22 +8,27 @@ Each ``schedule`` call, with A the active set and L(X) the predicted step latenc
    a full active set does not keep a hopeless request waiting.
 2. While a slot is free, every waiting request c gets a slack with A + c:
    ``(deadline - now - (encode + steps_left x L(A + c) + decode)) / standalone``, where standalone
-   is its whole latency alone from the profile. Lower is more urgent; best-effort ones sort last.
-3. A request with negative slack cannot finish in time if started now: it is refused as in 1.
-   (The paper takes the least-slack request and refuses it if infeasible, then the next; since
-   slacks do not change meanwhile, that refuses exactly the negative ones.) L(A + c) for all of
-   its steps is pessimistic, as A shrinks when requests finish; it is the paper's rule and it
-   keeps slots from idling behind a request that would only fit an emptier batch.
+   is its whole latency alone from the profile. L(A + c) for all of its steps is pessimistic, as A
+   shrinks when requests finish; it is the paper's rule and it keeps every admission safe.
+3. A request with negative slack cannot finish in time if it joins now. With
+   ``admission="throughput"`` (the default) it waits: the batch may drain enough for it before
+   step 1 refuses it, and until then it costs nothing. With ``admission="least-slack"`` (the
+   paper's rule) it is refused now, as in 1.
 4. c *fits* when every active request that is on course now still makes its own deadline with
    L(A + c) for all of its remaining steps. Active requests already off course are not
    protected: they are late anyway, and protecting them would stop all admission.
-5. If the most urgent slack is relaxed (> ``relaxed_slack``), throughput decides: admit the
-   fitting candidate with the most work per second of added step time,
-   ``solo_step(c) / (L(A + c) - L(A))``, ties to the least slack. Work is what the request would
-   cost alone, so this favours requests that share the step's fixed costs (small images, a
-   resolution already in the batch) and finishes the most requests per second of machine time.
-   Otherwise admit the most urgent if it fits, else stop: no backfill, since a less urgent
-   request admitted now would slow the batch the urgent one is waiting to join.
+5. Which fitting candidate joins first:
+
+   * ``throughput``: the one with the most work per second of added step time,
+     ``solo_step(c) / (L(A + c) - L(A))``, ties to the least slack. Work is what the request would
+     cost alone, so this favours requests that share the step's fixed costs (small images, a
+     resolution already in the batch): when not every request can be served, it finishes the
+     most requests per second of machine time. Under overload large images wait longest and are
+     refused first; the per-resolution results show it.
+   * ``least-slack``: if the most urgent slack is relaxed (> ``relaxed_slack``), as
+     ``throughput``; otherwise the most urgent if it fits, else none (no backfill, since a less
+     urgent request admitted now would slow the batch the urgent one is waiting to join).
+
 6. Repeat from 2 until the cap (``max_running``) or no admission.
 
 No preemption: a request runs to the end once admitted. ``SchedulerOutput.preempted`` is where a
@@ -167,25 +172,26 @@ class SLOScheduler(QueueScheduler):
         """Steps 2-5: the queue index to admit next, or None to stop admitting in this call."""
         step_now_s = self.model.step_s(active)
         step_s, slack = view.evaluate(self.model, active, now_s, self._resolution_ids)  # [W], [W]
-        # Step 3: a request that would miss its deadline if it joined now is refused. Taken in slack
-        # order one at a time this refuses exactly these, as their slacks do not change meanwhile.
-        late = view.open & ~view.best_effort & (slack < 0.0)  # [W]
-        for i in np.flatnonzero(late):
-            fixed_s = (view.decode_s[i] + self.model.overhead.encode_s) * self.model.correction
-            need_s = float(step_s[i] * view.steps_left[i] + fixed_s)
-            self._refuse(view, int(i), now_s, need_s, f"in a batch with {active.requests} running", out)
-        fits = view.open & (step_s <= self._step_budget(now_s, step_now_s))  # [W]
+        late = view.open & ~view.best_effort & (slack < 0.0)  # [W] would miss if it joined now
+        if self.config.admission == "least-slack":
+            # Taken in slack order one at a time this refuses exactly these, as their slacks do not
+            # change meanwhile.
+            for i in np.flatnonzero(late):
+                fixed_s = (view.decode_s[i] + self.model.overhead.encode_s) * self.model.correction
+                need_s = float(step_s[i] * view.steps_left[i] + fixed_s)
+                self._refuse(view, int(i), now_s, need_s, f"in a batch with {active.requests} running", out)
         normal = view.open & ~view.best_effort  # [W]
-        pool = normal if normal.any() else view.open
+        # Best-effort requests join only when no request that may still make its deadline waits.
+        pool = normal & ~late if normal.any() else view.open  # [W]
         if not pool.any():
             return None
+        fits = pool & (step_s <= self._step_budget(now_s, step_now_s))  # [W]
         urgent = int(np.argmin(np.where(pool, slack, np.inf)))
-        if normal.any() and slack[urgent] > self.config.relaxed_slack:
-            candidates = fits & normal
-            if not candidates.any():
-                return None
-            work_per_s = view.solo_step_s * self.model.correction / np.maximum(step_s - step_now_s, 1e-12)
-            gain = np.where(candidates, work_per_s, -np.inf)
-            best = candidates & (gain >= gain.max())  # ties (same size and CFG) go to the least slack
-            return int(np.argmin(np.where(best, slack, np.inf)))
-        return urgent if fits[urgent] else None
+        if self.config.admission == "least-slack" and slack[urgent] <= self.config.relaxed_slack:
+            return urgent if fits[urgent] else None
+        if not fits.any():
+            return None
+        work_per_s = view.solo_step_s * self.model.correction / np.maximum(step_s - step_now_s, 1e-12)
+        gain = np.where(fits, work_per_s, -np.inf)
+        best = fits & (gain >= gain.max())  # ties (same size and CFG) go to the least slack
+        return int(np.argmin(np.where(best, slack, np.inf)))

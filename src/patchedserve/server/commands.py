@@ -29,6 +29,7 @@ ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("max_waiting", int, "most queued requests before HTTP 429"),
     ("slo_scale", float, "slo policy: deadline = arrival + scale x standalone latency"),
     ("on_infeasible", str, "slo policy: drop or best-effort"),
+    ("admission", str, "slo policy: throughput or least-slack (the paper's rule)"),
     ("device", str, "torch device: cpu, cuda, cuda:1"),
     ("dtype", str, "float32, float16 or bfloat16"),
     ("profile", str, "latency profile for the slo policy (from patchedserve profile --out)"),
