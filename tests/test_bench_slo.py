@@ -152,6 +152,12 @@ def test_tiny_real_replay_writes_results_and_plots(
     rows = json.loads((tmp_path / "sim" / "compare.json").read_text())["rows"]
     assert len(rows) == 6 and all(r["sim_satisfaction"] == 1.0 for r in rows)
     assert "largest |difference| 0.0 pp" in capsys.readouterr().out
+    noisy = [*compare[:-2], str(tmp_path / "sim_noisy"), "--speed-trace", "--step-noise", "measured"]
+    assert main(noisy) == 0
+    sim_runs = json.loads((tmp_path / "sim_noisy" / "results.json").read_text())["runs"]
+    assert all(r["step_noise"] >= 0.0 for r in sim_runs)
+    assert main([a for a in noisy if a != "--speed-trace"]) == 2  # measured noise needs the trace
+    assert "needs --speed-trace" in capsys.readouterr().err
 
 
 def test_report_lists_where_patchedserve_falls_short() -> None:

@@ -5,6 +5,9 @@ A synthetic profile (round numbers) prices steps, so expected latencies can be w
 
 from __future__ import annotations
 
+import math
+import random
+import statistics
 import time
 from dataclasses import replace
 
@@ -193,3 +196,34 @@ def test_a_running_decode_slows_the_step_it_overlaps() -> None:
     assert cost.step_with_decode_s(1.0, start_s=2.0, decoder_free_s=1.0) == pytest.approx(1.0)
     serial = replace(cost, decode_interference=1.0)  # decode and denoise cannot overlap at all
     assert serial.step_with_decode_s(0.3, start_s=0.0, decoder_free_s=0.5) == pytest.approx(0.8)
+
+
+def test_speed_trace_measures_the_step_to_step_noise_its_buckets_average_away() -> None:
+    p = profile()
+    cost = cost_model("patched", p, MachineCosts())
+    entries = [(512, 512, True)]
+    modelled_s = cost.base_step_s(entries)
+    rng = random.Random(0)
+    noisy = [(0.01 * i, modelled_s * math.exp(rng.gauss(0.0, 0.2)), entries) for i in range(2000)]
+    assert SpeedTrace.from_steps(noisy, cost, bucket_s=5.0).noise == pytest.approx(0.2, rel=0.1)
+    # A slowdown that lasts a whole bucket is speed, not noise.
+    steady = [(t, (2.0 if t < 5.0 else 1.0) * modelled_s, entries) for t in (0.5, 1.0, 6.0, 7.0)]
+    assert SpeedTrace.from_steps(steady, cost, bucket_s=5.0).noise == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_noise_jitters_each_step_around_the_model_with_mean_one() -> None:
+    cost = replace(cost_model("patched", profile(), MachineCosts()), step_noise=0.3)
+    rng = random.Random(1)
+    draws = [cost.jitter(rng) for _ in range(20000)]
+    assert statistics.fmean(draws) == pytest.approx(1.0, abs=0.01)
+    assert statistics.pstdev([math.log(d) for d in draws]) == pytest.approx(0.3, rel=0.05)
+    assert cost_model("patched", profile(), MachineCosts()).jitter(rng) == 1.0
+    p = profile()
+    trace = make_trace(TraceConfig(qps=2.0, duration_s=20.0, sizes=((256, 256), (512, 512)), seed=3))
+    objectives = objectives_s(trace, p)
+    quiet = [o.latency_s for o in simulate(trace, objectives, SYSTEMS["patched-fcfs"], p)]
+    noisy_costs = MachineCosts(step_noise=0.3)
+    noisy = [o.latency_s for o in simulate(trace, objectives, SYSTEMS["patched-fcfs"], p, noisy_costs)]
+    again = [o.latency_s for o in simulate(trace, objectives, SYSTEMS["patched-fcfs"], p, noisy_costs)]
+    assert noisy == again  # seeded per replica: a simulation repeats exactly
+    assert noisy != quiet

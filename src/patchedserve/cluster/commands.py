@@ -54,6 +54,13 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--speed-bucket", type=float, default=5.0, help="seconds per speed-trace bucket")
     p.add_argument(
+        "--step-noise",
+        type=_noise,
+        default=0.0,
+        help="per-step jitter: std of log(step time) (0: none), or 'measured' with --speed-trace: each "
+        "real run's own step-to-step spread",
+    )
+    p.add_argument(
         "--decode-interference",
         type=float,
         default=None,
@@ -61,6 +68,15 @@ def add_parser(subparsers: Any) -> None:
         "0 with --speed-trace)",
     )
     p.set_defaults(handler=run_simulate)
+
+
+def _noise(text: str) -> float | str:
+    if text == "measured":
+        return text
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"step noise must be >= 0 or 'measured'; got {text!r}")
+    return value
 
 
 def _embedder(similarity: str, model: str) -> Callable[[], Any]:
@@ -107,8 +123,12 @@ def run_simulate(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise InvalidRequestError(str(err)) from err
+    if args.step_noise == "measured":
+        raise InvalidRequestError(
+            "--step-noise measured needs --compare and --speed-trace", field="step_noise"
+        )
     profile = _load(args.profile)
-    costs = MachineCosts.load(args.image_cost, args.patched_cost)
+    costs = replace(MachineCosts.load(args.image_cost, args.patched_cost), step_noise=args.step_noise)
     if args.decode_interference is not None:
         costs = replace(costs, decode_interference=args.decode_interference)
     embedder = _embedder(args.nirvana_similarity, args.model)
@@ -149,6 +169,7 @@ def _meta(args: argparse.Namespace, systems: list[Any], traces: list[dict[str, A
         "image_cost": str(args.image_cost) if args.image_cost else None,
         "patched_cost": str(args.patched_cost) if args.patched_cost else None,
         "cost_scale": args.cost_scale,
+        "step_noise": args.step_noise,
         "nirvana_similarity": args.nirvana_similarity,
         "traces": traces,
     }
@@ -176,6 +197,11 @@ def run_compare(args: argparse.Namespace) -> int:
     config = SimConfig(
         patch_size=meta["patch_size"], max_running=meta["max_running"], cost_scale=args.cost_scale
     )
+    measured_noise = args.step_noise == "measured"
+    if measured_noise and not args.speed_trace:
+        raise InvalidRequestError("--step-noise measured needs --speed-trace", field="step_noise")
+    if not measured_noise:
+        costs = replace(costs, step_noise=args.step_noise)
     if args.speed_trace:  # the measured speed includes the decode worker's interference
         costs = replace(costs, decode_interference=0.0)
     if args.decode_interference is not None:
@@ -184,7 +210,9 @@ def run_compare(args: argparse.Namespace) -> int:
     speed_for = None
     if args.speed_trace:
         speed_for = _speed_reader(Path(args.compare).parent, profile, costs, args.speed_bucket)
-    runs = simulate_traces(traces, systems, profile, costs, config, embedder, speed_for=speed_for)
+    runs = simulate_traces(
+        traces, systems, profile, costs, config, embedder, speed_for=speed_for, measured_noise=measured_noise
+    )
     sim_meta = {
         **meta,
         "kind": "simulated",
@@ -192,6 +220,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "cost_scale": args.cost_scale,
         "nirvana_similarity": args.nirvana_similarity,
         "speed_trace": args.speed_trace,
+        "step_noise": args.step_noise,
     }
     write_results(args.out, runs, sim_meta)
     rows = compare_runs(real["runs"], runs)

@@ -17,7 +17,9 @@ A finished request is decoded on the engine's single decode worker (FIFO, overla
 denoising loop, as ``decode_in_thread`` does): ``decode_s(width, height)`` from the profile.
 ``scale`` multiplies every figure (a machine that is uniformly slower or faster than profiled);
 ``speed``, when given, multiplies them by a factor that varies over trace time (a shared machine
-whose speed was measured during a real run, ``cluster.speed``). ``decode_interference`` is the
+whose speed was measured during a real run, ``cluster.speed``), and ``step_noise`` makes each step
+a random factor slower or faster around that (log-normal with mean 1, drawn by the replica: the
+step-to-step jitter a speed trace's buckets average away). ``decode_interference`` is the
 share of the loop's speed a running decode takes (measured by ``cluster.calibrate``): while the
 decode worker is busy, a step advances at ``1 - decode_interference`` of its speed (on a GPU the
 two share the device; on a CPU, cores and memory bandwidth).
@@ -25,6 +27,8 @@ two share the device; on a CPU, cores and memory bandwidth).
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +63,13 @@ class CostModel:
     """Share of the denoising loop's speed lost while the decode worker runs, in [0, 1]."""
     cache_factor: float = 1.0
     """Multiplies the step cost (the patch cache's measured saving; 1 without a cache)."""
+    step_noise: float = 0.0
+    """Standard deviation of log(step time) around the model, per step (0: none)."""
+
+    def jitter(self, rng: random.Random) -> float:
+        """One step's random cost factor: log-normal with mean 1 (1 without noise)."""
+        sigma = self.step_noise
+        return math.exp(rng.gauss(0.0, sigma) - 0.5 * sigma * sigma) if sigma > 0.0 else 1.0
 
     def step_with_decode_s(self, step_s: float, start_s: float, decoder_free_s: float) -> float:
         """Duration of a step of ``step_s`` (alone) that starts at ``start_s`` while the decode
@@ -117,6 +128,8 @@ class MachineCosts:
     patch_cache_factor: float | None = None
     """Cached / exact denoising time of the patch cache (``CostModel.cache_factor``); None: not
     measured, and cached systems are priced as exact ones."""
+    step_noise: float = 0.0
+    """Per-step jitter (``CostModel.step_noise``); 0: none."""
 
     @classmethod
     def load(cls, image: str | Path | None, patched: str | Path | None) -> MachineCosts:
@@ -145,8 +158,17 @@ def cost_model(
                 "image-level systems need an image-level cost model: pass --image-cost "
                 "(written by `patchedserve bench slo` or `patchedserve bench calibrate`)"
             )
-        return CostModel(costs.image, True, profile, scale, costs.speed, costs.decode_interference)
+        return CostModel(
+            costs.image, True, profile, scale, costs.speed, costs.decode_interference, 1.0, costs.step_noise
+        )
     factor = costs.patch_cache_factor if patch_cache and costs.patch_cache_factor is not None else 1.0
     return CostModel(
-        costs.patched or profile, False, profile, scale, costs.speed, costs.decode_interference, factor
+        costs.patched or profile,
+        False,
+        profile,
+        scale,
+        costs.speed,
+        costs.decode_interference,
+        factor,
+        costs.step_noise,
     )

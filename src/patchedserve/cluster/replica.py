@@ -12,6 +12,7 @@ as ``engine.scheduling.build_scheduler`` builds them. Driven by ``cluster.simula
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,8 +70,11 @@ class SimReplica:
         max_waiting: int = 256,
         approx_cache: ApproxCache | None = None,
         embed: Embedder | None = None,
+        seed: int = 0,
     ) -> None:
         self.scheduler = scheduler
+        self.rng = random.Random(seed)
+        """Draws the per-step jitter (``CostModel.step_noise``)."""
         self.cost = cost
         self.max_waiting = max_waiting
         self.approx_cache = approx_cache
@@ -114,7 +118,8 @@ class SimReplica:
         if not running:
             self.next_s = None  # nothing to run: sleep until the next arrival wakes it
             return
-        latency_s = self.cost.step_with_decode_s(self.cost.step_s(running, now_s), now_s, self.decoder_free_s)
+        step_s = self.cost.step_s(running, now_s) * self.cost.jitter(self.rng)
+        latency_s = self.cost.step_with_decode_s(step_s, now_s, self.decoder_free_s)
         for r in running:
             r.step_index += 1
         end_s = now_s + latency_s

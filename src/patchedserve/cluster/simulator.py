@@ -104,11 +104,11 @@ def build_replicas(
     """``config.replicas`` fresh engines of ``spec``, each with its own predictor copy and cache."""
     cost = cost_model(spec.execution, profile, costs, config.cost_scale, spec.patch_cache)
     replicas = []
-    for _ in range(config.replicas):
+    for index in range(config.replicas):
         own = LatencyPredictor.from_dict(profile.to_dict())  # each engine loads the profile itself
         policy = make_policy(spec, own, config.max_running)
         cache = ApproxCache() if spec.approx_cache else None
-        replicas.append(SimReplica(policy, cost, config.max_waiting, cache, embed if cache else None))
+        replicas.append(SimReplica(policy, cost, config.max_waiting, cache, embed if cache else None, index))
     return replicas
 
 

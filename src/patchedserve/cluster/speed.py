@@ -8,12 +8,15 @@ overlapping a decode, weigh as much as they cost). Given to the cost model (``Co
 the simulated machine is then as slow as the real one was at the same trace time: what remains
 of a real/simulated difference is the simulator's own (policy, batching, queueing), not the
 neighbours'. The decode worker's interference is part of the measured speed, so it is not added
-again (``decode_interference`` 0). Only step latencies enter, never outcomes. Used by
-``simulate --compare --speed-trace``.
+again (``decode_interference`` 0). What the buckets average away, each step's own deviation, is
+measured too (``noise``) and can be replayed as random per-step jitter (``simulate
+--step-noise measured``). Only step latencies enter, never outcomes. Used by ``simulate --compare
+--speed-trace``.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +33,9 @@ class SpeedTrace:
     """Bucket width in seconds."""
     factors: tuple[float, ...]
     """One factor per bucket from t = 0; empty buckets take the nearest earlier (else later) one."""
+    noise: float = 0.0
+    """Standard deviation of log(observed / (modelled x bucket factor)) over the steps: the
+    step-to-step jitter the buckets average away (``CostModel.step_noise``)."""
 
     def __call__(self, now_s: float) -> float:
         if not self.factors:
@@ -60,4 +66,6 @@ class SpeedTrace:
         for f in factors:
             last = f if f is not None else last
             filled.append(last)
-        return cls(bucket_s, tuple(filled))
+        residuals = [math.log(o / (m * filled[index])) for index, pairs in buckets.items() for o, m in pairs]
+        noise = statistics.pstdev(residuals) if len(residuals) > 1 else 0.0
+        return cls(bucket_s, tuple(filled), noise)

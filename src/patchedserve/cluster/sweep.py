@@ -32,9 +32,11 @@ def simulate_traces(
     embedder: Callable[[], Embedder] | None = None,
     log: Callable[[str], None] | None = None,
     speed_for: Callable[[SystemSpec, float], SpeedTrace | None] | None = None,
+    measured_noise: bool = False,
 ) -> list[dict[str, Any]]:
     """One run per (trace, system) on ``config.replicas`` simulated engines; ``speed_for`` (system,
-    qps) gives the machine's speed over that run's time (``cluster.speed``), if any."""
+    qps) gives the machine's speed over that run's time (``cluster.speed``), if any, and with
+    ``measured_noise`` also its per-step jitter (else ``costs.step_noise``)."""
     runs = []
     for qps, scale, requests, duration_s, _ in traces:
         objectives = objectives_s(requests, profile)
@@ -44,10 +46,13 @@ def simulate_traces(
             embed = embedder() if spec.approx_cache and embedder is not None and not exact else None
             speed = speed_for(spec, qps) if speed_for is not None else None
             run_costs = replace(costs, speed=speed)
+            if measured_noise and speed is not None:
+                run_costs = replace(run_costs, step_noise=speed.noise)
             outcomes = simulate(requests, objectives, spec, profile, run_costs, config, embed)
             run = make_run(spec.name, qps, scale, outcomes, duration_s, replicas=config.replicas)
             run["sim_wall_s"] = time.perf_counter() - start
             run["speed_mean"] = speed.mean if speed is not None else None
+            run["step_noise"] = run_costs.step_noise
             runs.append(run)
             if log is not None:
                 log(
