@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from patchedserve.bench.step import _full_forward, random_mix
-from patchedserve.layout import split_latents
+from patchedserve.bench.step import _full_forward, mix_batch, random_mix
 from patchedserve.models import load_model
-from patchedserve.patch import PatchBatch, PatchedModel
+from patchedserve.patch import PatchedModel
 
 
 class Counter(TorchDispatchMode):
@@ -52,16 +51,8 @@ def main() -> None:
     }
     for name, sizes in mixes.items():
         mix = random_mix(pm, sizes, torch.device("cpu"), torch.float32)
-        layout = pm.layout_for(mix.sizes)
-        order = list(layout.entry_ids)
-        batch = PatchBatch(
-            layout,
-            split_latents([mix.latents[i] for i in order], layout),
-            mix.timesteps[order],
-            mix.text[order],
-            None if mix.pooled is None else mix.pooled[order],
-            None if mix.time_ids is None else mix.time_ids[order],
-        )
+        batch = mix_batch(pm, mix)
+        layout = batch.layout
         patched = count(lambda b=batch: pm.forward_batch(b))
         own = count(lambda m=mix: _full_forward(pm, m, [0]))
         print(

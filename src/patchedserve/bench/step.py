@@ -103,11 +103,11 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-@torch.no_grad()
-def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) -> dict[str, Any]:
+def mix_batch(pm: PatchedModel, mix: Mix) -> PatchBatch:
+    """The mix as one patched call's inputs, in layout order."""
     layout = pm.layout_for(mix.sizes)
     order = list(layout.entry_ids)
-    batch = PatchBatch(
+    return PatchBatch(
         layout,
         split_latents([mix.latents[i] for i in order], layout),
         mix.timesteps[order],
@@ -115,6 +115,13 @@ def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) ->
         None if mix.pooled is None else mix.pooled[order],
         None if mix.time_ids is None else mix.time_ids[order],
     )
+
+
+@torch.no_grad()
+def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) -> dict[str, Any]:
+    batch = mix_batch(pm, mix)
+    layout = batch.layout
+    order = list(layout.entry_ids)
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(mix.sizes):
         by_size.setdefault(s, []).append(i)
