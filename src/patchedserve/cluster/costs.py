@@ -159,7 +159,13 @@ def cost_model(
                 "(written by `patchedserve bench slo` or `patchedserve bench calibrate`)"
             )
         return CostModel(
-            costs.image, True, profile, scale, costs.speed, costs.decode_interference, 1.0, costs.step_noise
+            costs.image,
+            True,
+            profile,
+            scale,
+            costs.speed,
+            costs.decode_interference,
+            step_noise=costs.step_noise,
         )
     factor = costs.patch_cache_factor if patch_cache and costs.patch_cache_factor is not None else 1.0
     return CostModel(
@@ -169,6 +175,6 @@ def cost_model(
         scale,
         costs.speed,
         costs.decode_interference,
-        factor,
-        costs.step_noise,
+        cache_factor=factor,
+        step_noise=costs.step_noise,
     )
