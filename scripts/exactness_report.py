@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_patch_exact import LARGER, make_request, patched, rel_err, run_full, run_patched  # noqa: E402
+from test_patch_exact import LARGER, make_request, patched, rel_err, run_full, run_patched
 
 
 def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
