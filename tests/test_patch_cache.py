@@ -197,3 +197,18 @@ def test_a_served_cache_reports_reuse_and_frees_its_memory_when_idle() -> None:
     engine.step()  # an idle iteration
     assert not engine.model.cache.blocks and engine.model.cache.nbytes() == 0
     assert "patchedserve_patch_cache" not in ServerMetrics(Engine.from_model("tiny-sdxl")).render().decode()
+
+
+def test_per_step_cache_profile_follows_the_trajectorys_reuse() -> None:
+    """Step 0 computes every block; with reuse always allowed the later steps skip them all."""
+    from patchedserve.cluster.calibrate import Calibration, measure_patch_cache_steps
+    from patchedserve.engine.prepare import Preparer
+
+    bundle = load_model("tiny-sdxl")
+    preparer = Preparer(bundle, bundle.device, bundle.dtype)
+    config = Calibration(sizes=((128, 128),), patch_size=64, steps=3, repeats=2)
+    never = measure_patch_cache_steps(bundle, preparer, config, PatchCacheConfig(threshold=0.0))
+    always = measure_patch_cache_steps(bundle, preparer, config, PatchCacheConfig(threshold=1e9, max_reuse=9))
+    assert len(never) == len(always) == 3
+    assert min(never) > 0.6  # the cache only adds its comparisons
+    assert always[0] > 0.6 and max(always[1:]) < 0.5 * always[0]

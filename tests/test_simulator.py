@@ -10,6 +10,7 @@ import random
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +228,66 @@ def test_step_noise_jitters_each_step_around_the_model_with_mean_one() -> None:
     again = [o.latency_s for o in simulate(trace, objectives, SYSTEMS["patched-fcfs"], p, noisy_costs)]
     assert noisy == again  # seeded per replica: a simulation repeats exactly
     assert noisy != quiet
+
+
+def test_cached_step_factor_weighs_each_request_by_its_share_of_the_step() -> None:
+    from patchedserve.cluster.costs import cached_step_factor, step_ratio
+
+    p = profile()
+    big, small = (512, 512, True), (256, 256, True)
+    assert cached_step_factor(p, [big], [0.3]) == pytest.approx(0.3)  # alone: its own ratio
+    assert cached_step_factor(p, [big, small], [0.4, 0.4]) == pytest.approx(0.4)
+    fixed_s = p.model_s(p.mix().vector())
+    big_s, small_s = (p.model_s(p.mix([e]).vector()) - fixed_s for e in (big, small))
+    # The small request computes, the big one reuses everything: the fixed cost runs in full.
+    expected = (fixed_s + small_s + 0.1 * big_s) / (fixed_s + big_s + small_s)
+    assert cached_step_factor(p, [big, small], [0.1, 1.0]) == pytest.approx(expected)
+    profile8 = [1.0, 1.0, 1.0, 0.7, 0.1, 1.0, 0.1, 0.1]
+    assert step_ratio(profile8, 4, 8) == 0.1
+    assert step_ratio(profile8, 2, 4) == 0.1  # halfway through a 4-step trajectory
+    assert step_ratio(profile8, 30, 8) == 0.1  # past the end: the last step's
+
+
+def test_a_cached_request_pays_its_per_step_profile_in_virtual_time() -> None:
+    p = profile()
+    steps_profile = (1.0, 0.5, 0.1, 0.1)
+    costs = MachineCosts(image=p, patched=p, patch_cache_factor=0.9, patch_cache_steps=steps_profile)
+    r = req(2.0, size=512, steps=4)
+    [outcome] = simulate([r], objectives_s([r], p), SYSTEMS["patchedserve-cache"], p, costs)
+    solo_s = p.solo_step_s((512, 512, True), corrected=False)
+    overhead_s = p.overhead.encode_s + p.overhead.decode_s(512, 512)
+    assert outcome.latency_s == pytest.approx(overhead_s + sum(steps_profile) * solo_s, rel=1e-9)
+    exact = cost_model("patched", p, costs)
+    assert exact.cache_steps == () and exact.cache_factor == 1.0
+
+
+def test_step_indices_are_read_off_a_log_in_admission_order() -> None:
+    from patchedserve.cluster.speed import infer_progress
+
+    a, b = (512, 512, True), (256, 256, True)
+    log = [(0.0, 0.1, [a]), (0.1, 0.1, [a, b]), (0.2, 0.1, [b, a]), (0.3, 0.1, [a])]
+    assert infer_progress(log, 2) == [[(0, 2)], [(1, 2), (0, 2)], [(1, 2), (0, 2)], [(1, 2)]]
+    # A request that leaves before its last step (a NIRVANA hit started it later) breaks the pattern.
+    assert infer_progress([(0.0, 0.1, [a, b]), (0.1, 0.1, [b])], 3) is None
+    # A cached system's speed is then measured against its per-step cost.
+    cached = cost_model("patched", profile(), MachineCosts(patch_cache_steps=(1.0, 0.2)), patch_cache=True)
+    steps = [(t, cached.base_step_s([a]) * r, [a]) for t, r in ((0.5, 1.0), (1.0, 0.2))]
+    progress = infer_progress(steps, 2)
+    assert SpeedTrace.from_steps(steps, cached, 5.0, progress).factors == pytest.approx((1.0,))
+
+
+def test_noise_seeds_pool_independent_jitter_draws_into_the_expected_figures() -> None:
+    from patchedserve.cluster.sweep import simulate_traces
+
+    p = profile()
+    trace = make_trace(TraceConfig(qps=6.0, duration_s=10.0, sizes=((256, 256), (512, 512)), seed=5))
+    traces = [(6.0, 5.0, trace, 10.0, Path("unused.jsonl"))]
+    systems = [SYSTEMS["patched-fcfs"]]
+    noisy = MachineCosts(step_noise=0.4)
+    [run] = simulate_traces(traces, systems, p, noisy, SimConfig(), noise_seeds=4)
+    assert run["noise_seeds"] == 4 and len(run["seed_satisfaction"]) == 4
+    assert len(set(run["seed_satisfaction"])) > 1  # the seeds draw different jitter
+    assert run["slo_satisfaction"] == pytest.approx(statistics.fmean(run["seed_satisfaction"]))
+    assert run["requests"] == 4 * len(trace) and run["duration_s"] == 10.0
+    [quiet] = simulate_traces(traces, systems, p, MachineCosts(), SimConfig(), noise_seeds=4)
+    assert quiet["noise_seeds"] == 1  # without jitter every seed is the same run

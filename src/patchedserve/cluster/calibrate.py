@@ -139,6 +139,7 @@ def calibrate(
         meta["patch_cache_factor"], meta["patch_cache_reuse"] = measure_patch_cache_factor(
             bundle, preparer, config
         )
+        meta["patch_cache_steps"] = measure_patch_cache_steps(bundle, preparer, config)
     predictor = LatencyPredictor.fit(samples, config.patch_size, overhead=overhead, meta=meta)
     errors = [abs(predictor.predict_step(s.entries) / s.latency_s - 1.0) for s in samples]
     predictor.meta["fit_mape_pct"] = 100.0 * sum(errors) / len(errors)
@@ -216,6 +217,39 @@ def measure_patch_cache_factor(
                 totals[name] += spent
     assert cached.cache is not None
     return totals["cached"] / totals["exact"], cached.cache.stats.reuse_fraction
+
+
+def measure_patch_cache_steps(
+    bundle: ModelBundle, preparer: Preparer, config: Calibration, cache: PatchCacheConfig | None = None
+) -> list[float]:
+    """Cached / exact time of each step of one request's ``config.steps``-step trajectory.
+
+    Under ``granularity="image"`` an image's reuse depends on its own trajectory only, so its step
+    cost follows its step index: full (plus the cache's comparisons) while the latents change fast,
+    a few per cent where every block is reused. Each size runs alone, exact and cached back to
+    back, ``config.repeats`` times after one warm-up; per step, the median over sizes of the ratio
+    of median times. ``cluster.costs`` prices mixed batches from it (``cached_step_factor``).
+    """
+    exact = PatchedModel(bundle.denoiser, config.patch_size, bundle.vae_scale_factor)
+    cached = PatchedModel(
+        bundle.denoiser, config.patch_size, bundle.vae_scale_factor, cache=cache or PatchCacheConfig()
+    )
+    per_size: list[list[float]] = []
+    for size in config.sizes:
+        times: dict[str, list[list[float]]] = {"exact": [], "cached": []}
+        for _ in range(config.repeats + 1):
+            for name, pm in (("exact", exact), ("cached", cached)):
+                if pm.cache is not None:
+                    pm.cache.clear()
+                requests = _requests(bundle, [size], config, config.steps)
+                preparer.prepare(requests)
+                batch = DenoiseBatch(pm, preparer.samplers, bundle.device)
+                times[name].append(time_steps(bundle, batch, requests))
+        exact_s, cached_s = (
+            [statistics.median(step) for step in zip(*runs[1:], strict=True)] for runs in times.values()
+        )
+        per_size.append([c / e for c, e in zip(cached_s, exact_s, strict=True)])
+    return [statistics.median(ratios) for ratios in zip(*per_size, strict=True)]
 
 
 def _serve_staggered(

@@ -61,6 +61,20 @@ def add_parser(subparsers: Any) -> None:
         "real run's own step-to-step spread",
     )
     p.add_argument(
+        "--patch-cache-steps",
+        type=Path,
+        default=None,
+        help="a patched cost file (bench calibrate) whose per-step patch cache profile prices the "
+        "cached systems' steps (default: the --patched-cost file's own, if it has one)",
+    )
+    p.add_argument(
+        "--noise-seeds",
+        type=_seeds,
+        default=1,
+        help="with step noise: replay each trace under this many jitter seeds and report the pooled "
+        "(expected) figures; each seed's satisfaction is kept in results.json",
+    )
+    p.add_argument(
         "--decode-interference",
         type=float,
         default=None,
@@ -68,6 +82,16 @@ def add_parser(subparsers: Any) -> None:
         "0 with --speed-trace)",
     )
     p.set_defaults(handler=run_simulate)
+
+
+def _seeds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"noise seeds must be a whole number >= 1; got {text!r}")
+    return value
 
 
 def _noise(text: str) -> float | str:
@@ -129,6 +153,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         )
     profile = _load(args.profile)
     costs = replace(MachineCosts.load(args.image_cost, args.patched_cost), step_noise=args.step_noise)
+    costs = _with_cache_steps(costs, args.patch_cache_steps)
     if args.decode_interference is not None:
         costs = replace(costs, decode_interference=args.decode_interference)
     embedder = _embedder(args.nirvana_similarity, args.model)
@@ -149,6 +174,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             replace(base, replicas=n),
             embedder,
             log=lambda line: print(line, file=sys.stderr),
+            noise_seeds=args.noise_seeds,
         )
     meta = _meta(args, systems, traces_meta)
     path = write_results(args.out, runs, meta)
@@ -170,6 +196,7 @@ def _meta(args: argparse.Namespace, systems: list[Any], traces: list[dict[str, A
         "patched_cost": str(args.patched_cost) if args.patched_cost else None,
         "cost_scale": args.cost_scale,
         "step_noise": args.step_noise,
+        "noise_seeds": args.noise_seeds,
         "nirvana_similarity": args.nirvana_similarity,
         "traces": traces,
     }
@@ -189,6 +216,7 @@ def run_compare(args: argparse.Namespace) -> int:
     costs = MachineCosts.load(
         args.image_cost or meta.get("image_cost"), args.patched_cost or meta.get("patched_cost")
     )
+    costs = _with_cache_steps(costs, args.patch_cache_steps)
     systems = parse_systems(",".join(meta["systems"]))
     traces: list[Trace] = []
     for t in meta["traces"]:
@@ -209,9 +237,18 @@ def run_compare(args: argparse.Namespace) -> int:
     embedder = _embedder(args.nirvana_similarity, meta["model"])
     speed_for = None
     if args.speed_trace:
-        speed_for = _speed_reader(Path(args.compare).parent, profile, costs, args.speed_bucket)
+        trajectories = {t[0]: _trajectory(t[2]) for t in traces}
+        speed_for = _speed_reader(Path(args.compare).parent, profile, costs, args.speed_bucket, trajectories)
     runs = simulate_traces(
-        traces, systems, profile, costs, config, embedder, speed_for=speed_for, measured_noise=measured_noise
+        traces,
+        systems,
+        profile,
+        costs,
+        config,
+        embedder,
+        speed_for=speed_for,
+        measured_noise=measured_noise,
+        noise_seeds=args.noise_seeds,
     )
     sim_meta = {
         **meta,
@@ -221,6 +258,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "nirvana_similarity": args.nirvana_similarity,
         "speed_trace": args.speed_trace,
         "step_noise": args.step_noise,
+        "noise_seeds": args.noise_seeds,
     }
     write_results(args.out, runs, sim_meta)
     rows = compare_runs(real["runs"], runs)
@@ -229,17 +267,42 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speed_reader(real_dir: Path, profile: Any, costs: Any, bucket_s: float) -> Callable[[Any, float], Any]:
+def _with_cache_steps(costs: Any, path: Path | None) -> Any:
+    """``costs`` with the per-step patch cache profile of the cost file at ``path``, if given."""
+    if path is None:
+        return costs
+    from patchedserve.cluster.costs import MachineCosts
+
+    steps = MachineCosts.load(None, path).patch_cache_steps
+    if not steps:
+        raise InvalidRequestError(f"{path} has no per-step patch cache profile", field="patch_cache_steps")
+    return replace(costs, patch_cache_steps=steps)
+
+
+def _trajectory(requests: Any) -> int | None:
+    """The step count every request of a trace takes, or None if they differ."""
+    counts = {r.steps for r in requests}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _speed_reader(
+    real_dir: Path, profile: Any, costs: Any, bucket_s: float, trajectories: dict[float, int | None]
+) -> Callable[[Any, float], Any]:
     """(system spec, qps) -> the ``SpeedTrace`` of that real run's step log, or None without one."""
     from patchedserve.bench.results import load_steps, run_file
     from patchedserve.cluster.costs import cost_model
-    from patchedserve.cluster.speed import SpeedTrace
+    from patchedserve.cluster.speed import SpeedTrace, infer_progress
 
     def speed_for(spec: Any, qps: float) -> SpeedTrace | None:
         path = run_file(real_dir, "steps", spec.name, 1, qps)
         if not path.exists():
             return None
         cost = cost_model(spec.execution, profile, costs, patch_cache=spec.patch_cache)
-        return SpeedTrace.from_steps(load_steps(path), cost, bucket_s)
+        steps = load_steps(path)
+        trajectory = trajectories.get(qps)
+        progress = infer_progress(steps, trajectory) if cost.cache_steps and trajectory else None
+        if cost.cache_steps and progress is None:
+            print(f"warning: {path}: no step indices; speed from the flat cache factor", file=sys.stderr)
+        return SpeedTrace.from_steps(steps, cost, bucket_s, progress)
 
     return speed_for

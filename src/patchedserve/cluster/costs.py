@@ -9,9 +9,12 @@ it (``encode_s`` each, from the profile), then one denoising step of the active 
 * image-level systems: the sum over resolution groups (and samplers, as ``ImageBatch`` groups) of
   the image-level cost model's latency of that group (``cluster.calibrate``).
 
-A system with the patch-level block cache pays ``cache_factor`` of the patched step cost: the
-measured ratio of cached to exact denoising time over whole trajectories of the trace's step count
-(``cluster.calibrate.measure_patch_cache_factor``; 1 when not measured).
+A system with the patch-level block cache pays a share of the patched step cost. With a measured
+per-step profile (``cache_steps``, ``cluster.calibrate.measure_patch_cache_steps``: one request's
+cached / exact time at each step of its trajectory) the share follows each running request's step
+index (``cached_step_factor``): an image reuses by its own trajectory, and a block is skipped only
+when every image reuses it. Without one, every step pays ``cache_factor``, the measured ratio over
+whole staggered trajectories (``measure_patch_cache_factor``; 1 when not measured).
 
 A finished request is decoded on the engine's single decode worker (FIFO, overlapping the
 denoising loop, as ``decode_in_thread`` does): ``decode_s(width, height)`` from the profile.
@@ -44,6 +47,29 @@ def model_step_s(predictor: LatencyPredictor, entries: Sequence[Entry]) -> float
     return predictor.model_s(predictor.mix(entries).vector())
 
 
+def step_ratio(profile: Sequence[float], step_index: int, steps: int) -> float:
+    """The profile's cached / exact ratio at ``step_index`` of ``steps``: the profile was measured
+    over ``len(profile)`` steps, so other lengths read it at the same point of the trajectory."""
+    return profile[min(step_index * len(profile) // max(steps, 1), len(profile) - 1)]
+
+
+def cached_step_factor(
+    predictor: LatencyPredictor, entries: Sequence[Entry], ratios: Sequence[float]
+) -> float:
+    """Cached / exact time of a patched step of ``entries``, each at its own single-request ratio.
+
+    The step's fixed cost (the model's empty-mix latency) runs whenever any image computes a
+    block, so it scales by the largest ratio; each request's own share of the step (its latency
+    alone minus the fixed cost) scales by its ratio. One request alone gets its ratio back.
+    """
+    fixed_s = predictor.model_s(predictor.mix().vector())
+    own_s = [predictor.model_s(predictor.mix([e]).vector()) - fixed_s for e in entries]
+    total_s = fixed_s + sum(own_s)
+    if not entries or total_s <= 0.0:
+        return 1.0
+    return (fixed_s * max(ratios) + sum(o * r for o, r in zip(own_s, ratios, strict=True))) / total_s
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Virtual-time costs of one system on one machine; see the module docstring."""
@@ -63,6 +89,9 @@ class CostModel:
     """Share of the denoising loop's speed lost while the decode worker runs, in [0, 1]."""
     cache_factor: float = 1.0
     """Multiplies the step cost (the patch cache's measured saving; 1 without a cache)."""
+    cache_steps: tuple[float, ...] = ()
+    """The patch cache's per-step profile (cached / exact, one request); replaces ``cache_factor``
+    where each request's step index is known."""
     step_noise: float = 0.0
     """Standard deviation of log(step time) around the model, per step (0: none)."""
 
@@ -90,7 +119,17 @@ class CostModel:
         groups: dict[tuple[int, int, str], list[Entry]] = {}
         for r in running:
             groups.setdefault((r.params.width, r.params.height, r.params.sampler), []).append(entry_of(r))
-        return self.factor(now_s) * self.cache_factor * self._groups_s(list(groups.values()))
+        progress = [(r.step_index, r.params.steps) for r in running]
+        cache = self.cache_multiplier([entry_of(r) for r in running], progress)
+        return self.factor(now_s) * cache * self._groups_s(list(groups.values()))
+
+    def cache_multiplier(self, entries: Sequence[Entry], progress: Sequence[tuple[int, int]] | None) -> float:
+        """What the patch cache makes of the exact cost of a step of ``entries``: from the per-step
+        profile given each one's (step index, steps), else ``cache_factor``."""
+        if not self.cache_steps or progress is None:
+            return self.cache_factor
+        ratios = [step_ratio(self.cache_steps, k, n) for k, n in progress]
+        return cached_step_factor(self.step_predictor, entries, ratios)
 
     def base_step_s(self, entries: Sequence[Entry]) -> float:
         """One step of ``entries`` (one sampler) at factor 1: what a measured step is compared to."""
@@ -130,6 +169,8 @@ class MachineCosts:
     measured, and cached systems are priced as exact ones."""
     step_noise: float = 0.0
     """Per-step jitter (``CostModel.step_noise``); 0: none."""
+    patch_cache_steps: tuple[float, ...] = ()
+    """The patch cache's per-step profile (``CostModel.cache_steps``); empty: not measured."""
 
     @classmethod
     def load(cls, image: str | Path | None, patched: str | Path | None) -> MachineCosts:
@@ -140,7 +181,14 @@ class MachineCosts:
         meta = patched_cost.meta if patched_cost else {}
         interference = float(meta.get("decode_interference", 0.0))
         factor = meta.get("patch_cache_factor")
-        return cls(image_cost, patched_cost, None, interference, None if factor is None else float(factor))
+        return cls(
+            image_cost,
+            patched_cost,
+            None,
+            interference,
+            None if factor is None else float(factor),
+            patch_cache_steps=tuple(float(r) for r in meta.get("patch_cache_steps", ())),
+        )
 
 
 def cost_model(
@@ -176,5 +224,6 @@ def cost_model(
         costs.speed,
         costs.decode_interference,
         cache_factor=factor,
+        cache_steps=costs.patch_cache_steps if patch_cache else (),
         step_noise=costs.step_noise,
     )

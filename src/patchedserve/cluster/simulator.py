@@ -46,10 +46,14 @@ class SimConfig:
     """Queue bound per replica (as ``EngineConfig.max_waiting``)."""
     cost_scale: float = 1.0
     """Multiplies every cost (``CostModel.scale``)."""
+    noise_seed: int = 0
+    """Seed of the per-step jitter draws (replica ``i`` draws from ``1000 * noise_seed + i``)."""
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.max_running < 1 or not self.cost_scale > 0.0:
             raise ValueError("replicas and max_running must be >= 1 and cost_scale positive")
+        if self.noise_seed < 0:
+            raise ValueError("noise_seed must be >= 0")
 
 
 def model_embedder(bundle: ModelBundle) -> Embedder:
@@ -108,7 +112,8 @@ def build_replicas(
         own = LatencyPredictor.from_dict(profile.to_dict())  # each engine loads the profile itself
         policy = make_policy(spec, own, config.max_running)
         cache = ApproxCache() if spec.approx_cache else None
-        replicas.append(SimReplica(policy, cost, config.max_waiting, cache, embed if cache else None, index))
+        seed = 1000 * config.noise_seed + index
+        replicas.append(SimReplica(policy, cost, config.max_waiting, cache, embed if cache else None, seed))
     return replicas
 
 

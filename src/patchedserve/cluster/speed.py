@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from patchedserve.bench.results import StepRecord
 from patchedserve.cluster.costs import CostModel
+from patchedserve.scheduler import Entry
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,21 @@ class SpeedTrace:
         return statistics.fmean(self.factors) if self.factors else 1.0
 
     @classmethod
-    def from_steps(cls, steps: Sequence[StepRecord], cost: CostModel, bucket_s: float = 5.0) -> SpeedTrace:
-        """Factors of ``steps`` against ``cost`` (taken at factor 1, with its cache factor: what the
-        simulator charges for the same step at speed 1), bucketed by start time."""
+    def from_steps(
+        cls,
+        steps: Sequence[StepRecord],
+        cost: CostModel,
+        bucket_s: float = 5.0,
+        progress: Sequence[Sequence[tuple[int, int]]] | None = None,
+    ) -> SpeedTrace:
+        """Factors of ``steps`` against ``cost`` (taken at factor 1, with its patch cache: what the
+        simulator charges for the same step at speed 1), bucketed by start time. ``progress``: per
+        step, each entry's (step index, steps) (``infer_progress``), which the patch cache's
+        per-step profile needs."""
         buckets: dict[int, list[tuple[float, float]]] = {}  # bucket -> [(observed s, modelled s)]
-        for start_s, latency_s, entries in steps:
-            modelled_s = cost.base_step_s(entries) * cost.scale * cost.cache_factor
+        for i, (start_s, latency_s, entries) in enumerate(steps):
+            cache = cost.cache_multiplier(entries, progress[i] if progress is not None else None)
+            modelled_s = cost.base_step_s(entries) * cost.scale * cache
             if modelled_s > 0.0 and latency_s > 0.0:
                 buckets.setdefault(max(int(start_s // bucket_s), 0), []).append((latency_s, modelled_s))
         if not buckets:
@@ -69,3 +79,23 @@ class SpeedTrace:
         residuals = [math.log(o / (m * filled[index])) for index, pairs in buckets.items() for o, m in pairs]
         noise = statistics.pstdev(residuals) if len(residuals) > 1 else 0.0
         return cls(bucket_s, tuple(filled), noise)
+
+
+def infer_progress(steps: Sequence[StepRecord], trajectory: int) -> list[list[tuple[int, int]]] | None:
+    """Each logged entry's (step index, ``trajectory``), for a run whose requests all take
+    ``trajectory`` steps; None where the log does not fit that.
+
+    A step log lists the running requests in admission order: a request runs every step from its
+    admission to its last, so each step's list is the previous one without the requests that just
+    took their last step, followed by the newcomers. Requests that start mid-trajectory (a NIRVANA
+    hit) or a log that starts mid-run break the pattern, which is checked entry by entry.
+    """
+    out: list[list[tuple[int, int]]] = []
+    previous: list[tuple[Entry, int]] = []
+    for _, _, entries in steps:
+        kept = [(e, k + 1) for e, k in previous if k + 1 < trajectory]
+        if len(entries) < len(kept) or any(entries[i] != e for i, (e, _) in enumerate(kept)):
+            return None
+        previous = kept + [(e, 0) for e in entries[len(kept) :]]
+        out.append([(k, trajectory) for _, k in previous])
+    return out

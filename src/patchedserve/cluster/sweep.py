@@ -33,10 +33,17 @@ def simulate_traces(
     log: Callable[[str], None] | None = None,
     speed_for: Callable[[SystemSpec, float], SpeedTrace | None] | None = None,
     measured_noise: bool = False,
+    noise_seeds: int = 1,
 ) -> list[dict[str, Any]]:
     """One run per (trace, system) on ``config.replicas`` simulated engines; ``speed_for`` (system,
     qps) gives the machine's speed over that run's time (``cluster.speed``), if any, and with
-    ``measured_noise`` also its per-step jitter (else ``costs.step_noise``)."""
+    ``measured_noise`` also its per-step jitter (else ``costs.step_noise``).
+
+    With jitter, one simulation is one draw of it, as a real run is; ``noise_seeds`` > 1 replays
+    the trace under that many seeds and pools the outcomes, so the run's figures are the expected
+    ones (satisfaction: the mean over seeds) and ``seed_satisfaction`` lists each seed's."""
+    if noise_seeds < 1:
+        raise ValueError(f"noise_seeds must be >= 1, got {noise_seeds}")
     runs = []
     for qps, scale, requests, duration_s, _ in traces:
         objectives = objectives_s(requests, profile)
@@ -48,8 +55,18 @@ def simulate_traces(
             run_costs = replace(costs, speed=speed)
             if measured_noise and speed is not None:
                 run_costs = replace(run_costs, step_noise=speed.noise)
-            outcomes = simulate(requests, objectives, spec, profile, run_costs, config, embed)
-            run = make_run(spec.name, qps, scale, outcomes, duration_s, replicas=config.replicas)
+            seeds = noise_seeds if run_costs.step_noise > 0.0 else 1
+            pooled, per_seed = [], []
+            for seed in range(seeds):
+                outcomes = simulate(
+                    requests, objectives, spec, profile, run_costs, replace(config, noise_seed=seed), embed
+                )
+                pooled += outcomes
+                per_seed.append(make_run(spec.name, qps, scale, outcomes, duration_s)["slo_satisfaction"])
+            run = make_run(spec.name, qps, scale, pooled, duration_s * seeds, replicas=config.replicas)
+            run["duration_s"] = duration_s  # the trace's; the figures pool ``seeds`` replays of it
+            run["noise_seeds"] = seeds
+            run["seed_satisfaction"] = per_seed
             run["sim_wall_s"] = time.perf_counter() - start
             run["speed_mean"] = speed.mean if speed is not None else None
             run["step_noise"] = run_costs.step_noise
@@ -92,6 +109,7 @@ def compare_runs(real: Sequence[dict[str, Any]], sim: Sequence[dict[str, Any]]) 
                 "p50_diff_s": _diff(r["p50_s"], s["p50_s"]),
                 "real_drop_rate": r["drop_rate"],
                 "sim_drop_rate": s["drop_rate"],
+                "sim_seed_satisfaction": s.get("seed_satisfaction"),
                 "speed_mean": s.get("speed_mean"),
             }
         )
@@ -106,14 +124,16 @@ def compare_lines(rows: Sequence[dict[str, Any]], tolerance_pp: float = 5.0) -> 
 
     lines = [
         f"{'system':<13} {'qps':>5} {'n':>4} {'real sat':>8} {'sim sat':>8} {'diff pp':>8} "
-        f"{'real p50':>8} {'sim p50':>8} {'real drop':>9} {'sim drop':>8} {'speed':>6}"
+        f"{'real p50':>8} {'sim p50':>8} {'real drop':>9} {'sim drop':>8} {'speed':>6} {'sim seeds':>13}"
     ]
     for r in rows:
+        seeds = r.get("sim_seed_satisfaction") or []
+        spread = f"{min(seeds):.3f}-{max(seeds):.3f}" if len(seeds) > 1 else "-"
         lines.append(
             f"{r['system']:<13} {r['qps']:>5g} {r['requests']:>4} {f(r['real_satisfaction'], '8.3f')} "
             f"{f(r['sim_satisfaction'], '8.3f')} {f(r['satisfaction_diff_pp'], '+8.1f')} "
             f"{f(r['real_p50_s'], '8.2f')} {f(r['sim_p50_s'], '8.2f')} {f(r['real_drop_rate'], '9.3f')} "
-            f"{f(r['sim_drop_rate'], '8.3f')} {f(r.get('speed_mean'), '6.2f')}"
+            f"{f(r['sim_drop_rate'], '8.3f')} {f(r.get('speed_mean'), '6.2f')} {spread:>13}"
         )
     diffs = [abs(r["satisfaction_diff_pp"]) for r in rows if r["satisfaction_diff_pp"] is not None]
     if diffs:
