@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from patchedserve.bench.results import load_results, make_run
-from patchedserve.bench.systems import objectives_s, parse_systems
+from patchedserve.bench.results import load_results
+from patchedserve.bench.systems import parse_systems
 from patchedserve.bench.traces import load_trace
-from patchedserve.cluster.commands import _embedder, _load, _speed_reader
+from patchedserve.cluster.commands import _embedder, _load, _speed_reader, _trajectory, _with_cache_steps
 from patchedserve.cluster.costs import MachineCosts
-from patchedserve.cluster.simulator import SimConfig, simulate
+from patchedserve.cluster.simulator import SimConfig
+from patchedserve.cluster.sweep import simulate_traces
 
 
 def main() -> None:
@@ -42,6 +43,10 @@ def main() -> None:
         default="0",
         help="per-step jitter (std of log step time), or 'measured': the source run's",
     )
+    ap.add_argument("--noise-seeds", type=int, default=1, help="jitter seeds per run (expected figures)")
+    ap.add_argument(
+        "--patch-cache-steps", type=Path, default=None, help="per-step patch cache profile (simulate's flag)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = ap.parse_args()
 
@@ -51,38 +56,39 @@ def main() -> None:
     costs = replace(
         MachineCosts.load(meta.get("image_cost"), meta.get("patched_cost")), decode_interference=0.0
     )
-    speed_for = _speed_reader(args.sweep, profile, costs, args.speed_bucket)
+    costs = _with_cache_steps(costs, args.patch_cache_steps)
+    traces = [
+        (t["qps"], t["slo_scale"], load_trace(t["path"])[0], t["duration_s"], Path(t["path"]))
+        for t in meta["traces"]
+        if t["qps"] in {float(q) for q in args.qps.split(",")}
+    ]
+    trajectories = {trace[0]: _trajectory(trace[2]) for trace in traces}
+    speed_for = _speed_reader(args.sweep, profile, costs, args.speed_bucket, trajectories)
     embedder = _embedder("model", meta["model"])
     config = SimConfig(patch_size=meta["patch_size"], max_running=meta["max_running"])
     sources = parse_systems(args.sources)
     systems = parse_systems(args.systems)
-    wanted = {float(q) for q in args.qps.split(",")}
     table: dict[str, Any] = {}
-    for t in meta["traces"]:
-        if t["qps"] not in wanted:
-            continue
-        requests, _ = load_trace(t["path"])
-        objectives = objectives_s(requests, profile)
+    for trace in traces:
+        qps = trace[0]
         for source in sources:
-            speed = speed_for(source, t["qps"])
+            speed = speed_for(source, qps)
             if speed is None:
                 continue
-            print(f"{source.name} @ {t['qps']:g}: speed {speed.mean:.2f}, step noise {speed.noise:.3f}")
+            print(f"{source.name} @ {qps:g}: speed {speed.mean:.2f}, step noise {speed.noise:.3f}")
             noise = speed.noise if args.step_noise == "measured" else float(args.step_noise)
-            for spec in systems:
-                embed = embedder() if spec.approx_cache and spec.nirvana_similarity == "model" else None
-                outcomes = simulate(
-                    requests,
-                    objectives,
-                    spec,
-                    profile,
-                    replace(costs, speed=speed, step_noise=noise),
-                    config,
-                    embed,
-                )
-                run = make_run(spec.name, t["qps"], t["slo_scale"], outcomes, t["duration_s"])
-                row = table.setdefault(f"{spec.name}@{t['qps']:g}", {})
-                row[source.name] = run["slo_satisfaction"]
+            runs = simulate_traces(
+                [trace],
+                systems,
+                profile,
+                replace(costs, step_noise=noise),
+                config,
+                embedder,
+                speed_for=lambda _spec, _qps, speed=speed: speed,
+                noise_seeds=args.noise_seeds,
+            )
+            for run in runs:
+                table.setdefault(f"{run['system']}@{qps:g}", {})[source.name] = run["slo_satisfaction"]
     names = [s.name for s in sources]
     print(f"{'system @ qps':34s} {'mean':>6s}  " + "  ".join(f"{n[:14]:>14s}" for n in names))
     for key, row in table.items():

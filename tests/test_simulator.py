@@ -291,3 +291,19 @@ def test_noise_seeds_pool_independent_jitter_draws_into_the_expected_figures() -
     assert run["requests"] == 4 * len(trace) and run["duration_s"] == 10.0
     [quiet] = simulate_traces(traces, systems, p, MachineCosts(), SimConfig(), noise_seeds=4)
     assert quiet["noise_seeds"] == 1  # without jitter every seed is the same run
+
+
+def test_batch_level_is_what_staggered_cached_steps_cost_beyond_the_alone_profile() -> None:
+    from patchedserve.cluster.calibrate import batch_level
+    from patchedserve.cluster.costs import cached_step_factor
+
+    p = profile()
+    alone = [1.0, 0.5, 0.1]
+    a, b = (512, 512, True), (256, 256, True)
+    steps = [([a], [(0, 3)]), ([a, b], [(1, 3), (0, 3)]), ([a, b], [(2, 3), (1, 3)]), ([b], [(2, 3)])]
+    paired = []
+    for entries, progress in steps:
+        exact_s = p.model_s(p.mix(entries).vector())
+        priced = cached_step_factor(p, entries, [alone[k] for k, _ in progress])
+        paired.append((entries, progress, exact_s, 1.25 * priced * exact_s))
+    assert batch_level(p, alone, paired) == pytest.approx(1.25)

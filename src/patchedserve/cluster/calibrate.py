@@ -7,8 +7,10 @@ prepared requests (prompt encoding, sampler and all, as ``Engine.step`` runs the
 
 * ``image``: ``ImageBatch`` steps of single-size groups of 1..12 requests (an image-level step
   costs the sum over its resolution groups, ``cluster.costs``);
-* ``patched``: ``DenoiseBatch`` steps of random mixes of the sizes, 1..12 requests; and how much
-  of the denoising loop's speed a concurrent VAE decode takes (``measure_decode_interference``).
+* ``patched``: ``DenoiseBatch`` steps of random mixes of the sizes, 1..12 requests; how much
+  of the denoising loop's speed a concurrent VAE decode takes (``measure_decode_interference``);
+  and what the patch cache costs: per step of one request's trajectory
+  (``measure_patch_cache_steps``), levelled to staggered batches (``batch_level``).
 
 Both fit the ``LatencyPredictor`` form (features counted in patches of the profile's patch size),
 stored as profile JSON with ``meta.execution``. Measuring both back to back, right before a
@@ -26,13 +28,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from patchedserve.cluster.costs import cached_step_factor, step_ratio
 from patchedserve.engine.batch import DenoiseBatch
 from patchedserve.engine.image_batch import ImageBatch
 from patchedserve.engine.prepare import Preparer
 from patchedserve.models import ModelBundle, validate_generation
 from patchedserve.patch import PatchCacheConfig, PatchedModel
 from patchedserve.request import Request
-from patchedserve.scheduler import Entry, LatencyPredictor, Overhead, StepSample
+from patchedserve.scheduler import Entry, LatencyPredictor, Overhead, StepSample, entry_of
 
 
 @dataclass(frozen=True)
@@ -136,11 +139,15 @@ def calibrate(
     }
     if execution == "patched":
         meta["decode_interference"] = measure_decode_interference(bundle, preparer, pm, config)
-        meta["patch_cache_factor"], meta["patch_cache_reuse"] = measure_patch_cache_factor(
-            bundle, preparer, config
-        )
-        meta["patch_cache_steps"] = measure_patch_cache_steps(bundle, preparer, config)
+        paired, meta["patch_cache_reuse"] = staggered_cache_steps(bundle, preparer, config)
+        meta["patch_cache_factor"] = sum(s[3] for s in paired) / sum(s[2] for s in paired)
+        alone = measure_patch_cache_steps(bundle, preparer, config)
     predictor = LatencyPredictor.fit(samples, config.patch_size, overhead=overhead, meta=meta)
+    if execution == "patched":
+        level = batch_level(predictor, alone, paired)
+        predictor.meta["patch_cache_steps_alone"] = alone
+        predictor.meta["patch_cache_batch_level"] = level
+        predictor.meta["patch_cache_steps"] = [level * r for r in alone]
     errors = [abs(predictor.predict_step(s.entries) / s.latency_s - 1.0) for s in samples]
     predictor.meta["fit_mape_pct"] = 100.0 * sum(errors) / len(errors)
     predictor.meta["samples"] = [
@@ -187,16 +194,29 @@ def measure_decode_interference(
     return min(max(1.0 - alone_s / statistics.median(busy), 0.0), 1.0)
 
 
+PairedStep = tuple[list[Entry], list[tuple[int, int]], float, float]
+"""One step of a staggered mix: entries, their (step index, steps), exact and cached seconds."""
+
+
 def measure_patch_cache_factor(
     bundle: ModelBundle, preparer: Preparer, config: Calibration, cache: PatchCacheConfig | None = None
 ) -> tuple[float, float]:
     """Cached / exact denoising time as requests come and go, and the share of patch-block
-    computations the cache reused.
+    computations the cache reused (``staggered_cache_steps``, summed)."""
+    steps, reuse = staggered_cache_steps(bundle, preparer, config, cache)
+    return sum(s[3] for s in steps) / sum(s[2] for s in steps), reuse
 
-    Each of ``config.cache_mixes`` random mixes is served as a serving engine would see it: one
-    request joins per step, each leaves after ``config.steps`` steps, so the batch changes at most
-    steps (the cache then carries its buffers across). Exact and cached run back to back per mix,
-    after one warm-up mix of each; the ratio of the summed step times is returned.
+
+def staggered_cache_steps(
+    bundle: ModelBundle, preparer: Preparer, config: Calibration, cache: PatchCacheConfig | None = None
+) -> tuple[list[PairedStep], float]:
+    """Every step of ``config.cache_mixes`` random mixes served exact and cached, and the share of
+    patch-block computations the cache reused.
+
+    Each mix is served as a serving engine would see it: one request joins per step, each leaves
+    after ``config.steps`` steps, so the batch changes at most steps (the cache then carries its
+    buffers across). Exact and cached run back to back per mix, after one warm-up mix of each; the
+    schedule is the same, so their steps pair up.
     """
     exact = PatchedModel(bundle.denoiser, config.patch_size, bundle.vae_scale_factor)
     cached = PatchedModel(
@@ -207,16 +227,29 @@ def measure_patch_cache_factor(
         [rng.choice(config.sizes) for _ in range(rng.choice(config.batch_sizes))]
         for _ in range(config.cache_mixes)
     ]
-    totals = {"exact": 0.0, "cached": 0.0}
+    paired: list[PairedStep] = []
     for k, sizes in enumerate([mixes[0], *mixes]):
-        for name, pm in (("exact", exact), ("cached", cached)):
+        runs = []
+        for pm in (exact, cached):
             if pm.cache is not None:
                 pm.cache.clear()
-            spent = _serve_staggered(bundle, preparer, pm, _requests(bundle, sizes, config, config.steps))
-            if k > 0:  # the first mix of each warms up
-                totals[name] += spent
+            requests = _requests(bundle, sizes, config, config.steps)
+            runs.append(_serve_staggered(bundle, preparer, pm, requests))
+        if k > 0:  # the first mix of each warms up
+            paired += [(e, p, exact_s, c[2]) for (e, p, exact_s), c in zip(*runs, strict=True)]
     assert cached.cache is not None
-    return totals["cached"] / totals["exact"], cached.cache.stats.reuse_fraction
+    return paired, cached.cache.stats.reuse_fraction
+
+
+def batch_level(predictor: LatencyPredictor, profile: Sequence[float], paired: Sequence[PairedStep]) -> float:
+    """Measured over priced cached time of staggered steps, with the step cost of ``predictor`` and
+    the per-step ``profile`` of one request alone: what the cache costs in a batch beyond that
+    (its comparisons and sub-batches grow with the batch). Scales the profile for serving."""
+    priced_s = sum(
+        exact_s * cached_step_factor(predictor, entries, [step_ratio(profile, k, n) for k, n in progress])
+        for entries, progress, exact_s, _ in paired
+    )
+    return sum(s[3] for s in paired) / priced_s
 
 
 def measure_patch_cache_steps(
@@ -254,15 +287,17 @@ def measure_patch_cache_steps(
 
 def _serve_staggered(
     bundle: ModelBundle, preparer: Preparer, pm: PatchedModel, requests: list[Request]
-) -> float:
-    """Seconds of denoising steps while ``requests`` join one per step and leave when done."""
+) -> list[tuple[list[Entry], list[tuple[int, int]], float]]:
+    """Each denoising step (entries, their (step index, steps), seconds) while ``requests`` join
+    one per step and leave when done."""
     preparer.prepare(requests)
     batch = DenoiseBatch(pm, preparer.samplers, bundle.device)
-    waiting, running, spent = list(requests), list[Request](), 0.0
+    waiting, running, steps = list(requests), list[Request](), []
     while waiting or running:
         if waiting:
             running.append(waiting.pop(0))
         batch.sync(running)
-        spent += timed_step(bundle, batch)
+        progress = [(r.step_index, r.params.steps) for r in running]
+        steps.append(([entry_of(r) for r in running], progress, timed_step(bundle, batch)))
         running = [r for r in running if r.step_index < r.params.steps]
-    return spent
+    return steps
