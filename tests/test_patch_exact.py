@@ -26,8 +26,10 @@ TEXT_LEN = 5
 
 @cache
 def patched(name: str, scale: int) -> PatchedModel:
+    """Patched operators on every batch, one resolution included (the default runs those whole)."""
     denoiser = load_model(name).denoiser
-    return PatchedModel(denoiser, patch_size=PatchedModel.min_patch_size(denoiser) * scale)
+    unit = PatchedModel.min_patch_size(denoiser)
+    return PatchedModel(denoiser, patch_size=unit * scale, plain_single_resolution=False)
 
 
 @dataclass(eq=False)
@@ -124,6 +126,25 @@ def test_output_does_not_depend_on_batch_companions(name: str) -> None:
     for crowd in crowds:
         out = run_patched(pm, crowd)[crowd.index(probe)]
         assert rel_err(out, alone) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_resolution_runs_the_models_own_forward_on_whole_images(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    denoiser = load_model(name).denoiser
+    pm = PatchedModel(denoiser, patch_size=PatchedModel.min_patch_size(denoiser))
+    contexts: list[object] = []
+    build = pm.context
+    monkeypatch.setattr(pm, "context", lambda *a: contexts.append(a) or build(*a))
+    reqs = [make_request(pm, (2, 1), seed) for seed in (1, 2, 3)]
+    for r, out in zip(reqs, run_patched(pm, reqs), strict=True):
+        assert rel_err(out, run_full(pm, r)) <= REL_TOL
+    assert contexts == []  # no patched operator ran
+    mixed = [*reqs, make_request(pm, (1, 1), 4)]
+    for r, out in zip(mixed, run_patched(pm, mixed), strict=True):
+        assert rel_err(out, run_full(pm, r)) <= REL_TOL
+    assert len(contexts) == 1  # two resolutions: one patched call
 
 
 @pytest.mark.parametrize("name", FAMILIES)

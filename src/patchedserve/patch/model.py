@@ -7,6 +7,12 @@ Two entry points:
 * ``pm.forward_batch(batch)`` takes a prebuilt :class:`PatchBatch` so the engine pays for the layout
   only when the composition changes, and keeps latents in patch form between steps.
 
+A batch of one resolution needs nothing from patches: its images stack into one tensor, and the
+model's own forward on it is the reference itself and cheaper than the patched operators (no
+halos, no per-image regrouping; measured 6-22% faster on this CPU). So, unless the patch cache
+is on or ``plain_single_resolution`` is off, such a batch is merged into images, run as they are,
+and cut back into patches.
+
 Per-entry conditioning travels per entry (``[R, ...]``); timesteps and added conditions are
 expanded to patches because the model's embedding layers run per sample. Used by the engine.
 """
@@ -53,6 +59,7 @@ class PatchedModel:
         context_cache_size: int = 32,
         max_patches_per_call: int | None = None,
         cache: PatchCacheConfig | None = None,
+        plain_single_resolution: bool = True,
     ) -> None:
         self.model: Any = model  # a diffusers denoiser (untyped for mypy)
         self.is_sd3 = isinstance(model, SD3Transformer2DModel)
@@ -80,6 +87,8 @@ class PatchedModel:
         """Patch-level block cache (approximate); carried across calls, so one batch per model. It
         follows entries by id: with the list API ids are input positions, so keep each request at
         the same position from call to call (``forward_batch`` takes the caller's ids)."""
+        self.plain_single_resolution = plain_single_resolution and cache is None
+        """Run one-resolution batches as whole images through the model's own forward."""
         self._contexts: OrderedDict[tuple, PatchContext] = OrderedDict()
         self._cache_size = context_cache_size
 
@@ -135,36 +144,47 @@ class PatchedModel:
         return torch.cat([self._forward(part) for part in split_batch(batch, limit)])
 
     def _forward(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
+        layout = batch.layout
+        if self.plain_single_resolution and len(layout.resolution_offsets) == 2:
+            images = torch.stack(merge_patches(batch.patches, layout))  # [R, C, h, w]
+            t = batch.timesteps.to(images.device)  # [R]
+            out = self._denoise(images, t, batch.encoder_hidden_states, batch.pooled, batch.time_ids)
+            return split_latents(out.unbind(0), layout)
         x = batch.patches
-        ctx = self.context(batch.layout, x.device)
+        ctx = self.context(layout, x.device)
         per_patch = ctx.patch_entry
         t = batch.timesteps.to(x.device)[per_patch]  # [N]
         if self.cache is not None:
-            self.cache.prepare(batch.layout, x.device)
+            self.cache.prepare(layout, x.device)
         ctx.cache = self.cache
+        pooled = None if batch.pooled is None else batch.pooled[per_patch]  # [N, Dp]
+        time_ids = None if batch.time_ids is None else batch.time_ids[per_patch]  # [N, 6]
         with forward_context(ctx), _detach_cache(ctx):
-            if self.is_sd3:
-                if batch.pooled is None:
-                    raise ValueError("SD3 needs pooled projections")
-                out = self.model(
-                    hidden_states=x,
-                    timestep=t,
-                    encoder_hidden_states=batch.encoder_hidden_states,
-                    pooled_projections=batch.pooled[per_patch],
-                    return_dict=False,
-                )[0]
-            else:
-                added = None
-                if batch.time_ids is not None and batch.pooled is not None:
-                    added = {"text_embeds": batch.pooled[per_patch], "time_ids": batch.time_ids[per_patch]}
-                out = self.model(
-                    x,
-                    t,
-                    encoder_hidden_states=batch.encoder_hidden_states,
-                    added_cond_kwargs=added,
-                    return_dict=False,
-                )[0]
-        return out
+            return self._denoise(x, t, batch.encoder_hidden_states, pooled, time_ids)
+
+    def _denoise(
+        self,
+        x: torch.Tensor,  # [B, C, h, w]: patches (in a forward context) or whole images
+        t: torch.Tensor,  # [B]
+        encoder_hidden_states: torch.Tensor,  # [R, L, D], one per entry
+        pooled: torch.Tensor | None,  # [B, Dp]
+        time_ids: torch.Tensor | None,  # [B, 6]
+    ) -> torch.Tensor:  # [B, C_out, h, w]
+        """One call of the denoiser with its family's arguments."""
+        if self.is_sd3:
+            if pooled is None:
+                raise ValueError("SD3 needs pooled projections")
+            return self.model(
+                hidden_states=x,
+                timestep=t,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+        added = None if time_ids is None or pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
+        return self.model(
+            x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added, return_dict=False
+        )[0]
 
     def __call__(
         self,
