@@ -206,7 +206,7 @@ def test_per_step_cache_profile_follows_the_trajectorys_reuse() -> None:
 
     bundle = load_model("tiny-sdxl")
     preparer = Preparer(bundle, bundle.device, bundle.dtype)
-    config = Calibration(sizes=((128, 128),), patch_size=64, steps=3, repeats=2)
+    config = Calibration(sizes=((128, 128),), patch_size=64, steps=3, repeats=6)
     never = measure_patch_cache_steps(bundle, preparer, config, PatchCacheConfig(threshold=0.0))
     always = measure_patch_cache_steps(bundle, preparer, config, PatchCacheConfig(threshold=1e9, max_reuse=9))
     assert len(never) == len(always) == 3
