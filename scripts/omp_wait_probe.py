@@ -22,7 +22,13 @@ from collections.abc import Callable
 
 import torch
 
-from patchedserve.models import denoiser_forward, encode_prompts, load_model, sdxl_time_ids, stack_conditioning
+from patchedserve.models import (
+    denoiser_forward,
+    encode_prompts,
+    load_model,
+    sdxl_time_ids,
+    stack_conditioning,
+)
 
 
 def main() -> None:

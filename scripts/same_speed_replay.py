@@ -25,7 +25,14 @@ import numpy as np
 from patchedserve.bench.results import load_results
 from patchedserve.bench.systems import parse_systems
 from patchedserve.bench.traces import load_trace
-from patchedserve.cluster.commands import _embedder, _load, _speed_reader, _trajectory, _with_cache_steps
+from patchedserve.cluster.commands import (
+    _embedder,
+    _load,
+    _seeds,
+    _speed_reader,
+    _trajectory,
+    _with_cache_steps,
+)
 from patchedserve.cluster.costs import MachineCosts
 from patchedserve.cluster.simulator import SimConfig
 from patchedserve.cluster.sweep import simulate_traces
@@ -43,7 +50,7 @@ def main() -> None:
         default="0",
         help="per-step jitter (std of log step time), or 'measured': the source run's",
     )
-    ap.add_argument("--noise-seeds", type=int, default=1, help="jitter seeds per run (expected figures)")
+    ap.add_argument("--noise-seeds", type=_seeds, default=1, help="jitter seeds per run (expected figures)")
     ap.add_argument(
         "--patch-cache-steps", type=Path, default=None, help="per-step patch cache profile (simulate's flag)"
     )
