@@ -158,6 +158,22 @@ def test_tiny_real_replay_writes_results_and_plots(
     assert all(r["step_noise"] >= 0.0 for r in sim_runs)
     assert main([a for a in noisy if a != "--speed-trace"]) == 2  # measured noise needs the trace
     assert "needs --speed-trace" in capsys.readouterr().err
+    with_steps = LatencyPredictor.load(profile)
+    with_steps.meta["patch_cache_steps"] = [1.0, 0.2]  # a cached step: full, then mostly reused
+    cache_costs = with_steps.save(tmp_path / "cache_cost.json")
+    seeded = [*noisy, "--noise-seeds", "3", "--patch-cache-steps", str(cache_costs)]
+    seeded[seeded.index(str(tmp_path / "sim_noisy"))] = str(tmp_path / "sim_seeded")
+    assert main(seeded) == 0
+    sim_runs = json.loads((tmp_path / "sim_seeded" / "results.json").read_text())["runs"]
+    jittered = [r for r in sim_runs if r["step_noise"] > 0.0]
+    assert jittered and all(r["noise_seeds"] == 3 for r in jittered)
+    assert all(len(r["seed_satisfaction"]) == r["noise_seeds"] for r in sim_runs)
+    no_profile = [*seeded[:-1], str(profile)]  # a cost file without a cache profile
+    assert main(no_profile) == 2
+    assert "no per-step patch cache profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([*seeded[:-4], "--noise-seeds", "0"])
+    assert exc.value.code == 2
 
 
 def test_report_lists_where_patchedserve_falls_short() -> None:
