@@ -140,7 +140,7 @@ def calibrate(
     if execution == "patched":
         meta["decode_interference"] = measure_decode_interference(bundle, preparer, pm, config)
         paired, meta["patch_cache_reuse"] = staggered_cache_steps(bundle, preparer, config)
-        meta["patch_cache_factor"] = sum(s[3] for s in paired) / sum(s[2] for s in paired)
+        meta["patch_cache_factor"] = cached_over_exact(paired)
         alone = measure_patch_cache_steps(bundle, preparer, config)
     predictor = LatencyPredictor.fit(samples, config.patch_size, overhead=overhead, meta=meta)
     if execution == "patched":
@@ -204,7 +204,23 @@ def measure_patch_cache_factor(
     """Cached / exact denoising time as requests come and go, and the share of patch-block
     computations the cache reused (``staggered_cache_steps``, summed)."""
     steps, reuse = staggered_cache_steps(bundle, preparer, config, cache)
-    return sum(s[3] for s in steps) / sum(s[2] for s in steps), reuse
+    return cached_over_exact(steps), reuse
+
+
+def cached_over_exact(steps: Sequence[PairedStep]) -> float:
+    """Summed cached over summed exact seconds of paired steps."""
+    return sum(s[3] for s in steps) / sum(s[2] for s in steps)
+
+
+def _exact_and_cached(
+    bundle: ModelBundle, config: Calibration, cache: PatchCacheConfig | None
+) -> tuple[PatchedModel, PatchedModel]:
+    """An exact patched model and one with the patch cache (default settings unless ``cache``)."""
+    exact = PatchedModel(bundle.denoiser, config.patch_size, bundle.vae_scale_factor)
+    cached = PatchedModel(
+        bundle.denoiser, config.patch_size, bundle.vae_scale_factor, cache=cache or PatchCacheConfig()
+    )
+    return exact, cached
 
 
 def staggered_cache_steps(
@@ -218,10 +234,7 @@ def staggered_cache_steps(
     buffers across). Exact and cached run back to back per mix, after one warm-up mix of each; the
     schedule is the same, so their steps pair up.
     """
-    exact = PatchedModel(bundle.denoiser, config.patch_size, bundle.vae_scale_factor)
-    cached = PatchedModel(
-        bundle.denoiser, config.patch_size, bundle.vae_scale_factor, cache=cache or PatchCacheConfig()
-    )
+    exact, cached = _exact_and_cached(bundle, config, cache)
     rng = random.Random(config.seed + 1)
     mixes = [
         [rng.choice(config.sizes) for _ in range(rng.choice(config.batch_sizes))]
@@ -263,10 +276,7 @@ def measure_patch_cache_steps(
     back, ``config.repeats`` times after one warm-up; per step, the median over sizes of the ratio
     of median times. ``cluster.costs`` prices mixed batches from it (``cached_step_factor``).
     """
-    exact = PatchedModel(bundle.denoiser, config.patch_size, bundle.vae_scale_factor)
-    cached = PatchedModel(
-        bundle.denoiser, config.patch_size, bundle.vae_scale_factor, cache=cache or PatchCacheConfig()
-    )
+    exact, cached = _exact_and_cached(bundle, config, cache)
     per_size: list[list[float]] = []
     for size in config.sizes:
         times: dict[str, list[list[float]]] = {"exact": [], "cached": []}
