@@ -116,11 +116,12 @@ class CostModel:
 
     def step_s(self, running: Sequence[Request], now_s: float = 0.0) -> float:
         """One denoising step of the active set, starting at ``now_s``."""
+        entries = [entry_of(r) for r in running]
         groups: dict[tuple[int, int, str], list[Entry]] = {}
-        for r in running:
-            groups.setdefault((r.params.width, r.params.height, r.params.sampler), []).append(entry_of(r))
+        for r, e in zip(running, entries, strict=True):
+            groups.setdefault((r.params.width, r.params.height, r.params.sampler), []).append(e)
         progress = [(r.step_index, r.params.steps) for r in running]
-        cache = self.cache_multiplier([entry_of(r) for r in running], progress)
+        cache = self.cache_multiplier(entries, progress)
         return self.factor(now_s) * cache * self._groups_s(list(groups.values()))
 
     def cache_multiplier(self, entries: Sequence[Entry], progress: Sequence[tuple[int, int]] | None) -> float:
