@@ -102,3 +102,7 @@ def test_serve_flags_reach_the_engine_config() -> None:
     assert config.policy == "slo"
     assert config.patch_cache is not None and config.patch_cache.threshold == 0.1
     assert engine_config(build_parser().parse_args(["serve"])).patch_cache is None
+    assert engine_config(build_parser().parse_args(["serve"])).reserve is True
+    assert engine_config(build_parser().parse_args(["serve", "--reserve", "off"])).reserve is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--reserve", "maybe"])

@@ -259,3 +259,65 @@ def test_make_scheduler_rejects_unknown_policies_and_slo_without_predictor() -> 
     with pytest.raises(InvalidRequestError, match="throughput, least-slack") as bad:
         SchedulerConfig(admission="edf")
     assert bad.value.field == "admission"
+
+
+def tight_small(i: int, budget_s: float = 0.06, steps: int = 10) -> Request:
+    """A 256-px request whose deadline allows ``budget_s`` per step if it joins on arrival."""
+    return request(i, size=256, steps=steps, slo_ms=1000 * budget_s * steps)
+
+
+def reserve_scenario(reserve: bool) -> tuple[QueueScheduler, Request]:
+    """One lenient 512-px request runs; a tight small one was seen; a second 512-px one waits."""
+    s = scheduler(reserve=reserve)
+    s.add_request(request(0, size=512, slo_ms=600_000), 0.0)
+    assert [r.request_id for r in s.schedule(0.0).admitted] == [0]
+    s.add_request(tight_small(1), 0.0)
+    s.finish_requests([1], RequestStatus.CANCELLED)  # gone, but its class was seen
+    joiner = request(2, size=512, slo_ms=600_000)
+    s.add_request(joiner, 0.0)
+    return s, joiner
+
+
+def test_reserve_holds_back_a_lenient_request_that_would_shut_out_the_tightest_class() -> None:
+    p = predictor()
+    big, small = (512, 512, False), (256, 256, False)
+    # Both 512-px requests fit their own deadlines, but with them a small request could not join.
+    assert p.predict_step([big, big, small]) > 0.06 >= p.predict_step([big, small])
+    s, waiting = reserve_scenario(reserve=True)
+    assert not s.schedule(0.0).admitted and s.waiting == [waiting]
+    s.add_request(tight_small(3), 0.0)  # the tightest class itself is exempt
+    assert [r.request_id for r in s.schedule(0.0).admitted] == [3]
+    s_off, joiner_off = reserve_scenario(reserve=False)
+    assert s_off.schedule(0.0).admitted == [joiner_off]
+
+
+def test_reserve_never_idles_the_machine() -> None:
+    p = predictor()
+    s = scheduler(reserve=True)
+    s.add_request(tight_small(0), 0.0)
+    s.finish_requests([0], RequestStatus.CANCELLED)
+    big = request(1, size=768, slo_ms=600_000)
+    assert p.predict_step([entry_of(big), (256, 256, False)]) > 0.06  # no room even alone
+    s.add_request(big, 0.0)
+    assert s.schedule(0.0).admitted == [big]
+    s.add_request(request(2, size=512, slo_ms=600_000), 0.0)
+    assert not s.schedule(0.0).admitted  # but nothing lenient joins it
+
+
+def test_reserve_ignores_a_class_that_cannot_run_two_at_a_time() -> None:
+    p = predictor()
+    small = (256, 256, False)
+    budget_s = 0.5 * (p.predict_step([small]) + p.predict_step([small, small]))
+    s = scheduler(reserve=True)
+    s.add_request(request(0, size=512, slo_ms=600_000), 0.0)
+    s.schedule(0.0)
+    s.add_request(tight_small(1, budget_s=budget_s), 0.0)
+    s.finish_requests([1], RequestStatus.CANCELLED)
+    s.add_request(request(2, size=512, slo_ms=600_000), 0.0)
+    assert [r.request_id for r in s.schedule(0.0).admitted] == [2]
+
+
+def test_reserve_window_must_be_positive() -> None:
+    with pytest.raises(InvalidRequestError, match="reserve_window") as bad:
+        SchedulerConfig(reserve_window=0)
+    assert bad.value.field == "reserve_window"

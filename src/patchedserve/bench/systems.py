@@ -11,11 +11,14 @@
 | patchedserve   | patched   | slo      | 12        | -                                      |
 | patchedserve-least-slack | patched | slo (paper's admission) | 12 | -                    |
 | patchedserve-cache | patched | slo    | 12        | patch-level blocks                     |
+| patchedserve-no-reserve | patched | slo (without the reserve) | 12 | -                    |
 
 Both caches are approximate; the systems without one produce exact images. ``patchedserve`` is
 exact; ``patchedserve-cache`` adds the paper's third part, the patch-level cache (``patch.cache``,
-default settings). ``patchedserve-least-slack`` is ``patchedserve`` with the paper's admission rule
-(``SchedulerConfig.admission``). ``mixed-cache`` and ``nirvana-exact`` are not in the default sweep.
+default settings). ``patchedserve-least-slack`` is ``patchedserve`` with the paper's rule: its admission
+(``SchedulerConfig.admission``) and no reserve for the tightest class (``SchedulerConfig.reserve``);
+``patchedserve-no-reserve`` drops only the reserve. ``mixed-cache``, ``nirvana-exact`` and
+``patchedserve-no-reserve`` are not in the default sweep.
 
 Read by the real replay (``bench.replay``) and by the simulator (``cluster``), so both build the
 same policy for a name, and both give every system the same deadlines (``objectives_s``).
@@ -52,6 +55,8 @@ class SystemSpec:
     """Patch-level block cache (``patch.cache``, default settings; patched execution only)."""
     admission: str = "throughput"
     """How the ``slo`` policy admits (``SchedulerConfig.admission``)."""
+    reserve: bool = True
+    """Keep room for the tightest recent request class (``SchedulerConfig.reserve``)."""
 
 
 SYSTEMS: dict[str, SystemSpec] = {
@@ -64,8 +69,9 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("patched-fcfs", "patched", "fcfs"),
         SystemSpec("mixed-cache", "patched", "fcfs", patch_cache=True),
         SystemSpec("patchedserve", "patched", "slo"),
-        SystemSpec("patchedserve-least-slack", "patched", "slo", admission="least-slack"),
+        SystemSpec("patchedserve-least-slack", "patched", "slo", admission="least-slack", reserve=False),
         SystemSpec("patchedserve-cache", "patched", "slo", patch_cache=True),
+        SystemSpec("patchedserve-no-reserve", "patched", "slo", reserve=False),
     )
 }
 """Every system by name, in the order results list them."""
@@ -98,6 +104,7 @@ def engine_config(
         approx_cache_similarity=spec.nirvana_similarity,
         patch_cache=PatchCacheConfig() if spec.patch_cache else None,
         admission=spec.admission,
+        reserve=spec.reserve,
         profile=profile,
         device=device,
         dtype=dtype,

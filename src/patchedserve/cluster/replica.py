@@ -49,7 +49,7 @@ def make_policy(
     cap = spec.max_running or max_running
     if spec.policy == ResolutionBatchScheduler.policy:
         return ResolutionBatchScheduler(cap, predictor, SchedulerConfig("fcfs", cap, slo_scale))
-    config = SchedulerConfig(spec.policy, cap, slo_scale, admission=spec.admission)
+    config = SchedulerConfig(spec.policy, cap, slo_scale, admission=spec.admission, reserve=spec.reserve)
     return make_scheduler(spec.policy, predictor, config)
 
 

@@ -29,6 +29,9 @@ class EngineConfig:
     """``slo`` policy: ``drop`` requests that cannot make their deadline, or keep them ``best-effort``."""
     admission: str = "throughput"
     """``slo`` policy: ``throughput`` or ``least-slack`` (the paper's rule); see ``scheduler.slo``."""
+    reserve: bool = True
+    """``slo`` policy: keep room in every step for the tightest recent request class
+    (``SchedulerConfig.reserve``)."""
     device: str = "cpu"
     """Torch device of the denoiser (``cpu``, ``cuda``, ``cuda:1``)."""
     dtype: str = "float32"

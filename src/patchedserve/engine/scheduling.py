@@ -38,6 +38,7 @@ def build_scheduler(config: EngineConfig, bundle: ModelBundle, model: PatchedMod
         slo_scale=config.slo_scale,
         on_infeasible=config.on_infeasible,
         admission=config.admission,
+        reserve=config.reserve,
     )
     predictor = build_predictor(config, bundle, model)
     if config.policy == ResolutionBatchScheduler.policy:

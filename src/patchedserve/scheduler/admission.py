@@ -42,19 +42,28 @@ class RequestCosts:
     """VAE decode of its image."""
     standalone_s: float
     """Whole request alone (encode, all steps, decode): the unit of slack."""
+    step_budget_s: float
+    """Longest step that lets it make its deadline if it joins on arrival: (objective - encode -
+    decode) / steps; inf without a deadline. Its class's tightness for ``SchedulerConfig.reserve``."""
 
 
 def request_costs(request: Request, predictor: LatencyPredictor, resolution_id: int) -> RequestCosts:
     entry = entry_of(request)
     additive_s, patches = predictor.entry_terms(entry)
+    decode_s = predictor.overhead.decode_s(entry[0], entry[1])
+    step_budget_s = math.inf
+    if request.deadline_s is not None:
+        fixed_s = predictor.overhead.encode_s + decode_s
+        step_budget_s = (request.deadline_s - request.arrival_s - fixed_s) / max(request.params.steps, 1)
     return RequestCosts(
         entry=entry,
         resolution_id=resolution_id,
         additive_s=additive_s,
         patches=patches,
         solo_step_s=predictor.solo_step_s(entry, corrected=False),
-        decode_s=predictor.overhead.decode_s(entry[0], entry[1]),
+        decode_s=decode_s,
         standalone_s=max(standalone_s(request, predictor), 1e-9),
+        step_budget_s=step_budget_s,
     )
 
 
@@ -81,15 +90,17 @@ class QueueView:
                 c.resolution_id,
                 c.patches,
                 r.request_id in best_effort,
+                c.step_budget_s,
             )
             for r, c in zip(requests, costs, strict=True)
         ]
-        table = np.array(rows, dtype=float).reshape(-1, 9).T.copy()  # [9, W]
+        table = np.array(rows, dtype=float).reshape(-1, 10).T.copy()  # [10, W]
         self.additive_s, self.solo_step_s, self.decode_s, self.standalone_s = table[:4]  # each [W]
         self.steps_left, self.deadline_s = table[4], table[5]  # [W]
         self.resolution_id = table[6].astype(np.int64)  # [W]
         self.patches = table[7].astype(np.int64)  # [W]
         self.best_effort = table[8].astype(bool)  # [W]
+        self.step_budget_s = table[9]  # [W]
         self.open = np.ones(len(requests), dtype=bool)  # [W] still in the queue in this call
 
     def need_alone_s(self, predictor: LatencyPredictor) -> np.ndarray:  # [W]

@@ -40,6 +40,13 @@ class SchedulerConfig:
     """``least-slack`` only: when the most urgent waiting request has more slack than this (spare
     time in units of its standalone latency), admit the candidate that adds the most work per
     second of step time."""
+    reserve: bool = True
+    """``slo`` policy: admit a request only if a request of the tightest class seen lately (the
+    least time per step to its deadline, among the last ``reserve_window`` arrivals) could still
+    join the batch on arrival; requests of that class are exempt. Keeps the step short enough for
+    the most deadline-sensitive traffic instead of filling it with lenient requests."""
+    reserve_window: int = 32
+    """Arrivals the ``reserve`` rule looks back over for the tightest class."""
     observe_steps: bool = True
     """Feed every executed step's latency to the predictor's online update."""
 
@@ -62,6 +69,10 @@ class SchedulerConfig:
         if self.admission not in ADMISSIONS:
             raise InvalidRequestError(
                 f"admission must be one of {', '.join(ADMISSIONS)}; got {self.admission!r}", field="admission"
+            )
+        if self.reserve_window < 1:
+            raise InvalidRequestError(
+                f"reserve_window must be at least 1; got {self.reserve_window}", field="reserve_window"
             )
         if self.relaxed_slack < 0.0:
             raise InvalidRequestError(

@@ -29,6 +29,15 @@ Each ``schedule`` call, with A the active set and L(X) the predicted step latenc
      ``throughput``; otherwise the most urgent if it fits, else none (no backfill, since a less
      urgent request admitted now would slow the batch the urgent one is waiting to join).
 
+   With ``reserve`` on, a candidate also needs room for one more request of the tightest class
+   seen among the last ``reserve_window`` arrivals (least ``RequestCosts.step_budget_s``, among
+   classes that could run two at a time within it): with
+   A + c + that request the step must stay within its budget, so a request of that class could
+   join on arrival. Candidates of that class (or tighter) are exempt, and so is the first request
+   of an empty batch (holding it back would only idle the machine). Lenient requests (large
+   images with their longer objectives) would otherwise fill the step up to their own budgets
+   and shut out every tighter request that arrives while they run.
+
 6. Repeat from 2 until the cap (``max_running``) or no admission.
 
 No preemption: a request runs to the end once admitted. ``SchedulerOutput.preempted`` is where a
@@ -38,6 +47,7 @@ preempting variant would report requests it moves back to the queue.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
@@ -47,7 +57,7 @@ from patchedserve.scheduler.admission import QueueView, RequestCosts, request_co
 from patchedserve.scheduler.base import QueueScheduler
 from patchedserve.scheduler.config import SchedulerConfig
 from patchedserve.scheduler.deadline import entry_of
-from patchedserve.scheduler.features import MixSums
+from patchedserve.scheduler.features import Entry, MixSums
 from patchedserve.scheduler.interface import SchedulerOutput, StepOutcome
 from patchedserve.scheduler.predictor import LatencyPredictor
 
@@ -72,11 +82,19 @@ class SLOScheduler(QueueScheduler):
         self._costs: dict[int, RequestCosts] = {}
         self._resolution_ids: dict[tuple[int, int], int] = {}
         self._view: QueueView | None = None
+        self._recent: deque[tuple[float, Entry]] = deque(maxlen=self.config.reserve_window)
+        """(step budget, entry) of the latest arrivals with a deadline (``reserve`` only)."""
 
     # ------------------------------------------------------------------ bookkeeping
     def add_request(self, request: Request, now_s: float) -> None:
         super().add_request(request, now_s)
-        self._costs_of(request)
+        costs = self._costs_of(request)
+        if self.config.reserve and math.isfinite(costs.step_budget_s):
+            # A class that cannot share a step even with its own kind is served alone; holding
+            # room for it would only stop all batching.
+            pair_s = self.model.model_s(self.model.mix([costs.entry, costs.entry]).vector())
+            if pair_s <= costs.step_budget_s:
+                self._recent.append((costs.step_budget_s, costs.entry))
 
     def update_from_output(self, outcome: StepOutcome) -> list[Request]:
         done = super().update_from_output(outcome)
@@ -168,6 +186,17 @@ class SLOScheduler(QueueScheduler):
                 budget = min(budget, per_step_s)
         return budget
 
+    def _leaves_room(self, view: QueueView, active: MixSums, now_s: float) -> np.ndarray:  # [W] bool
+        """Step 5's reserve: whether the tightest recent class could still join with each candidate."""
+        budget_s, entry = min(self._recent, key=lambda item: item[0])
+        self._resolution_ids.setdefault(entry[:2], len(self._resolution_ids))
+        active.add(entry)
+        try:
+            with_tightest_s, _ = view.evaluate(self.model, active, now_s, self._resolution_ids)  # [W]
+        finally:
+            active.remove(entry)
+        return (view.step_budget_s <= budget_s) | (with_tightest_s <= budget_s)
+
     def _choose(self, view: QueueView, now_s: float, active: MixSums, out: SchedulerOutput) -> int | None:
         """Steps 2-5: the queue index to admit next, or None to stop admitting in this call."""
         step_now_s = self.model.step_s(active)
@@ -186,6 +215,8 @@ class SLOScheduler(QueueScheduler):
         if not pool.any():
             return None
         fits = pool & (step_s <= self._step_budget(now_s, step_now_s))  # [W]
+        if self.config.reserve and self._recent and active.requests:  # never idle the machine for it
+            fits &= self._leaves_room(view, active, now_s)
         urgent = int(np.argmin(np.where(pool, slack, np.inf)))
         if self.config.admission == "least-slack" and slack[urgent] <= self.config.relaxed_slack:
             return urgent if fits[urgent] else None

@@ -22,6 +22,17 @@ from patchedserve.models import DEFAULT_MODEL, ModelBundle, load_model
 from patchedserve.patch import PatchCacheConfig
 from patchedserve.server.app import create_app
 
+
+def on_off(text: str) -> bool:
+    """``on``/``off`` (also true/false, yes/no, 1/0) -> bool, for switch options."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("patch_size", int, "patch side in pixels; image sides must be multiples of it"),
     ("policy", str, "scheduling policy: fcfs or slo"),
@@ -30,6 +41,7 @@ ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("slo_scale", float, "slo policy: deadline = arrival + scale x standalone latency"),
     ("on_infeasible", str, "slo policy: drop or best-effort"),
     ("admission", str, "slo policy: throughput or least-slack (the paper's rule)"),
+    ("reserve", on_off, "slo policy: on or off; keep room in each step for the tightest recent class"),
     ("device", str, "torch device: cpu, cuda, cuda:1"),
     ("dtype", str, "float32, float16 or bfloat16"),
     ("profile", str, "latency profile for the slo policy (from patchedserve profile --out)"),
