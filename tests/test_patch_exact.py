@@ -114,6 +114,24 @@ def test_patched_equals_full_image_forward(
         assert rel_err(out, ref) <= REL_TOL
 
 
+def test_patched_convolutions_follow_weights_changed_after_a_call() -> None:
+    """The patched convs keep a channels-last copy of their weights: edits must reach it."""
+    denoiser = load_model("tiny-sdxl").denoiser
+    unit = PatchedModel.min_patch_size(denoiser)
+    pm = PatchedModel(denoiser, patch_size=unit, plain_single_resolution=False)
+    reqs = [make_request(pm, (2, 1), 11), make_request(pm, (1, 1), 12)]
+    before = run_patched(pm, reqs)
+    conv = denoiser.conv_in
+    with torch.no_grad():
+        conv.weight.mul_(1.5)  # in place
+    for r, out, old in zip(reqs, run_patched(pm, reqs), before, strict=True):
+        assert rel_err(out, old) > 1e-3  # the edit reached the patched path...
+        assert rel_err(out, run_full(pm, r)) <= REL_TOL  # ...exactly as the full forward sees it
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 0.5)  # replaced
+    for r, out in zip(reqs, run_patched(pm, reqs), strict=True):
+        assert rel_err(out, run_full(pm, r)) <= REL_TOL
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_output_does_not_depend_on_batch_companions(name: str) -> None:
     pm = patched(name, 1)

@@ -44,6 +44,18 @@ def patch_conv2d(conv: nn.Conv2d, prepadded: bool = False) -> None:
     if halo == 0:
         return
     stride = conv.stride[0]
+    weights: dict[str, Any] = {}
+
+    def channels_last_weight() -> torch.Tensor:  # [C_out, C_in/groups, k, k] channels-last
+        """The weight in the patches' memory format, converted once (again if it is replaced or
+        changed in place), instead of by every call."""
+        w = conv.weight
+        if torch.is_grad_enabled():  # a cached copy would drop out of the autograd graph
+            return w.contiguous(memory_format=torch.channels_last)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if weights.get("key") != key:
+            weights["key"], weights["value"] = key, w.contiguous(memory_format=torch.channels_last)
+        return weights["value"]
 
     def forward(original: Any, x: torch.Tensor) -> torch.Tensor:  # x: [N, C, p, p] (or padded)
         ctx = get_forward_context()
@@ -63,7 +75,7 @@ def patch_conv2d(conv: nn.Conv2d, prepadded: bool = False) -> None:
             ctx.recording((id(conv), "in"), x)
             with timed(ctx, "stitch"):
                 padded = stitch(x, ctx.halo_index(side, halo))
-        out = F.conv2d(padded, conv.weight, conv.bias, stride, 0, 1, conv.groups)
+        out = F.conv2d(padded, channels_last_weight(), conv.bias, stride, 0, 1, conv.groups)
         keep = side // stride
         if out.shape[-1] != keep:  # the unread surplus halo row/column of strided convs
             out = out[..., :keep, :keep]
