@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import load_model
+from patchedserve.models.builtin import build_tiny_sdxl
 from patchedserve.patch import PatchedModel
 
 FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3"]
@@ -116,7 +117,7 @@ def test_patched_equals_full_image_forward(
 
 def test_patched_convolutions_follow_weights_changed_after_a_call() -> None:
     """The patched convs keep a channels-last copy of their weights: edits must reach it."""
-    denoiser = load_model("tiny-sdxl").denoiser
+    denoiser = build_tiny_sdxl().denoiser  # a private copy: load_model's is shared by every test
     unit = PatchedModel.min_patch_size(denoiser)
     pm = PatchedModel(denoiser, patch_size=unit, plain_single_resolution=False)
     reqs = [make_request(pm, (2, 1), 11), make_request(pm, (1, 1), 12)]

@@ -291,6 +291,47 @@ def test_reserve_holds_back_a_lenient_request_that_would_shut_out_the_tightest_c
     assert s_off.schedule(0.0).admitted == [joiner_off]
 
 
+def test_reserve_exempts_the_whole_tightest_class_despite_rounding() -> None:
+    p = predictor()
+    big, small = (512, 512, False), (256, 256, False)
+    assert p.predict_step([big, small]) <= 0.05 < p.predict_step([big, small, small])
+    s = scheduler(reserve=True)
+    s.add_request(request(0, size=512, slo_ms=600_000), 0.0)
+    s.schedule(0.0)
+    seen = request(1, size=256, steps=10, slo_ms=500.0, arrival_s=0.0)
+    s.add_request(seen, 0.0)
+    s.finish_requests([1], RequestStatus.CANCELLED)
+    same = request(2, size=256, steps=10, slo_ms=500.0, arrival_s=0.6)
+    s.add_request(same, 0.6)
+    assert same.deadline_s is not None and same.deadline_s - same.arrival_s > 0.5  # rounding
+    assert s.schedule(0.6).admitted == [same]  # same class as the reserve's: exempt
+
+
+def lenient_small_joins(gap_s: float) -> bool:
+    """Six tight small requests arrived ``gap_s`` apart; one lenient 512-px request runs. Does a
+    lenient small one join? With it, the step leaves room for one more tight request, not two."""
+    p = predictor()
+    big, small = (512, 512, False), (256, 256, False)
+    assert p.predict_step([big, small, small]) <= 0.055 < p.predict_step([big, small, small, small])
+    s = scheduler(reserve=True)
+    for i in range(1, 7):
+        tight = request(i, size=256, steps=10, slo_ms=550.0, arrival_s=i * gap_s)
+        s.add_request(tight, tight.arrival_s)
+        s.finish_requests([i], RequestStatus.CANCELLED)
+    now_s = 6 * gap_s
+    s.add_request(request(10, size=512, slo_ms=600_000, arrival_s=now_s), now_s)
+    assert [r.request_id for r in s.schedule(now_s).admitted] == [10]
+    s.add_request(request(11, size=256, slo_ms=600_000, arrival_s=now_s), now_s)
+    return [r.request_id for r in s.schedule(now_s).admitted] == [11]
+
+
+def test_reserve_holds_room_for_as_many_tight_requests_as_are_expected() -> None:
+    # Little's law: about 10 tight arrivals per second x 0.55 s objective -> room for several.
+    assert not lenient_small_joins(gap_s=0.1)
+    # One tight arrival every 10 s: room for one is enough.
+    assert lenient_small_joins(gap_s=10.0)
+
+
 def test_reserve_never_idles_the_machine() -> None:
     p = predictor()
     s = scheduler(reserve=True)

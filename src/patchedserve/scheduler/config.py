@@ -41,10 +41,11 @@ class SchedulerConfig:
     time in units of its standalone latency), admit the candidate that adds the most work per
     second of step time."""
     reserve: bool = True
-    """``slo`` policy: admit a request only if a request of the tightest class seen lately (the
-    least time per step to its deadline, among the last ``reserve_window`` arrivals) could still
-    join the batch on arrival; requests of that class are exempt. Keeps the step short enough for
-    the most deadline-sensitive traffic instead of filling it with lenient requests."""
+    """``slo`` policy: admit a request only if the requests of the tightest class seen lately
+    (least time per step to its deadline, among the last ``reserve_window`` arrivals) that are
+    expected while one of them is in the system could still join the batch on arrival; requests
+    of that class are exempt. Keeps the step short enough for the most deadline-sensitive traffic
+    instead of filling it with lenient requests (see ``scheduler.slo``)."""
     reserve_window: int = 32
     """Arrivals the ``reserve`` rule looks back over for the tightest class."""
     observe_steps: bool = True

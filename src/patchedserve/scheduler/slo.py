@@ -29,14 +29,16 @@ Each ``schedule`` call, with A the active set and L(X) the predicted step latenc
      ``throughput``; otherwise the most urgent if it fits, else none (no backfill, since a less
      urgent request admitted now would slow the batch the urgent one is waiting to join).
 
-   With ``reserve`` on, a candidate also needs room for one more request of the tightest class
-   seen among the last ``reserve_window`` arrivals (least ``RequestCosts.step_budget_s``, among
-   classes that could run two at a time within it): with
-   A + c + that request the step must stay within its budget, so a request of that class could
-   join on arrival. Candidates of that class (or tighter) are exempt, and so is the first request
-   of an empty batch (holding it back would only idle the machine). Lenient requests (large
-   images with their longer objectives) would otherwise fill the step up to their own budgets
-   and shut out every tighter request that arrives while they run.
+   With ``reserve`` on (the default), a candidate also needs room for the tightest class seen
+   among the last ``reserve_window`` arrivals: the class with the least
+   ``RequestCosts.step_budget_s`` (longest step that lets a request make its deadline if it joins
+   on arrival), among classes that could run two at a time within it. With A + c + k requests of
+   that class the step must stay within that budget, so they could join on arrival. k is how
+   many of them are expected while one may still wait or run (Little's law: the class's arrival
+   rate over the window x its objective, rounded up, at least 1). Candidates of that class are
+   exempt, and so is the first request of an empty batch (holding it back would only idle the
+   machine). Lenient requests (large images with their longer objectives) would otherwise fill
+   the step up to their own budgets and shut out the tighter requests that arrive while they run.
 
 6. Repeat from 2 until the cap (``max_running``) or no admission.
 
@@ -49,6 +51,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,6 +63,15 @@ from patchedserve.scheduler.deadline import entry_of
 from patchedserve.scheduler.features import Entry, MixSums
 from patchedserve.scheduler.interface import SchedulerOutput, StepOutcome
 from patchedserve.scheduler.predictor import LatencyPredictor
+
+
+class _Arrival(NamedTuple):
+    """What the reserve remembers of one arrival."""
+
+    arrival_s: float
+    step_budget_s: float
+    objective_s: float
+    entry: Entry
 
 
 class SLOScheduler(QueueScheduler):
@@ -82,8 +94,10 @@ class SLOScheduler(QueueScheduler):
         self._costs: dict[int, RequestCosts] = {}
         self._resolution_ids: dict[tuple[int, int], int] = {}
         self._view: QueueView | None = None
-        self._recent: deque[tuple[float, Entry]] = deque(maxlen=self.config.reserve_window)
-        """(step budget, entry) of the latest arrivals with a deadline (``reserve`` only)."""
+        self._recent: deque[_Arrival] = deque(maxlen=self.config.reserve_window)
+        """The latest arrivals that the reserve may hold room for (``reserve`` only)."""
+        self._reserve: tuple[float, Entry, int] | None = None
+        """(step budget, entry, how many) of the tightest class the reserve holds room for."""
 
     # ------------------------------------------------------------------ bookkeeping
     def add_request(self, request: Request, now_s: float) -> None:
@@ -94,7 +108,25 @@ class SLOScheduler(QueueScheduler):
             # room for it would only stop all batching.
             pair_s = self.model.model_s(self.model.mix([costs.entry, costs.entry]).vector())
             if pair_s <= costs.step_budget_s:
-                self._recent.append((costs.step_budget_s, costs.entry))
+                assert request.deadline_s is not None  # a finite step budget has a deadline
+                objective_s = request.deadline_s - request.arrival_s
+                arrival = _Arrival(request.arrival_s, costs.step_budget_s, objective_s, costs.entry)
+                self._recent.append(arrival)
+                self._reserve = self._tightest_class()
+
+    def _tightest_class(self) -> tuple[float, Entry, int]:
+        """The recent class with the least step budget, and room for how many of it: those
+        expected to arrive while one of them may still wait or run (Little's law: its arrival
+        rate over the window x its objective), at least one."""
+        recent = self._recent
+        tightest = min(recent, key=lambda a: a.step_budget_s)
+        count = 1
+        span_s = recent[-1].arrival_s - recent[0].arrival_s
+        if len(recent) > 1 and span_s > 0.0:
+            same = sum(a.entry == tightest.entry for a in recent)
+            rate = (len(recent) - 1) / span_s * same / len(recent)  # arrivals of the class per second
+            count = max(1, min(math.ceil(rate * tightest.objective_s), self.max_running))
+        return tightest.step_budget_s, tightest.entry, count
 
     def update_from_output(self, outcome: StepOutcome) -> list[Request]:
         done = super().update_from_output(outcome)
@@ -188,14 +220,19 @@ class SLOScheduler(QueueScheduler):
 
     def _leaves_room(self, view: QueueView, active: MixSums, now_s: float) -> np.ndarray:  # [W] bool
         """Step 5's reserve: whether the tightest recent class could still join with each candidate."""
-        budget_s, entry = min(self._recent, key=lambda item: item[0])
+        assert self._reserve is not None
+        budget_s, entry, count = self._reserve
         self._resolution_ids.setdefault(entry[:2], len(self._resolution_ids))
-        active.add(entry)
+        for _ in range(count):
+            active.add(entry)
         try:
             with_tightest_s, _ = view.evaluate(self.model, active, now_s, self._resolution_ids)  # [W]
         finally:
-            active.remove(entry)
-        return (view.step_budget_s <= budget_s) | (with_tightest_s <= budget_s)
+            for _ in range(count):
+                active.remove(entry)
+        # Budgets of one class differ by rounding (deadline - arrival), hence the tolerance.
+        same_class = view.step_budget_s <= budget_s * (1.0 + 1e-9)  # [W]
+        return same_class | (with_tightest_s <= budget_s)
 
     def _choose(self, view: QueueView, now_s: float, active: MixSums, out: SchedulerOutput) -> int | None:
         """Steps 2-5: the queue index to admit next, or None to stop admitting in this call."""
@@ -215,7 +252,7 @@ class SLOScheduler(QueueScheduler):
         if not pool.any():
             return None
         fits = pool & (step_s <= self._step_budget(now_s, step_now_s))  # [W]
-        if self.config.reserve and self._recent and active.requests:  # never idle the machine for it
+        if self._reserve is not None and active.requests:  # never idle the machine for it
             fits &= self._leaves_room(view, active, now_s)
         urgent = int(np.argmin(np.where(pool, slack, np.inf)))
         if self.config.admission == "least-slack" and slack[urgent] <= self.config.relaxed_slack:
