@@ -221,8 +221,7 @@ class SLOScheduler(QueueScheduler):
     def _leaves_room(self, view: QueueView, active: MixSums, now_s: float) -> np.ndarray:  # [W] bool
         """Step 5's reserve: whether the tightest recent class could still join with each candidate."""
         assert self._reserve is not None
-        budget_s, entry, count = self._reserve
-        self._resolution_ids.setdefault(entry[:2], len(self._resolution_ids))
+        budget_s, entry, count = self._reserve  # its resolution has an id since it arrived
         for _ in range(count):
             active.add(entry)
         try:
