@@ -169,6 +169,26 @@ def test_saved_folder_loads_back_identical(name: str, saved_model: Callable[[str
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_loaded_bundles_lay_conv_weights_out_channels_last(
+    name: str, saved_model: Callable[[str], Path]
+) -> None:
+    fresh = BUILTIN_MODELS[name].build()  # what load_model builds, before the layout change
+    for bundle in (load_model(name), load_model(str(saved_model(name)))):
+        convs = [p for m in (bundle.denoiser, bundle.vae) for p in m.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+        assert not all(p.is_contiguous() for p in convs)  # really moved, not 1x1 kernels only
+    cached = load_model(name)
+    for ours, theirs in zip(
+        cached.denoiser.state_dict().values(), fresh.denoiser.state_dict().values(), strict=True
+    ):
+        assert torch.equal(ours, theirs)  # the same values, laid out differently
+    with torch.inference_mode():
+        want = denoiser_forward(fresh, **random_inputs(fresh))
+        got = denoiser_forward(cached, **random_inputs(cached))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float rounding of another layout
+
+
 def test_sd2_is_told_from_sd15_by_cross_attention_width(tmp_path: Path) -> None:
     from patchedserve.models.loading import _bundle_from_pipeline
 
