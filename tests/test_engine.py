@@ -188,6 +188,29 @@ def test_image_level_execution_with_resolution_batches_equals_reference() -> Non
         engine.stop()
 
 
+@pytest.mark.parametrize(("execution", "policy"), [("patched", "fcfs"), ("image", "res-fcfs")])
+def test_two_streams_equal_reference(execution: str, policy: str) -> None:
+    engine = Engine.from_model(
+        "tiny-sdxl", patch_size=64, execution=execution, policy=policy, streams=2, decode_in_thread=False
+    )
+    try:
+        assert engine.model.streams == 2 and getattr(engine.batch, "streams", 2) == 2
+        for g, r in zip(MIXED, engine.generate(MIXED), strict=True):
+            assert_matches_reference("tiny-sdxl", g, r)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("kwargs", [{"streams": 0}, {"streams": 2, "patch_cache": "default"}])
+def test_bad_stream_counts_are_refused(kwargs: dict) -> None:
+    from patchedserve.patch import PatchCacheConfig
+
+    if kwargs.get("patch_cache") == "default":
+        kwargs = {**kwargs, "patch_cache": PatchCacheConfig()}
+    with pytest.raises(InvalidRequestError, match="streams"):
+        Engine.from_model("tiny-sdxl", **kwargs)
+
+
 def test_resolution_batching_never_mixes_resolutions() -> None:
     engine = Engine.from_model(
         "tiny-sdxl", patch_size=64, execution="image", policy="res-fcfs", decode_in_thread=False

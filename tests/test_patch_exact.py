@@ -6,6 +6,7 @@ for the three built-in families, at the smallest legal patch size and a larger o
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cache
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import load_model
 from patchedserve.models.builtin import build_tiny_sdxl
-from patchedserve.patch import PatchedModel
+from patchedserve.patch import PatchBatch, PatchCacheConfig, PatchedModel
 
 FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3"]
 REL_TOL = 1e-4
@@ -217,3 +218,34 @@ def test_chunked_calls_equal_one_call(name: str) -> None:
         pm.max_patches_per_call = None
     for a, b in zip(whole, chunked, strict=True):
         assert rel_err(b, a) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_streams_equal_the_full_image_forward(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts of a batch denoised side by side, on worker threads, give each request its oracle."""
+    pm = patched(name, 1)
+    grids_ = [(1, 1), (2, 1), (1, 1), (3, 2), (2, 2), (1, 2)]
+    reqs = [make_request(pm, g, 80 + i) for i, g in enumerate(grids_)]
+    seen: list[tuple[str, int]] = []
+    forward = pm._forward
+
+    def spy(batch: PatchBatch) -> torch.Tensor:
+        seen.append((threading.current_thread().name, batch.layout.num_entries))
+        return forward(batch)
+
+    monkeypatch.setattr(pm, "_forward", spy)
+    for streams in (2, 3):
+        monkeypatch.setattr(pm, "streams", streams)
+        seen.clear()
+        outs = run_patched(pm, reqs)
+        assert len(seen) == streams and sum(n for _, n in seen) == len(reqs)
+        assert all(thread.startswith("stream") for thread, _ in seen)
+        for r, out in zip(reqs, outs, strict=True):
+            assert rel_err(out, run_full(pm, r)) <= REL_TOL
+
+
+def test_streams_and_the_patch_cache_do_not_mix() -> None:
+    denoiser = load_model("tiny-sdxl").denoiser
+    with pytest.raises(InvalidRequestError, match="one stream"):
+        PatchedModel(denoiser, cache=PatchCacheConfig(), streams=2)
+    assert PatchedModel(denoiser, cache=PatchCacheConfig()).streams == 1

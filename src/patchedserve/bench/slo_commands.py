@@ -27,6 +27,7 @@ from patchedserve.bench.traces import (
     save_trace,
 )
 from patchedserve.errors import InvalidRequestError
+from patchedserve.streams import add_streams_arg, apply_streams_arg
 
 Trace = tuple[float, float, list[TraceRequest], float, Path]
 """(qps, slo_scale, requests, duration_s, file) of one trace of a sweep."""
@@ -135,6 +136,7 @@ def add_parsers(group: Any) -> None:
     add_trace_args(slo)
     add_system_args(slo, "image-fcfs,res-batch,nirvana,patched-fcfs,patchedserve,patchedserve-cache")
     slo.add_argument("--threads", type=int, default=None, help="torch CPU threads (match the profile's)")
+    add_streams_arg(slo)
     slo.add_argument("--device", default="cpu")
     slo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     slo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -148,6 +150,7 @@ def add_parsers(group: Any) -> None:
     cal.add_argument("--patch-size", type=int, default=256)
     cal.add_argument("--profile", type=Path, default=None, help="take encode/decode costs from this profile")
     cal.add_argument("--threads", type=int, default=None)
+    add_streams_arg(cal)
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--out", type=Path, required=True, help="folder for image_cost.json, patched_cost.json")
     cal.set_defaults(handler=run_calibrate)
@@ -196,6 +199,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    apply_streams_arg(args)
     bundle = load_model(args.model).to(device=args.device)
     overhead = LatencyPredictor.load(args.profile).overhead if args.profile else None
     config = Calibration(

@@ -31,6 +31,7 @@ from patchedserve.bench.systems import objectives_s, parse_systems
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import ModelBundle, load_model
 from patchedserve.scheduler import LatencyPredictor
+from patchedserve.streams import apply_streams_arg, resolve_streams
 
 
 def ensure_profile(args: argparse.Namespace, bundle: ModelBundle, out_dir: Path) -> Path:
@@ -94,6 +95,7 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
         raise InvalidRequestError(str(err), field="systems") from err
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    apply_streams_arg(args)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     traces = make_traces(args, out_dir)
@@ -155,6 +157,7 @@ def _meta(
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "streams": resolve_streams(None, torch.device(args.device)),
         "profile": str(profile.resolve()),
         "image_cost": costs.get("image"),
         "patched_cost": costs.get("patched"),

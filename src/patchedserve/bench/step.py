@@ -184,6 +184,7 @@ def run_step_bench(
         patch_size=patch_size,
         vae_scale_factor=bundle.vae_scale_factor,
         max_patches_per_call=max_patches_per_call,
+        streams=1,  # every variant is one call on all threads; `scripts/streams_probe.py` times streams
     )
     runs = []
     for k in per_size:

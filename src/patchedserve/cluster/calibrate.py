@@ -134,6 +134,7 @@ def calibrate(
         "model": bundle.name,
         "device": str(bundle.device),
         "threads": torch.get_num_threads(),
+        "streams": pm.streams,
         "calibration": {**asdict(config), "sizes": [list(s) for s in config.sizes]},
         "wall_s": time.perf_counter() - start,
     }

@@ -59,6 +59,7 @@ class Engine:
             bundle.vae_scale_factor,
             max_patches_per_call=self.config.max_patches_per_call,
             cache=self.config.patch_cache,
+            streams=self.config.streams,
         )
         self.preparer = Preparer(bundle, self.device, self.config.torch_dtype)
         self.batch = self._new_batch()
@@ -74,8 +75,16 @@ class Engine:
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._cancels: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._futures: dict[int, Future[GenerationResult]] = {}
+        self._threads = torch.get_num_threads()
+        """The creator's torch thread count, which the loop and decode threads set for themselves:
+        a new thread otherwise takes the count last set anywhere in the process (stream workers set
+        theirs to a share)."""
         self._decoder = (
-            ThreadPoolExecutor(1, thread_name_prefix="decode") if self.config.decode_in_thread else None
+            ThreadPoolExecutor(
+                1, thread_name_prefix="decode", initializer=torch.set_num_threads, initargs=(self._threads,)
+            )
+            if self.config.decode_in_thread
+            else None
         )
         self._wake = threading.Event()
         self._submit_lock = threading.Lock()
@@ -90,7 +99,7 @@ class Engine:
 
     def _new_batch(self) -> DenoiseBatch | ImageBatch:
         if self.config.execution == "image":
-            return ImageBatch(self.bundle, self.preparer.samplers, self.device)
+            return ImageBatch(self.bundle, self.preparer.samplers, self.device, self.config.streams)
         return DenoiseBatch(self.model, self.preparer.samplers, self.device)
 
     # ------------------------------------------------------------------ submitting
@@ -279,6 +288,7 @@ class Engine:
             self._decoder.shutdown(wait=True)
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         while not self._stop.is_set():
             if self.has_work():
                 try:

@@ -3,7 +3,8 @@
 Same interface as ``DenoiseBatch`` (``sync``, ``step``, ``final_latents``) so the engine loop,
 schedulers and samplers are shared; only the model call differs. Each request keeps its latents as
 one ``[C, h, w]`` tensor; a step stacks the requests of each resolution (both CFG branches, as
-diffusers' pipelines do) and calls the denoiser once per resolution.
+diffusers' pipelines do) and calls the denoiser once per resolution, in ``streams`` parts of about
+equal rows side by side (``patchedserve.streams``), as the patched engine does.
 """
 
 from __future__ import annotations
@@ -16,13 +17,21 @@ from patchedserve.engine.batch import initial_latents
 from patchedserve.models import ModelBundle, denoiser_forward
 from patchedserve.request import Request
 from patchedserve.sampler import Sampler
+from patchedserve.streams import balanced_cuts, resolve_streams, run_parts
 
 
 class ImageBatch:
     """Latents of the running requests as whole images; one denoiser call per resolution."""
 
-    def __init__(self, bundle: ModelBundle, samplers: dict[str, Sampler], device: torch.device) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        samplers: dict[str, Sampler],
+        device: torch.device,
+        streams: int | None = None,
+    ) -> None:
         self.bundle = bundle
+        self.streams = resolve_streams(streams, device)
         self.samplers = samplers
         self.device = device
         self.requests: list[Request] = []
@@ -64,14 +73,21 @@ class ImageBatch:
         if "time_ids" in reqs[0].state:
             time_ids = torch.stack([reqs[i].state["time_ids"] for i, _ in branches])
         t = torch.stack([plans[i].timesteps[steps[i]] for i, _ in branches]).to(self.device)
-        out = denoiser_forward(
-            self.bundle,
-            x_in[[i for i, _ in branches]],
-            t,
-            torch.stack([c.prompt_embeds for c in conds]),
-            pooled,
-            time_ids,
-        )
+        sample = x_in[[i for i, _ in branches]]  # [B', C, h, w], B' = rows + CFG rows
+        embeds = torch.stack([c.prompt_embeds for c in conds])  # [B', L, D]
+
+        def forward(rows: tuple[int, int]) -> torch.Tensor:  # [b, C, h, w]
+            a, b = rows
+            return denoiser_forward(
+                self.bundle,
+                sample[a:b],
+                t[a:b],
+                embeds[a:b],
+                None if pooled is None else pooled[a:b],
+                None if time_ids is None else time_ids[a:b],
+            )
+
+        out = torch.cat(run_parts(forward, balanced_cuts([1] * len(branches), self.streams)))
         guided = out[: len(reqs)].clone()  # [B, C, h, w]
         for k, i in enumerate(cfg):
             uncond = out[len(reqs) + k]

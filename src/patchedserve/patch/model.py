@@ -13,6 +13,12 @@ halos, no per-image regrouping; measured 6-22% faster on this CPU). So, unless t
 is on or ``plain_single_resolution`` is off, such a batch is merged into images, run as they are,
 and cut back into patches.
 
+With ``streams`` > 1 (two by default on a multi-threaded CPU, see ``patchedserve.streams``), a
+batch of several entries is cut into that many contiguous runs of whole entries with about equal
+patch counts, and the runs are denoised side by side, each on its share of the threads; the
+outputs are concatenated in layout order. Every operator that mixes patches works per entry, so
+this is exact too.
+
 Per-entry conditioning travels per entry (``[R, ...]``); timesteps and added conditions are
 expanded to patches because the model's embedding layers run per sample. Used by the engine.
 """
@@ -20,11 +26,13 @@ expanded to patches because the model's embedding layers run per sample. Used by
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
@@ -34,6 +42,7 @@ from patchedserve.layout import CSPLayout, merge_patches, split_latents
 from patchedserve.patch.cache import PatchCache, PatchCacheConfig
 from patchedserve.patch.context import PatchContext, forward_context
 from patchedserve.patch.wrap import wrap_sd3, wrap_unet
+from patchedserve.streams import balanced_cuts, resolve_streams, run_parts
 
 
 @dataclass
@@ -60,6 +69,7 @@ class PatchedModel:
         max_patches_per_call: int | None = None,
         cache: PatchCacheConfig | None = None,
         plain_single_resolution: bool = True,
+        streams: int | None = None,
     ) -> None:
         self.model: Any = model  # a diffusers denoiser (untyped for mypy)
         self.is_sd3 = isinstance(model, SD3Transformer2DModel)
@@ -83,6 +93,13 @@ class PatchedModel:
                 field="patch_cache",
             )
         self.max_patches_per_call = max_patches_per_call
+        if cache is not None and streams is not None and streams > 1:
+            raise InvalidRequestError(
+                "the patch cache needs whole-batch calls; use one stream", field="patch_cache"
+            )
+        device = next(model.parameters()).device
+        self.streams = 1 if cache is not None else resolve_streams(streams, device)
+        """Parts of a batch denoised side by side (``patchedserve.streams``)."""
         self.cache = None if cache is None else PatchCache(cache)
         """Patch-level block cache (approximate); carried across calls, so one batch per model. It
         follows entries by id: with the list API ids are input positions, so keep each request at
@@ -90,6 +107,7 @@ class PatchedModel:
         self.plain_single_resolution = plain_single_resolution and cache is None
         """Run one-resolution batches as whole images through the model's own forward."""
         self._contexts: OrderedDict[tuple, PatchContext] = OrderedDict()
+        self._contexts_lock = threading.Lock()  # streams build contexts concurrently
         self._cache_size = context_cache_size
 
     @staticmethod
@@ -123,21 +141,32 @@ class PatchedModel:
     def context(self, layout: CSPLayout, device: torch.device) -> PatchContext:
         """Device metadata for ``layout``, cached per composition (LRU)."""
         key = (layout.sizes, layout.entry_ids, str(device))
-        ctx = self._contexts.get(key)
-        if ctx is None:
-            ctx = PatchContext.build(layout, device)
+        with self._contexts_lock:
+            ctx = self._contexts.get(key)
+            if ctx is not None:
+                self._contexts.move_to_end(key)
+                return ctx
+        ctx = PatchContext.build(layout, device)
+        with self._contexts_lock:
             self._contexts[key] = ctx
             if len(self._contexts) > self._cache_size:
                 self._contexts.popitem(last=False)
-        else:
-            self._contexts.move_to_end(key)
         return ctx
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def forward_batch(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
-        """One denoiser step over the batch; with ``max_patches_per_call``, over chunks of whole
-        entries (keeps the working set in cache on CPUs; every entry still sees its whole image)."""
+        """One denoiser step over the batch: in ``streams`` parts side by side, each (with
+        ``max_patches_per_call``) in chunks of whole entries (keeps the working set in cache on
+        CPUs; every entry still sees its whole image)."""
+        layout = batch.layout
+        if self.streams == 1 or layout.num_entries == 1:
+            return self._forward_chunks(batch)
+        counts = np.diff(layout.entry_offsets).tolist()
+        parts = [sub_batch(batch, a, b) for a, b in balanced_cuts(counts, self.streams)]
+        return torch.cat(run_parts(self._forward_chunks, parts))
+
+    def _forward_chunks(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
         limit = self.max_patches_per_call
         if limit is None or batch.layout.num_patches <= limit:
             return self._forward(batch)
@@ -243,21 +272,25 @@ def split_batch(batch: PatchBatch, max_patches: int) -> list[PatchBatch]:
         end = start + 1
         while end < layout.num_entries and offsets[end + 1] - offsets[start] <= max_patches:
             end += 1
-        sub = CSPLayout.build(layout.sizes[start:end], layout.patch_size, layout.entry_ids[start:end])
-        pa, pb = int(offsets[start]), int(offsets[end])
-
-        def rows(t: torch.Tensor | None, a: int = start, b: int = end) -> torch.Tensor | None:
-            return None if t is None else t[a:b]
-
-        parts.append(
-            PatchBatch(
-                sub,
-                batch.patches[pa:pb],
-                batch.timesteps[start:end],
-                batch.encoder_hidden_states[start:end],
-                rows(batch.pooled),
-                rows(batch.time_ids),
-            )
-        )
+        parts.append(sub_batch(batch, start, end))
         start = end
     return parts
+
+
+def sub_batch(batch: PatchBatch, start: int, end: int) -> PatchBatch:
+    """Entries ``start..end`` of ``batch`` (layout order) as a batch of their own."""
+    layout = batch.layout
+    sub = CSPLayout.build(layout.sizes[start:end], layout.patch_size, layout.entry_ids[start:end])
+    pa, pb = int(layout.entry_offsets[start]), int(layout.entry_offsets[end])
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[start:end]
+
+    return PatchBatch(
+        sub,
+        batch.patches[pa:pb],
+        batch.timesteps[start:end],
+        batch.encoder_hidden_states[start:end],
+        rows(batch.pooled),
+        rows(batch.time_ids),
+    )

@@ -17,6 +17,7 @@ from patchedserve.models import DEFAULT_MODEL, load_model
 from patchedserve.reference.commands import parse_size
 from patchedserve.scheduler.compare import compare_models
 from patchedserve.scheduler.profile import DEFAULT_PATCH_SIZE, DEFAULT_SIZES, ProfileConfig, run_profile
+from patchedserve.streams import add_streams_arg, apply_streams_arg
 
 
 def add_parser(subparsers: Any) -> None:
@@ -58,6 +59,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_streams_arg(parser)
     parser.add_argument("--out", type=Path, required=True, help="profile file to write (JSON)")
     parser.add_argument("--json", type=Path, default=None, help="report to write (JSON)")
     parser.set_defaults(handler=run_profile_command)
@@ -79,6 +81,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
         raise InvalidRequestError(str(err)) from err
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    apply_streams_arg(args)
     bundle = load_model(args.model).to(device=args.device, dtype=getattr(torch, args.dtype))
     print(f"profiling {config.mixes} mixes of {bundle.name} on {args.device} ...", file=sys.stderr)
     result = run_profile(bundle, config)

@@ -254,6 +254,7 @@ def run_profile(
         "device": str(bundle.device),
         "dtype": str(bundle.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "streams": pm.streams,
         "clock": clock,
         "config": {**asdict(config), "sizes": [list(s) for s in config.sizes]},
     }

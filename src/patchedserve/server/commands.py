@@ -44,6 +44,7 @@ ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("reserve", on_off, "slo policy: on or off; keep room in each step for the tightest recent class"),
     ("device", str, "torch device: cpu, cuda, cuda:1"),
     ("dtype", str, "float32, float16 or bfloat16"),
+    ("streams", int, "parts of each step denoised side by side on a share of the CPU threads each"),
     ("profile", str, "latency profile for the slo policy (from patchedserve profile --out)"),
 )
 """(EngineConfig field, type, help) of each engine option; the flag is the field with dashes."""
