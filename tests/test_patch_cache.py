@@ -178,13 +178,18 @@ def test_served_cache_factor_runs_staggered_trajectories() -> None:
     assert 0.3 < reuse < 1.0
 
 
-def test_a_served_cache_reports_reuse_and_frees_its_memory_when_idle() -> None:
+@pytest.mark.parametrize("streams", [1, 2])
+def test_a_served_cache_reports_reuse_and_frees_its_memory_when_idle(streams: int) -> None:
     from patchedserve.engine import Engine
     from patchedserve.request import GenerationRequest
     from patchedserve.server.metrics import ServerMetrics
 
     engine = Engine.from_model(
-        "tiny-sdxl", patch_size=64, decode_in_thread=False, patch_cache=PatchCacheConfig(threshold=1e9)
+        "tiny-sdxl",
+        patch_size=64,
+        decode_in_thread=False,
+        patch_cache=PatchCacheConfig(threshold=1e9),
+        streams=streams,
     )
     metrics = ServerMetrics(engine)
     engine.generate([GenerationRequest("a red fox", width=128, height=64, steps=4, seed=1)])
@@ -193,9 +198,10 @@ def test_a_served_cache_reports_reuse_and_frees_its_memory_when_idle() -> None:
         line for line in text.splitlines() if line.startswith("patchedserve_patch_cache_reuse_ratio ")
     ]
     assert float(sample.split()[1]) == pytest.approx(0.5)  # 4 steps, max_reuse 2: compute, reuse x2, compute
-    assert engine.model.cache is not None and engine.model.cache.blocks  # still held after the last step
+    caches = engine.model.caches
+    assert len(caches) == streams and all(c.blocks for c in caches)  # CFG branches: one per stream
     engine.step()  # an idle iteration
-    assert not engine.model.cache.blocks and engine.model.cache.nbytes() == 0
+    assert not any(c.blocks for c in caches) and engine.model.cache_nbytes() == 0
     assert "patchedserve_patch_cache" not in ServerMetrics(Engine.from_model("tiny-sdxl")).render().decode()
 
 
@@ -212,3 +218,26 @@ def test_per_step_cache_profile_follows_the_trajectorys_reuse() -> None:
     assert len(never) == len(always) == 3
     assert min(never) > 0.6  # the cache only adds its comparisons
     assert always[0] > 0.6 and max(always[1:]) < 0.5 * always[0]
+
+
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd3"])
+def test_streams_keep_each_entry_with_its_own_streams_cache(name: str) -> None:
+    denoiser = load_model(name).denoiser
+    config = PatchCacheConfig(threshold=1e-3, max_reuse=9)
+    pm = PatchedModel(denoiser, PatchedModel.min_patch_size(denoiser), cache=config, streams=2)
+    reqs = [make_request(pm, g, 90 + i) for i, g in enumerate([(1, 2), (2, 2), (1, 1), (2, 1)])]
+    pm.forward_batch(batch_of(pm, reqs[:3], [0, 1, 2]))  # every block computes
+    for part_cache, ids in zip(pm.caches, ([0], [1, 2]), strict=True):  # (id // 2 + id % 2) % 2
+        assert part_cache.layout is not None and sorted(part_cache.layout.entry_ids) == ids
+    batch = batch_of(pm, reqs[:3], [0, 1, 2])
+    before = pm.cache_stats().reused
+    out = merge_patches(pm.forward_batch(batch), batch.layout)  # identical inputs: everything reuses
+    blocks = len(pm.caches[0].blocks)
+    assert pm.cache_stats().reused - before == blocks * (2 + 4 + 1)
+    for eid, got in zip(batch.layout.entry_ids, out, strict=True):
+        assert rel_err(got, run_full(pm, reqs[eid])) <= REL_TOL
+    batch = batch_of(pm, reqs[1:], [1, 2, 3])  # 0 leaves, 3 joins stream 0 and computes every block
+    out = merge_patches(pm.forward_batch(batch), batch.layout)
+    assert pm.caches[0].layout is not None and pm.caches[0].layout.entry_ids == (3,)
+    for eid, got in zip(batch.layout.entry_ids, out, strict=True):
+        assert rel_err(got, run_full(pm, reqs[eid])) <= REL_TOL

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import load_model
 from patchedserve.models.builtin import build_tiny_sdxl
-from patchedserve.patch import PatchBatch, PatchCacheConfig, PatchedModel
+from patchedserve.patch import PatchBatch, PatchedModel
 
 FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3"]
 REL_TOL = 1e-4
@@ -229,9 +229,9 @@ def test_streams_equal_the_full_image_forward(name: str, monkeypatch: pytest.Mon
     seen: list[tuple[str, int]] = []
     forward = pm._forward
 
-    def spy(batch: PatchBatch) -> torch.Tensor:
+    def spy(batch: PatchBatch, cache: object) -> torch.Tensor:
         seen.append((threading.current_thread().name, batch.layout.num_entries))
-        return forward(batch)
+        return forward(batch, cache)
 
     monkeypatch.setattr(pm, "_forward", spy)
     for streams in (2, 3):
@@ -242,10 +242,3 @@ def test_streams_equal_the_full_image_forward(name: str, monkeypatch: pytest.Mon
         assert all(thread.startswith("stream") for thread, _ in seen)
         for r, out in zip(reqs, outs, strict=True):
             assert rel_err(out, run_full(pm, r)) <= REL_TOL
-
-
-def test_streams_and_the_patch_cache_do_not_mix() -> None:
-    denoiser = load_model("tiny-sdxl").denoiser
-    with pytest.raises(InvalidRequestError, match="one stream"):
-        PatchedModel(denoiser, cache=PatchCacheConfig(), streams=2)
-    assert PatchedModel(denoiser, cache=PatchCacheConfig()).streams == 1

@@ -245,14 +245,12 @@ def staggered_cache_steps(
     for k, sizes in enumerate([mixes[0], *mixes]):
         runs = []
         for pm in (exact, cached):
-            if pm.cache is not None:
-                pm.cache.clear()
+            pm.clear_cache()
             requests = _requests(bundle, sizes, config, config.steps)
             runs.append(_serve_staggered(bundle, preparer, pm, requests))
         if k > 0:  # the first mix of each warms up
             paired += [(e, p, exact_s, c[2]) for (e, p, exact_s), c in zip(*runs, strict=True)]
-    assert cached.cache is not None
-    return paired, cached.cache.stats.reuse_fraction
+    return paired, cached.cache_stats().reuse_fraction
 
 
 def batch_level(predictor: LatencyPredictor, profile: Sequence[float], paired: Sequence[PairedStep]) -> float:
@@ -283,8 +281,7 @@ def measure_patch_cache_steps(
         times: dict[str, list[list[float]]] = {"exact": [], "cached": []}
         for _ in range(config.repeats + 1):
             for name, pm in (("exact", exact), ("cached", cached)):
-                if pm.cache is not None:
-                    pm.cache.clear()
+                pm.clear_cache()
                 requests = _requests(bundle, [size], config, config.steps)
                 preparer.prepare(requests)
                 batch = DenoiseBatch(pm, preparer.samplers, bundle.device)

@@ -53,8 +53,8 @@ class EngineConfig:
     """Latency profile (``patchedserve profile --out``); without one, ``slo`` profiles briefly at start."""
     streams: int | None = None
     """Parts of each step's batch denoised side by side, each on a share of the torch threads
-    (``patchedserve.streams``); None: two on a CPU with at least two threads, else one. The patch
-    cache runs one."""
+    (``patchedserve.streams``); None: two on a CPU with at least two threads, else one. Under the
+    patch cache each stream has its own cache and an entry always runs on the same stream."""
     decode_in_thread: bool = True
     """Decode finished images on a worker thread so denoising does not wait for the VAE."""
 
@@ -71,10 +71,8 @@ class EngineConfig:
             raise InvalidRequestError(
                 "the patch cache needs patched execution in whole-batch calls", field="patch_cache"
             )
-        if self.streams is not None and (self.streams < 1 or (self.streams > 1 and self.patch_cache)):
-            raise InvalidRequestError(
-                "streams must be at least 1, and 1 with the patch cache", field="streams"
-            )
+        if self.streams is not None and self.streams < 1:
+            raise InvalidRequestError("streams must be at least 1", field="streams")
         if self.approx_cache_similarity not in ("model", "exact"):
             raise InvalidRequestError("approx_cache_similarity must be model or exact", field="approx_cache")
         if self.admission not in ADMISSIONS:

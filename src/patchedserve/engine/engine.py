@@ -164,8 +164,7 @@ class Engine:
             self._prepare(out.admitted)
         running = [r for r in out.running if r.status == RequestStatus.RUNNING]
         if not running:
-            if self.model.cache is not None:
-                self.model.cache.clear()  # idle: nothing left to reuse, give the memory back
+            self.model.clear_cache()  # idle: nothing left to reuse, give the memory back
             return
         start = self.clock()
         try:

@@ -17,7 +17,8 @@ With ``streams`` > 1 (two by default on a multi-threaded CPU, see ``patchedserve
 batch of several entries is cut into that many contiguous runs of whole entries with about equal
 patch counts, and the runs are denoised side by side, each on its share of the threads; the
 outputs are concatenated in layout order. Every operator that mixes patches works per entry, so
-this is exact too.
+this is exact too. Under the patch cache each stream keeps a cache of its own, and an entry always
+goes to the same stream (``stream_of``), so its cached blocks stay where it runs.
 
 Per-entry conditioning travels per entry (``[R, ...]``); timesteps and added conditions are
 expanded to patches because the model's embedding layers run per sample. Used by the engine.
@@ -39,7 +40,7 @@ from torch import nn
 
 from patchedserve.errors import InvalidRequestError
 from patchedserve.layout import CSPLayout, merge_patches, split_latents
-from patchedserve.patch.cache import PatchCache, PatchCacheConfig
+from patchedserve.patch.cache import CacheStats, PatchCache, PatchCacheConfig
 from patchedserve.patch.context import PatchContext, forward_context
 from patchedserve.patch.wrap import wrap_sd3, wrap_unet
 from patchedserve.streams import balanced_cuts, resolve_streams, run_parts
@@ -93,17 +94,14 @@ class PatchedModel:
                 field="patch_cache",
             )
         self.max_patches_per_call = max_patches_per_call
-        if cache is not None and streams is not None and streams > 1:
-            raise InvalidRequestError(
-                "the patch cache needs whole-batch calls; use one stream", field="patch_cache"
-            )
-        device = next(model.parameters()).device
-        self.streams = 1 if cache is not None else resolve_streams(streams, device)
+        self.streams = resolve_streams(streams, next(model.parameters()).device)
         """Parts of a batch denoised side by side (``patchedserve.streams``)."""
         self.cache = None if cache is None else PatchCache(cache)
         """Patch-level block cache (approximate); carried across calls, so one batch per model. It
         follows entries by id: with the list API ids are input positions, so keep each request at
-        the same position from call to call (``forward_batch`` takes the caller's ids)."""
+        the same position from call to call (``forward_batch`` takes the caller's ids). With
+        several streams this is stream 0's; ``caches`` lists all."""
+        self._stream_caches = [] if cache is None else [PatchCache(cache) for _ in range(self.streams - 1)]
         self.plain_single_resolution = plain_single_resolution and cache is None
         """Run one-resolution batches as whole images through the model's own forward."""
         self._contexts: OrderedDict[tuple, PatchContext] = OrderedDict()
@@ -160,19 +158,61 @@ class PatchedModel:
         ``max_patches_per_call``) in chunks of whole entries (keeps the working set in cache on
         CPUs; every entry still sees its whole image)."""
         layout = batch.layout
+        if self.cache is not None and self.streams > 1:
+            return self._forward_cached_streams(batch)
         if self.streams == 1 or layout.num_entries == 1:
             return self._forward_chunks(batch)
         counts = np.diff(layout.entry_offsets).tolist()
-        parts = [sub_batch(batch, a, b) for a, b in balanced_cuts(counts, self.streams)]
+        parts = [sub_batch(batch, range(a, b)) for a, b in balanced_cuts(counts, self.streams)]
         return torch.cat(run_parts(self._forward_chunks, parts))
+
+    def _forward_cached_streams(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
+        """Each stream denoises its own entries (``stream_of``) with its own patch cache."""
+        layout, caches = batch.layout, self.caches
+        owners = [self.stream_of(e) for e in layout.entry_ids]
+        parts = [
+            (caches[k], [i for i, o in enumerate(owners) if o == k])
+            for k in range(self.streams)
+            if k in owners
+        ]
+        outs = run_parts(lambda part: self._forward(sub_batch(batch, part[1]), part[0]), parts)
+        if len(parts) == 1:
+            return outs[0]
+        out = outs[0].new_empty((layout.num_patches, *outs[0].shape[1:]))  # [N, C_out, p, p]
+        for (_, positions), part_out in zip(parts, outs, strict=True):
+            out[torch.as_tensor(entry_rows(layout, positions), device=out.device)] = part_out
+        return out
+
+    def stream_of(self, entry_id: int) -> int:
+        """The stream an entry always runs on under the patch cache: the engine's entry ids are
+        ``2 * request + branch``, so a request's two CFG branches go to different streams."""
+        return (entry_id // 2 + entry_id % 2) % self.streams
+
+    @property
+    def caches(self) -> list[PatchCache]:
+        """Every stream's patch cache (empty without the cache)."""
+        return [] if self.cache is None else [self.cache, *self._stream_caches]
+
+    def clear_cache(self) -> None:
+        """Drop everything the patch caches hold (idle: nothing left to reuse)."""
+        for cache in self.caches:
+            cache.clear()
+
+    def cache_stats(self) -> CacheStats:
+        """Reuse counts summed over the streams' caches."""
+        caches = self.caches
+        return CacheStats(sum(c.stats.patch_blocks for c in caches), sum(c.stats.reused for c in caches))
+
+    def cache_nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches)
 
     def _forward_chunks(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
         limit = self.max_patches_per_call
         if limit is None or batch.layout.num_patches <= limit:
-            return self._forward(batch)
-        return torch.cat([self._forward(part) for part in split_batch(batch, limit)])
+            return self._forward(batch, self.cache)
+        return torch.cat([self._forward(part, self.cache) for part in split_batch(batch, limit)])
 
-    def _forward(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
+    def _forward(self, batch: PatchBatch, cache: PatchCache | None) -> torch.Tensor:  # [N, C_out, p, p]
         layout = batch.layout
         if self.plain_single_resolution and len(layout.resolution_offsets) == 2:
             images = torch.stack(merge_patches(batch.patches, layout))  # [R, C, h, w]
@@ -183,9 +223,9 @@ class PatchedModel:
         ctx = self.context(layout, x.device)
         per_patch = ctx.patch_entry
         t = batch.timesteps.to(x.device)[per_patch]  # [N]
-        if self.cache is not None:
-            self.cache.prepare(layout, x.device)
-        ctx.cache = self.cache
+        if cache is not None:
+            cache.prepare(layout, x.device)
+        ctx.cache = cache
         pooled = None if batch.pooled is None else batch.pooled[per_patch]  # [N, Dp]
         time_ids = None if batch.time_ids is None else batch.time_ids[per_patch]  # [N, 6]
         with forward_context(ctx), _detach_cache(ctx):
@@ -272,25 +312,40 @@ def split_batch(batch: PatchBatch, max_patches: int) -> list[PatchBatch]:
         end = start + 1
         while end < layout.num_entries and offsets[end + 1] - offsets[start] <= max_patches:
             end += 1
-        parts.append(sub_batch(batch, start, end))
+        parts.append(sub_batch(batch, range(start, end)))
         start = end
     return parts
 
 
-def sub_batch(batch: PatchBatch, start: int, end: int) -> PatchBatch:
-    """Entries ``start..end`` of ``batch`` (layout order) as a batch of their own."""
-    layout = batch.layout
-    sub = CSPLayout.build(layout.sizes[start:end], layout.patch_size, layout.entry_ids[start:end])
-    pa, pb = int(layout.entry_offsets[start]), int(layout.entry_offsets[end])
+def entry_rows(layout: CSPLayout, positions: Sequence[int]) -> np.ndarray:  # [n] patch rows
+    """The patch rows of the entries at ``positions``, concatenated in that order."""
+    offsets = layout.entry_offsets
+    return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in positions])
 
-    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[start:end]
+
+def sub_batch(batch: PatchBatch, positions: Sequence[int]) -> PatchBatch:
+    """The entries at these layout positions (ascending) as a batch of their own; a ``range`` of
+    them is cut out as views."""
+    layout = batch.layout
+    sub = layout.subset(positions)
+    index: slice | torch.Tensor
+    if isinstance(positions, range) and positions.step == 1:
+        a, b = positions.start, positions.stop
+        pa, pb = int(layout.entry_offsets[a]), int(layout.entry_offsets[b])
+        patches, index = batch.patches[pa:pb], slice(a, b)
+    else:
+        rows = torch.as_tensor(entry_rows(layout, positions), device=batch.patches.device)
+        patches = batch.patches.index_select(0, rows)
+        index = torch.as_tensor(list(positions), device=batch.patches.device)
+
+    def rows_of(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[index]
 
     return PatchBatch(
         sub,
-        batch.patches[pa:pb],
-        batch.timesteps[start:end],
-        batch.encoder_hidden_states[start:end],
-        rows(batch.pooled),
-        rows(batch.time_ids),
+        patches,
+        batch.timesteps[index],
+        batch.encoder_hidden_states[index],
+        rows_of(batch.pooled),
+        rows_of(batch.time_ids),
     )

@@ -67,18 +67,18 @@ class ServerMetrics:
         )
         for outcome in ("met", "missed"):
             self.slo.labels(outcome)
-        cache = engine.model.cache
-        if cache is not None:  # the patch-level block cache, when the engine runs one
+        model = engine.model
+        if model.cache is not None:  # the patch-level block cache, when the engine runs one
             self.cache_reuse = Gauge(
                 "patchedserve_patch_cache_reuse_ratio",
                 "Share of patch-block computations served from the patch cache since start.",
                 registry=r,
             )
-            self.cache_reuse.set_function(lambda: cache.stats.reuse_fraction)
+            self.cache_reuse.set_function(lambda: model.cache_stats().reuse_fraction)
             self.cache_bytes = Gauge(
                 "patchedserve_patch_cache_bytes", "Memory the patch cache holds now.", registry=r
             )
-            self.cache_bytes.set_function(cache.nbytes)
+            self.cache_bytes.set_function(model.cache_nbytes)
 
     def on_step(self, latency_s: float, num_patches: int, num_running: int, num_waiting: int) -> None:
         self.step_latency.observe(latency_s)
