@@ -18,6 +18,7 @@ from patchedserve.request import Request, RequestStatus
 from patchedserve.scheduler import (
     FCFSScheduler,
     LatencyPredictor,
+    Overhead,
     QueueScheduler,
     SchedulerConfig,
     StepOutcome,
@@ -362,3 +363,23 @@ def test_reserve_window_must_be_positive() -> None:
     with pytest.raises(InvalidRequestError, match="reserve_window") as bad:
         SchedulerConfig(reserve_window=0)
     assert bad.value.field == "reserve_window"
+
+
+def test_slo_policy_decodes_the_earliest_deadline_that_can_still_be_met_first() -> None:
+    p = LatencyPredictor(coef=COEF, patch_size=PATCH, overhead=Overhead(decode_base_s=0.05))
+    s = make_scheduler("slo", p, SchedulerConfig())
+    decode_s = p.decode_s(512, 512)
+    soon, later = request(1, slo_ms=1000.0), request(2, slo_ms=3000.0)
+    for r in (later, soon):
+        s.add_request(r, 0.0)
+    assert s.decode_priority(soon, 0.5) == pytest.approx(1.0)  # its deadline
+    assert s.decode_priority(later, 0.5) == pytest.approx(3.0)
+    assert s.decode_priority(soon, 1.0 - decode_s / 2) == math.inf  # late even if decoded at once: last
+
+
+def test_fcfs_decodes_in_finishing_order() -> None:
+    s = scheduler("fcfs")
+    soon, later = request(1, slo_ms=1000.0), request(2, slo_ms=3000.0)
+    for r in (later, soon):
+        s.add_request(r, 0.0)
+    assert s.decode_priority(later, 0.5) == s.decode_priority(soon, 0.5)  # ties: the worker's order

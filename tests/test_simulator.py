@@ -307,3 +307,17 @@ def test_batch_level_is_what_staggered_cached_steps_cost_beyond_the_alone_profil
         priced = cached_step_factor(p, entries, [alone[k] for k, _ in progress])
         paired.append((entries, progress, exact_s, 1.25 * priced * exact_s))
     assert batch_level(p, alone, paired) == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize(("system", "tighter_first"), [("patchedserve", True), ("patched-fcfs", False)])
+def test_simulated_decodes_follow_the_policy_order(system: str, tighter_first: bool) -> None:
+    p = profile()
+    # The tight request joins one step after the lenient one and has one step fewer: they finish
+    # together, the lenient one first in the batch.
+    lenient, tight = req(1.0, size=512, steps=5), req(1.01, size=512, steps=4)
+    outcomes = simulate([lenient, tight], [60.0, 30.0], SYSTEMS[system], p, MachineCosts(image=p))
+    assert all(o.status == "finished" for o in outcomes)
+    ends = [r.arrival_s + o.latency_s for r, o in zip((lenient, tight), outcomes, strict=True)]
+    decode_s = p.overhead.decode_s(512, 512)
+    # The worker decodes one at a time: the second waits for the first.
+    assert ends[0] - ends[1] == pytest.approx(decode_s if tighter_first else -decode_s)

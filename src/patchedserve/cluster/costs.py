@@ -16,8 +16,9 @@ index (``cached_step_factor``): an image reuses by its own trajectory, and a blo
 when every image reuses it. Without one, every step pays ``cache_factor``, the measured ratio over
 whole staggered trajectories (``measure_patch_cache_factor``; 1 when not measured).
 
-A finished request is decoded on the engine's single decode worker (FIFO, overlapping the
-denoising loop, as ``decode_in_thread`` does): ``decode_s(width, height)`` from the profile.
+A finished request is decoded on the engine's single decode worker (one at a time in the policy's
+order, overlapping the denoising loop, as ``decode_in_thread`` does): ``decode_s(width, height)``
+from the profile.
 ``scale`` multiplies every figure (a machine that is uniformly slower or faster than profiled);
 ``speed``, when given, multiplies them by a factor that varies over trace time (a shared machine
 whose speed was measured during a real run, ``cluster.speed``), and ``step_noise`` makes each step

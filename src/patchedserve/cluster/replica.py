@@ -4,13 +4,16 @@
 the cost model: take the inbox (``add_request``), ``schedule``, resolve drops, "prepare" the
 admitted (encode cost; NIRVANA's real ``ApproxCache`` may move them forward), run one step of the
 active set (every request's ``step_index`` advances; the step costs ``CostModel.step_s``), record
-cache points, ``update_from_output`` and send the finished to the decode worker (FIFO). The
+cache points, ``update_from_output`` and send the finished to the decode worker (one at a time,
+in the policy's ``decode_priority`` order, as ``engine.decoder`` runs them). The
 policies are the engine's own objects (``make_scheduler``, ``ResolutionBatchScheduler``), built
 as ``engine.scheduling.build_scheduler`` builds them. Driven by ``cluster.simulator``.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -82,6 +85,10 @@ class SimReplica:
         self.inbox: list[Request] = []
         self.next_s: float | None = None
         self.decoder_free_s = 0.0
+        """When the decode worker finishes what it has started."""
+        self._decodes: list[tuple[float, int, Request]] = []
+        """Decodes waiting for the worker: (priority, order, request), a heap."""
+        self._order = itertools.count()
         self.ended: list[Request] = []
         """Requests in a final state (finished ones with ``timings.finished_s`` set)."""
         if approx_cache is not None and embed is None:
@@ -119,7 +126,7 @@ class SimReplica:
             self.next_s = None  # nothing to run: sleep until the next arrival wakes it
             return
         step_s = self.cost.step_s(running, now_s) * self.cost.jitter(self.rng)
-        latency_s = self.cost.step_with_decode_s(step_s, now_s, self.decoder_free_s)
+        latency_s = self.cost.step_with_decode_s(step_s, now_s, self._decoder_busy_until())
         for r in running:
             r.step_index += 1
         end_s = now_s + latency_s
@@ -127,8 +134,7 @@ class SimReplica:
             for r in running:
                 if self.approx_cache.wants(r):
                     self.approx_cache.record(r, _NO_LATENTS)
-        for done in self.scheduler.update_from_output(StepOutcome(running, latency_s, end_s)):
-            self._decode(done, end_s)
+        self._decode(self.scheduler.update_from_output(StepOutcome(running, latency_s, end_s)), end_s)
         self.next_s = end_s if self.has_work() else None
 
     def _lookup(self, admitted: list[Request]) -> None:
@@ -140,19 +146,42 @@ class SimReplica:
             self.approx_cache.lookup(r, SAMPLER_ORDER.get(r.params.sampler, 2) == 1)
             r.state.clear()
 
-    def _decode(self, r: Request, now_s: float) -> None:
-        start_s = max(now_s, self.decoder_free_s)
-        self.decoder_free_s = start_s + self.cost.decode_s(r.params.width, r.params.height, start_s)
-        r.timings.denoised_s = now_s
-        r.status = RequestStatus.FINISHED
-        self._end(r, self.decoder_free_s)
+    def _decode(self, done: list[Request], now_s: float) -> None:
+        """Queue the requests that finished denoising at ``now_s`` for the decode worker."""
+        self._start_decodes(now_s, strict=True)  # the worker's turns before these arrived
+        for r in done:
+            r.timings.denoised_s = now_s
+            r.status = RequestStatus.FINISHED
+            heapq.heappush(self._decodes, (self.scheduler.decode_priority(r, now_s), next(self._order), r))
+        self._start_decodes(now_s, strict=False)
+
+    def _start_decodes(self, until_s: float, strict: bool) -> None:
+        """Start queued decodes, best priority first, while the worker is free before ``until_s``
+        (or at it, unless ``strict``); each request finishes when its decode does."""
+        while self._decodes and (
+            self.decoder_free_s < until_s or (not strict and self.decoder_free_s == until_s)
+        ):
+            _, _, r = heapq.heappop(self._decodes)
+            start_s = max(self.decoder_free_s, r.timings.denoised_s or 0.0)
+            self.decoder_free_s = start_s + self.cost.decode_s(r.params.width, r.params.height, start_s)
+            self._end(r, self.decoder_free_s)
+
+    def _decoder_busy_until(self) -> float:
+        """When the decode worker runs out of work, if nothing more is queued (a queued decode
+        waits for the one before it, so it starts when the worker is free)."""
+        busy_s = self.decoder_free_s
+        for _, _, r in self._decodes:
+            busy_s += self.cost.decode_s(r.params.width, r.params.height, busy_s)
+        return busy_s
 
     def _end(self, r: Request, now_s: float) -> None:
         r.timings.finished_s = now_s
         self.ended.append(r)
 
     def close(self) -> list[Request]:
-        """Stops the replica (the run's cut-off): what is still queued or running is cancelled."""
+        """Stops the replica (the run's cut-off): what is still queued or running is cancelled;
+        queued decodes complete."""
+        self._start_decodes(math.inf, strict=True)
         left = self.outstanding()
         for r in left:
             r.status = RequestStatus.CANCELLED

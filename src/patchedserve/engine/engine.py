@@ -3,9 +3,10 @@
 One iteration (``step``): take arrivals and cancellations from the thread-safe inbox, ask the
 scheduler for the active set, prepare joiners (batched prompt encoding, noise), run one patched
 denoising step for all running requests, report the step to the scheduler, and hand finished
-latents to the decode worker. Results arrive as ``concurrent.futures.Future`` objects, so the same
-engine serves blocking callers (``generate``), a background loop (``start``) and asyncio
-(``agenerate``). A failing request fails alone; nothing a request does stops the loop.
+latents to the decode worker (``decoder.py``, in the order the policy gives). Results arrive as
+``concurrent.futures.Future`` objects, so the same engine serves blocking callers (``generate``),
+a background loop (``start``) and asyncio (``agenerate``). A failing request fails alone; nothing
+a request does stops the loop.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
 from patchedserve.engine.approx_cache import ApproxCache, ApproxCacheConfig
 from patchedserve.engine.batch import DenoiseBatch
 from patchedserve.engine.config import EngineConfig
+from patchedserve.engine.decoder import DecodeWorker
 from patchedserve.engine.image_batch import ImageBatch
 from patchedserve.engine.prepare import Preparer
 from patchedserve.engine.results import EngineObserver, GenerationResult
@@ -79,13 +81,7 @@ class Engine:
         """The creator's torch thread count, which the loop and decode threads set for themselves:
         a new thread otherwise takes the count last set anywhere in the process (stream workers set
         theirs to a share)."""
-        self._decoder = (
-            ThreadPoolExecutor(
-                1, thread_name_prefix="decode", initializer=torch.set_num_threads, initargs=(self._threads,)
-            )
-            if self.config.decode_in_thread
-            else None
-        )
+        self._decoder = DecodeWorker(self._threads) if self.config.decode_in_thread else None
         self._wake = threading.Event()
         self._submit_lock = threading.Lock()
         self._stop = threading.Event()
@@ -224,7 +220,8 @@ class Engine:
         if self._decoder is None:
             self._decode(r, latents)
         else:
-            self._decoder.submit(self._decode, r, latents)
+            priority = self.scheduler.decode_priority(r, r.timings.denoised_s)
+            self._decoder.submit(priority, lambda: self._decode(r, latents))
 
     def _decode(self, r: Request, latents: torch.Tensor) -> None:
         try:
@@ -284,7 +281,7 @@ class Engine:
             self._loop.join()
             self._loop = None
         if self._decoder is not None:
-            self._decoder.shutdown(wait=True)
+            self._decoder.shutdown()
 
     def _run(self) -> None:
         torch.set_num_threads(self._threads)

@@ -85,6 +85,12 @@ class Scheduler(ABC):
             The requests that were removed.
         """
 
+    def decode_priority(self, request: Request, now_s: float) -> float:
+        """Where a request that finished denoising at ``now_s`` queues for the decode worker:
+        lower values first, equal values in finishing order. Every request gets 0 here, so
+        decodes run first come, first served; a policy that knows deadlines may order them."""
+        return 0.0
+
     @property
     @abstractmethod
     def num_waiting(self) -> int: ...

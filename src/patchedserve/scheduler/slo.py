@@ -42,6 +42,10 @@ Each ``schedule`` call, with A the active set and L(X) the predicted step latenc
 
 6. Repeat from 2 until the cap (``max_running``) or no admission.
 
+Finished requests queue for the decode worker earliest deadline first (``decode_priority``);
+one that would miss its deadline even if decoded at once goes after those that can still make
+theirs.
+
 No preemption: a request runs to the end once admitted. ``SchedulerOutput.preempted`` is where a
 preempting variant would report requests it moves back to the queue.
 """
@@ -158,6 +162,12 @@ class SLOScheduler(QueueScheduler):
             view = QueueView(self.waiting, [self._costs_of(r) for r in self.waiting], self.best_effort)
             self._view = view
         return view
+
+    def decode_priority(self, request: Request, now_s: float) -> float:
+        if request.deadline_s is None:
+            return math.inf
+        need_s = self.model.decode_s(request.params.width, request.params.height)
+        return request.deadline_s if now_s + need_s <= request.deadline_s else math.inf
 
     # ------------------------------------------------------------------ admission
     def _admit(self, now_s: float, out: SchedulerOutput) -> None:

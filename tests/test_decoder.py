@@ -1,0 +1,39 @@
+"""The decode worker runs jobs in the policy's priority order, and finishes what is queued."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from patchedserve.engine.decoder import DecodeWorker
+
+
+def test_jobs_run_lowest_priority_value_first_and_ties_in_submission_order() -> None:
+    worker = DecodeWorker(threads=1)
+    started, gate, ran = threading.Event(), threading.Event(), []
+
+    def hold() -> None:  # holds the worker while the rest queue
+        started.set()
+        gate.wait()
+
+    worker.submit(0.0, hold)
+    assert started.wait(10.0)
+    for name, priority in [("c", 3.0), ("a1", 1.0), ("b", 2.0), ("a2", 1.0), ("late", float("inf"))]:
+        worker.submit(priority, lambda name=name: ran.append(name))
+    assert worker.pending() == 5
+    gate.set()
+    worker.shutdown()
+    assert ran == ["a1", "a2", "b", "c", "late"]
+
+
+def test_shutdown_runs_what_is_queued_then_refuses_more() -> None:
+    worker = DecodeWorker(threads=1)
+    ran: list[int] = []
+    for i in range(3):
+        worker.submit(0.0, lambda i=i: ran.append(i))
+    worker.shutdown()
+    assert ran == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="shut down"):
+        worker.submit(0.0, lambda: None)
+    worker.shutdown()  # idempotent
