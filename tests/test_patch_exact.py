@@ -242,3 +242,27 @@ def test_streams_equal_the_full_image_forward(name: str, monkeypatch: pytest.Mon
         assert all(thread.startswith("stream") for thread, _ in seen)
         for r, out in zip(reqs, outs, strict=True):
             assert rel_err(out, run_full(pm, r)) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_parts_that_split_resolution_groups_equal_the_full_image_forward(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three large entries and a small one over two streams: one part takes two large entries, the
+    other the third beside the small one (``patch.partition``); every request gets its oracle."""
+    pm = patched(name, 1)
+    reqs = [make_request(pm, g, 100 + i) for i, g in enumerate([(2, 2), (1, 2), (2, 2), (2, 2)])]
+    parts: list[list[tuple[int, int]]] = []
+    forward = pm._forward
+
+    def spy(batch: PatchBatch, cache: object) -> torch.Tensor:
+        parts.append(sorted(batch.layout.sizes))
+        return forward(batch, cache)
+
+    monkeypatch.setattr(pm, "_forward", spy)
+    monkeypatch.setattr(pm, "streams", 2)
+    outs = run_patched(pm, reqs)
+    assert sorted(len(set(p)) for p in parts) == [1, 2]  # one part of each resolution, one of one
+    assert sorted(len(p) for p in parts) == [2, 2]
+    for r, out in zip(reqs, outs, strict=True):
+        assert rel_err(out, run_full(pm, r)) <= REL_TOL

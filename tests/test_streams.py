@@ -7,6 +7,8 @@ import threading
 import pytest
 import torch
 
+from patchedserve.layout import CSPLayout
+from patchedserve.patch.partition import PartCost, best_split, stream_parts
 from patchedserve.streams import balanced_cuts, resolve_streams, run_parts, set_default_streams
 
 
@@ -108,3 +110,39 @@ def test_engine_threads_keep_the_creators_thread_count_after_stream_workers_exis
         assert seen and set(seen) == {2}  # the loop's steps and the decode worker's result
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_step_splits_where_its_slower_part_is_cheapest() -> None:
+    cost = PartCost()
+
+    def slower(groups: tuple[tuple[int, int], ...], taken: tuple[int, ...]) -> float:
+        rest = tuple(n - k for (n, _), k in zip(groups, taken, strict=True))
+        return max(cost(groups, taken), cost(groups, rest))
+
+    # One resolution: equal halves, each run by the model's own forward.
+    assert best_split(((4, 1),)) == (2,)
+    assert best_split(((2, 4),)) == (1,)
+    # Two 256x256 and two 512x256 entries: a part of each size beats the contiguous cut of equal
+    # patch counts (256, 256, 512x256 | 512x256), which pays the patched path's fixed cost.
+    small = ((2, 1), (2, 2))
+    assert best_split(small) in {(2, 0), (0, 2)}  # the same two parts either way round
+    assert slower(small, best_split(small)) < slower(small, (2, 1))
+    # One 512x256 and three 512x512 entries: whole groups would leave three 512x512 on one
+    # thread; one part takes a 512x512 beside the 512x256.
+    large = ((1, 2), (3, 4))
+    assert sorted([best_split(large), (1 - best_split(large)[0], 3 - best_split(large)[1])]) == [
+        (0, 2),
+        (1, 1),
+    ]
+    assert slower(large, best_split(large)) < slower(large, (1, 0))
+
+
+def test_stream_parts_cover_every_entry_once_in_layout_order() -> None:
+    sizes = [(32, 32)] * 3 + [(32, 64)] * 2 + [(64, 64)] * 2  # latent sizes; patch side 32
+    layout = CSPLayout.build(sizes, 32)
+    for streams in (1, 2, 3):
+        parts = stream_parts(layout, streams)
+        assert len(parts) == streams
+        assert sorted(i for p in parts for i in p) == list(range(layout.num_entries))
+        assert all(p == sorted(p) and p for p in parts)
+    assert stream_parts(CSPLayout.build([(32, 32)], 32), 2) == [[0]]

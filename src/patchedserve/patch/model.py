@@ -14,10 +14,11 @@ is on or ``plain_single_resolution`` is off, such a batch is merged into images,
 and cut back into patches.
 
 With ``streams`` > 1 (two by default on a multi-threaded CPU, see ``patchedserve.streams``), a
-batch of several entries is cut into that many contiguous runs of whole entries with about equal
-patch counts, and the runs are denoised side by side, each on its share of the threads; the
-outputs are concatenated in layout order. Every operator that mixes patches works per entry, so
-this is exact too. Under the patch cache each stream keeps a cache of its own, and an entry always
+batch of several entries is shared out over that many parts of whole entries (``partition``: for
+two streams the split whose slower part is predicted cheapest, which may take entries of one
+resolution into both parts), and the parts are denoised side by side, each on its share of the
+threads; the outputs go back in layout order. Every operator that mixes patches works per entry,
+so this is exact too. Under the patch cache each stream keeps a cache of its own, and an entry always
 goes to the same stream (``stream_of``), so its cached blocks stay where it runs.
 
 Per-entry conditioning travels per entry (``[R, ...]``); timesteps and added conditions are
@@ -42,8 +43,9 @@ from patchedserve.errors import InvalidRequestError
 from patchedserve.layout import CSPLayout, merge_patches, split_latents
 from patchedserve.patch.cache import CacheStats, PatchCache, PatchCacheConfig
 from patchedserve.patch.context import PatchContext, forward_context
+from patchedserve.patch.partition import stream_parts
 from patchedserve.patch.wrap import wrap_sd3, wrap_unet
-from patchedserve.streams import balanced_cuts, resolve_streams, run_parts
+from patchedserve.streams import resolve_streams, run_parts
 
 
 @dataclass
@@ -160,28 +162,21 @@ class PatchedModel:
         layout = batch.layout
         if self.cache is not None and self.streams > 1:
             return self._forward_cached_streams(batch)
-        if self.streams == 1 or layout.num_entries == 1:
+        parts = stream_parts(layout, self.streams)
+        if len(parts) == 1:
             return self._forward_chunks(batch)
-        counts = np.diff(layout.entry_offsets).tolist()
-        parts = [sub_batch(batch, range(a, b)) for a, b in balanced_cuts(counts, self.streams)]
-        return torch.cat(run_parts(self._forward_chunks, parts))
+        outs = run_parts(lambda positions: self._forward_chunks(sub_batch(batch, positions)), parts)
+        return _gather_parts(layout, parts, outs)
 
     def _forward_cached_streams(self, batch: PatchBatch) -> torch.Tensor:  # [N, C_out, p, p]
         """Each stream denoises its own entries (``stream_of``) with its own patch cache."""
         layout, caches = batch.layout, self.caches
         owners = [self.stream_of(e) for e in layout.entry_ids]
-        parts = [
-            (caches[k], [i for i, o in enumerate(owners) if o == k])
-            for k in range(self.streams)
-            if k in owners
-        ]
-        outs = run_parts(lambda part: self._forward(sub_batch(batch, part[1]), part[0]), parts)
-        if len(parts) == 1:
-            return outs[0]
-        out = outs[0].new_empty((layout.num_patches, *outs[0].shape[1:]))  # [N, C_out, p, p]
-        for (_, positions), part_out in zip(parts, outs, strict=True):
-            out[torch.as_tensor(entry_rows(layout, positions), device=out.device)] = part_out
-        return out
+        streams = [k for k in range(self.streams) if k in owners]
+        parts = [[i for i, o in enumerate(owners) if o == k] for k in streams]
+        work = list(zip(streams, parts, strict=True))
+        outs = run_parts(lambda part: self._forward(sub_batch(batch, part[1]), caches[part[0]]), work)
+        return _gather_parts(layout, parts, outs)
 
     def stream_of(self, entry_id: int) -> int:
         """The stream an entry always runs on under the patch cache: the engine's entry ids are
@@ -317,6 +312,21 @@ def split_batch(batch: PatchBatch, max_patches: int) -> list[PatchBatch]:
     return parts
 
 
+def _gather_parts(
+    layout: CSPLayout, parts: Sequence[Sequence[int]], outs: Sequence[torch.Tensor]
+) -> torch.Tensor:  # [N, C_out, p, p]
+    """The outputs of parts (entry positions of each, ascending) back in layout order."""
+    if len(outs) == 1:
+        return outs[0]
+    flat = [i for part in parts for i in part]
+    if flat == list(range(layout.num_entries)):  # contiguous runs in order
+        return torch.cat(list(outs))
+    out = outs[0].new_empty((layout.num_patches, *outs[0].shape[1:]))
+    for positions, part_out in zip(parts, outs, strict=True):
+        out[torch.as_tensor(entry_rows(layout, positions), device=out.device)] = part_out
+    return out
+
+
 def entry_rows(layout: CSPLayout, positions: Sequence[int]) -> np.ndarray:  # [n] patch rows
     """The patch rows of the entries at ``positions``, concatenated in that order."""
     offsets = layout.entry_offsets
@@ -324,13 +334,13 @@ def entry_rows(layout: CSPLayout, positions: Sequence[int]) -> np.ndarray:  # [n
 
 
 def sub_batch(batch: PatchBatch, positions: Sequence[int]) -> PatchBatch:
-    """The entries at these layout positions (ascending) as a batch of their own; a ``range`` of
-    them is cut out as views."""
+    """The entries at these layout positions (ascending) as a batch of their own; a run of
+    consecutive positions is cut out as views."""
     layout = batch.layout
     sub = layout.subset(positions)
     index: slice | torch.Tensor
-    if isinstance(positions, range) and positions.step == 1:
-        a, b = positions.start, positions.stop
+    if len(positions) and positions[-1] - positions[0] == len(positions) - 1:
+        a, b = positions[0], positions[-1] + 1
         pa, pb = int(layout.entry_offsets[a]), int(layout.entry_offsets[b])
         patches, index = batch.patches[pa:pb], slice(a, b)
     else:
