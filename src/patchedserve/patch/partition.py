@@ -43,9 +43,10 @@ class PartCost:
     batch beside it as the other stream does, fitted by least squares (2.1% mean error;
     ``scripts/stream_split_probe.py --fit``): 25.6 ms fixed, 10.9 ms per patch, 0.59 ms per squared
     patch count of an entry, 18.2 ms less for a part of one resolution. The fit put almost nothing
-    on each resolution beyond the first, but side by side, splits that gave both parts three
-    resolutions ran up to 8% slower than predicted; ``extra_resolution`` is set to one patch
-    after comparing 0 (fitted), 0.5 and 1 with the probe's default mode.
+    on each resolution beyond the first, but side by side, splits that gave both parts all three
+    resolutions ran up to 11% slower than the contiguous cut they were predicted to beat;
+    ``extra_resolution`` is set to one patch after comparing 0 (fitted), 0.5 and 1 with the
+    probe's default mode. Other models and machines get the same figures (streams run on CPUs only).
     """
 
     fixed_mixed: float = 2.35
