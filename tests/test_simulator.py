@@ -321,3 +321,35 @@ def test_simulated_decodes_follow_the_policy_order(system: str, tighter_first: b
     decode_s = p.overhead.decode_s(512, 512)
     # The worker decodes one at a time: the second waits for the first.
     assert ends[0] - ends[1] == pytest.approx(decode_s if tighter_first else -decode_s)
+
+
+def test_calibration_times_the_two_executions_in_alternation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import patchedserve.cluster.calibrate as calibration
+    from patchedserve.engine.image_batch import ImageBatch
+    from patchedserve.models import load_model
+
+    bundle = load_model("tiny-sdxl")
+    config = calibration.Calibration(
+        sizes=((64, 64), (128, 64)),
+        batch_sizes=(1, 2),
+        mixes=4,
+        patch_size=64,
+        repeats=1,
+        steps=2,
+        cache_mixes=1,
+    )
+    order: list[str] = []
+    timed = calibration.time_steps
+
+    def spy(bundle_: object, batch: object, requests: list) -> list[float]:  # type: ignore[type-arg]
+        order.append("image" if isinstance(batch, ImageBatch) else "patched")
+        return timed(bundle_, batch, requests)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(calibration, "time_steps", spy)
+    costs = calibration.calibrate_all(bundle, ("image", "patched"), config)
+    # 2 sizes x 2 batch sizes against 4 mixes, never two of one kind in a row; then the patched
+    # path's extras (decode interference, the patch cache's steps).
+    assert order[:8] == ["image", "patched"] * 4
+    assert set(order[8:]) == {"patched"}
+    assert {c.meta["execution"] for c in costs.values()} == {"image", "patched"}
+    assert len(costs["image"].meta["samples"]) == 4 and "decode_interference" in costs["patched"].meta

@@ -193,7 +193,7 @@ def run_slo(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from patchedserve.cluster.calibrate import Calibration, calibrate
+    from patchedserve.cluster.calibrate import Calibration, calibrate_all
     from patchedserve.models import load_model
     from patchedserve.scheduler import LatencyPredictor
 
@@ -208,8 +208,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         patch_size=args.patch_size,
     )
-    for execution in ("image", "patched"):
-        predictor = calibrate(bundle, execution, config, overhead)
+    for execution, predictor in calibrate_all(bundle, ("image", "patched"), config, overhead).items():
         path = predictor.save(args.out / f"{execution}_cost.json")
         print(
             f"{execution} step cost: fit error {predictor.meta['fit_mape_pct']:.1f}% over "

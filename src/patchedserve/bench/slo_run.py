@@ -64,7 +64,7 @@ def ensure_costs(
 ) -> dict[str, str]:
     """The machine's step costs per execution: ``--image-cost``/``--patched-cost``, else measured now
     (``cluster.calibrate``) for the traces' sizes, right before the runs."""
-    from patchedserve.cluster.calibrate import Calibration, calibrate
+    from patchedserve.cluster.calibrate import Calibration, calibrate_all
 
     given = {"image": args.image_cost, "patched": args.patched_cost}
     sizes = tuple(sorted({(r.width, r.height) for t in traces for r in t[2]}))
@@ -76,14 +76,13 @@ def ensure_costs(
         patch_size=args.patch_size,
         steps=int(statistics.median(r.steps for t in traces for r in t[2])) if traces[0][2] else 8,
     )
-    paths = {}
-    for execution in sorted(executions):
-        if given[execution] is not None:
-            paths[execution] = str(Path(given[execution]).resolve())
-            continue
-        print(f"measuring {execution} step costs for {len(sizes)} sizes ...", file=sys.stderr)
-        predictor = calibrate(bundle, execution, config, LatencyPredictor.load(profile).overhead)
-        paths[execution] = str(predictor.save(out_dir / f"{execution}_cost.json").resolve())
+    paths = {e: str(Path(given[e]).resolve()) for e in sorted(executions) if given[e] is not None}
+    needed = [e for e in sorted(executions) if given[e] is None]
+    if needed:
+        print(f"measuring {' and '.join(needed)} step costs for {len(sizes)} sizes ...", file=sys.stderr)
+        overhead = LatencyPredictor.load(profile).overhead
+        for execution, predictor in calibrate_all(bundle, needed, config, overhead).items():
+            paths[execution] = str(predictor.save(out_dir / f"{execution}_cost.json").resolve())
     return paths
 
 

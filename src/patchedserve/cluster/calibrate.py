@@ -2,7 +2,7 @@
 
 The latency profile (``patchedserve profile``) is the *scheduler's* model: what ``slo`` predicts
 with and what deadlines derive from. The simulator also needs the *machine's* cost, and for the
-image-level systems a model of a different execution altogether. ``calibrate`` times real steps of
+image-level systems a model of a different execution altogether. ``calibrate_all`` times real steps of
 prepared requests (prompt encoding, sampler and all, as ``Engine.step`` runs them):
 
 * ``image``: ``ImageBatch`` steps of single-size groups of 1..12 requests (an image-level step
@@ -13,9 +13,10 @@ prepared requests (prompt encoding, sampler and all, as ``Engine.step`` runs the
   (``measure_patch_cache_steps``), levelled to staggered batches (``batch_level``).
 
 Both fit the ``LatencyPredictor`` form (features counted in patches of the profile's patch size),
-stored as profile JSON with ``meta.execution``. Measuring both back to back, right before a
-benchmark, prices them under the same machine conditions, which on a shared machine differ
-from those of a profile taken earlier. Run by ``bench slo`` and ``bench calibrate``.
+stored as profile JSON with ``meta.execution``. Measuring both right before a benchmark, their
+groups in alternation (``calibrate_all``), prices them under the same machine conditions, which on
+a shared machine differ from those of a profile taken earlier. Run by ``bench slo`` and ``bench
+calibrate``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from patchedserve.scheduler import Entry, LatencyPredictor, Overhead, StepSample
 
 @dataclass(frozen=True)
 class Calibration:
-    """What ``calibrate`` measures."""
+    """What ``calibrate_all`` measures."""
 
     sizes: tuple[tuple[int, int], ...] = ((256, 256), (512, 256), (512, 512))
     """(width, height) in pixels of the requests."""
@@ -109,16 +110,25 @@ def _groups(config: Calibration, execution: str) -> list[list[tuple[int, int]]]:
     ]
 
 
-def calibrate(
-    bundle: ModelBundle, execution: str, config: Calibration = Calibration(), overhead: Overhead | None = None
-) -> LatencyPredictor:
-    """Times steps of ``execution`` (``image`` or ``patched``) and fits the step model on them."""
+def calibrate_all(
+    bundle: ModelBundle,
+    executions: Sequence[str],
+    config: Calibration = Calibration(),
+    overhead: Overhead | None = None,
+) -> dict[str, LatencyPredictor]:
+    """Times steps of each execution (``image``, ``patched``) and fits a step model on them; the
+    executions' groups are timed in alternation.
+
+    One after the other, the image and the patched groups would each meet the machine as it was
+    during their own minute or two; on a shared machine that put two cost files of one calibration
+    4-13% apart (session 9). Alternating them spreads any drift over both.
+    """
     start = time.perf_counter()
     preparer = Preparer(bundle, bundle.device, bundle.dtype)
     pm = PatchedModel(bundle.denoiser, config.patch_size, bundle.vae_scale_factor)
     cfg = config.guidance_scale > 1.0
-    samples = []
-    for sizes in _groups(config, execution):
+    samples: dict[str, list[StepSample]] = {e: [] for e in executions}
+    for execution, sizes in _alternate({e: _groups(config, e) for e in executions}):
         requests = _requests(bundle, sizes, config)
         preparer.prepare(requests)
         batch: DenoiseBatch | ImageBatch
@@ -128,7 +138,31 @@ def calibrate(
             batch = DenoiseBatch(pm, preparer.samplers, bundle.device)
         times = time_steps(bundle, batch, requests)
         entries: tuple[Entry, ...] = tuple((w, h, cfg) for w, h in sizes)
-        samples.append(StepSample(entries, statistics.median(times[1:])))
+        samples[execution].append(StepSample(entries, statistics.median(times[1:])))
+    timed_s = time.perf_counter() - start
+    return {e: _fit(bundle, e, samples[e], config, overhead, preparer, pm, timed_s) for e in executions}
+
+
+def _alternate(
+    groups: dict[str, list[list[tuple[int, int]]]],
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """Every execution's groups in one sequence, each spread evenly over it (by its share)."""
+    keyed = [((i + 0.5) / len(g), e, sizes) for e, g in groups.items() for i, sizes in enumerate(g)]
+    return [(e, sizes) for _, e, sizes in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+
+def _fit(
+    bundle: ModelBundle,
+    execution: str,
+    samples: list[StepSample],
+    config: Calibration,
+    overhead: Overhead | None,
+    preparer: Preparer,
+    pm: PatchedModel,
+    timed_s: float,
+) -> LatencyPredictor:
+    """The step model of one execution from its timed groups, with the patched path's extras."""
+    start = time.perf_counter()
     meta = {
         "execution": execution,
         "model": bundle.name,
@@ -136,13 +170,13 @@ def calibrate(
         "threads": torch.get_num_threads(),
         "streams": pm.streams,
         "calibration": {**asdict(config), "sizes": [list(s) for s in config.sizes]},
-        "wall_s": time.perf_counter() - start,
     }
     if execution == "patched":
         meta["decode_interference"] = measure_decode_interference(bundle, preparer, pm, config)
         paired, meta["patch_cache_reuse"] = staggered_cache_steps(bundle, preparer, config)
         meta["patch_cache_factor"] = cached_over_exact(paired)
         alone = measure_patch_cache_steps(bundle, preparer, config)
+    meta["wall_s"] = timed_s + time.perf_counter() - start
     predictor = LatencyPredictor.fit(samples, config.patch_size, overhead=overhead, meta=meta)
     if execution == "patched":
         level = batch_level(predictor, alone, paired)
