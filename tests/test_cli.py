@@ -49,6 +49,7 @@ def test_models_lists_the_builtins(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("tiny-sd15", "tiny-sdxl", "tiny-sd3")) and "(default)" in out
+    assert "sdxl-arch   sdxl   1024x1024    50" in out  # listed from a meta-device build, not 14 GB
 
 
 BAD_INPUTS: dict[str, tuple[list[str], str]] = {

@@ -259,3 +259,24 @@ def test_max_size_is_per_bundle() -> None:
     assert small.denoiser is load_model("tiny-sd3").denoiser
     with pytest.raises(InvalidRequestError, match="from 16 to 256"):
         validate_generation(small, width=272)
+
+
+def _meta_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("name", "denoiser_params"),
+    [("sdxl-arch", 2_567_463_684), ("sd3-arch", 2_028_328_000)],
+)
+def test_fullsize_builtins_have_the_published_sizes(name: str, denoiser_params: int) -> None:
+    """Built on the meta device (shapes only): SDXL base's U-Net is 2.567B parameters, SD3 medium's
+    MMDiT 2.028B, and both VAEs the 83.7M-parameter 8x KL autoencoder of the released models."""
+    with torch.device("meta"):
+        bundle = BUILTIN_MODELS[name].build()
+    assert _meta_params(bundle.denoiser) == denoiser_params
+    assert 83_600_000 < _meta_params(bundle.vae) < 83_900_000
+    widths = [e.config.hidden_size for e in bundle.text_encoders]
+    depths = [e.config.num_hidden_layers for e in bundle.text_encoders]
+    assert (widths, depths) == ([768, 1280], [12, 32])
+    assert (bundle.defaults.width, bundle.defaults.height, bundle.vae_scale_factor) == (1024, 1024, 8)

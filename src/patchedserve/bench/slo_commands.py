@@ -152,6 +152,7 @@ def add_parsers(group: Any) -> None:
     cal.add_argument("--threads", type=int, default=None)
     add_streams_arg(cal)
     cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     cal.add_argument("--out", type=Path, required=True, help="folder for image_cost.json, patched_cost.json")
     cal.set_defaults(handler=run_calibrate)
     add_report_parser(group)
@@ -200,7 +201,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     apply_streams_arg(args)
-    bundle = load_model(args.model).to(device=args.device)
+    bundle = load_model(args.model).to(device=args.device, dtype=getattr(torch, args.dtype))
     overhead = LatencyPredictor.load(args.profile).overhead if args.profile else None
     config = Calibration(
         sizes=tuple(args.sizes),

@@ -11,21 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from patchedserve.models.bundle import Family, GenerationDefaults, ModelBundle
-from patchedserve.models.tokenizer import CLIP_MAX_LENGTH, build_clip_tokenizer
+from patchedserve.models.fullsize import build_sd3_arch, build_sdxl_arch
+from patchedserve.models.parts import (
+    ClipWidths,
+    build_vae,
+    clip_encoder,
+    scheduler_config,
+    sd_scheduler_config,
+    seeded,
+)
+from patchedserve.models.tokenizer import build_clip_tokenizer
 
 TINY_SAMPLE_SIZE = 64
 """Latent side of the default image: 64 cells x 8 px = 512 px, as in diffusers' `sample_size`."""
@@ -33,18 +38,9 @@ TINY_STEPS = 20
 """Default step count of the tiny models (their images are noise; 50 steps would only cost time)."""
 
 
-@dataclass(frozen=True)
-class _ClipWidths:
-    """Widths of a tiny CLIP text encoder; `hidden` is also its projection size."""
-
-    hidden: int
-    heads: int
-    act: str
-
-
-_CLIP_L = _ClipWidths(hidden=32, heads=2, act="quick_gelu")
+_CLIP_L = ClipWidths(hidden=32, heads=2, act="quick_gelu")
 """Stands in for OpenAI CLIP ViT-L/14 (SD 1.5, SDXL encoder 1, SD3 encoder 1)."""
-_CLIP_G = _ClipWidths(hidden=64, heads=4, act="gelu")
+_CLIP_G = ClipWidths(hidden=64, heads=4, act="gelu")
 """Stands in for OpenCLIP ViT-bigG/14 (SDXL encoder 2, SD3 encoder 2)."""
 
 
@@ -62,82 +58,9 @@ class BuiltinModel:
     """Builds a fresh bundle; `load_model` caches the result."""
 
 
-def _seeded(seed: int, make: Callable[[], Any]) -> Any:
-    """Builds a module under a fixed seed without disturbing the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make().eval().requires_grad_(False)
-
-
-def _clip(seed: int, widths: _ClipWidths, projection: bool) -> Any:
-    tokenizer = build_clip_tokenizer()
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=widths.hidden,
-        intermediate_size=2 * widths.hidden,
-        num_attention_heads=widths.heads,
-        num_hidden_layers=2,
-        hidden_act=widths.act,
-        projection_dim=widths.hidden,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model_class = CLIPTextModelWithProjection if projection else CLIPTextModel
-    return _seeded(seed, lambda: model_class(config))
-
-
-def _vae(seed: int, latent_channels: int, scaling_factor: float, shift_factor: float | None) -> Any:
-    # Four blocks, so the VAE downsamples 8x like every Stable Diffusion VAE.
-    sd3 = latent_channels == 16
-    return _seeded(
-        seed,
-        lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32),
-            layers_per_block=1,
-            norm_num_groups=8,
-            latent_channels=latent_channels,
-            sample_size=TINY_SAMPLE_SIZE * 8,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-            use_quant_conv=not sd3,
-            use_post_quant_conv=not sd3,
-        ),
-    )
-
-
-def _sd_scheduler_config(scheduler_class: Any) -> dict[str, object]:
-    """The Stable Diffusion 1.x/XL noise schedule (scaled-linear betas, leading spacing, offset 1).
-
-    Like the released checkpoints' configs it also says clip_sample=False and set_alpha_to_one=False,
-    so switching the model to DDIM gives the DDIM those checkpoints were published with.
-    """
-    schedule = {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "timestep_spacing": "leading",
-        "steps_offset": 1,
-        "clip_sample": False,
-        "set_alpha_to_one": False,
-    }
-    return _config_of(scheduler_class.from_config(schedule)) | schedule
-
-
-def _config_of(scheduler: Any) -> dict[str, object]:
-    config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
-    return {"_class_name": type(scheduler).__name__, **config}
-
-
 def build_tiny_sd15() -> ModelBundle:
     """SD 1.5 layout: CrossAttnDownBlock2D levels, a DownBlock2D bottom, UNetMidBlock2DCrossAttn, one CLIP."""
-    unet = _seeded(
+    unet = seeded(
         1501,
         lambda: UNet2DConditionModel(
             sample_size=TINY_SAMPLE_SIZE,
@@ -157,10 +80,10 @@ def build_tiny_sd15() -> ModelBundle:
         name="tiny-sd15",
         family="sd15",
         denoiser=unet,
-        vae=_vae(1502, 4, scaling_factor=0.18215, shift_factor=None),
-        text_encoders=[_clip(1503, _CLIP_L, projection=False)],
+        vae=build_vae(1502, 4, scaling_factor=0.18215, shift_factor=None),
+        text_encoders=[clip_encoder(1503, _CLIP_L, projection=False)],
         tokenizers=[build_clip_tokenizer()],
-        scheduler_config=_sd_scheduler_config(DDIMScheduler),
+        scheduler_config=sd_scheduler_config(DDIMScheduler),
         default_sampler="ddim",
         defaults=GenerationDefaults(width=512, height=512, steps=TINY_STEPS, guidance_scale=7.5),
     )
@@ -170,7 +93,7 @@ def build_tiny_sdxl() -> ModelBundle:
     """SDXL layout: DownBlock2D then CrossAttnDownBlock2D levels with transformer_layers_per_block,
     "text_time" added conditioning, CLIPTextModel + CLIPTextModelWithProjection."""
     time_embed_dim = 8
-    unet = _seeded(
+    unet = seeded(
         2001,
         lambda: UNet2DConditionModel(
             sample_size=TINY_SAMPLE_SIZE,
@@ -194,10 +117,13 @@ def build_tiny_sdxl() -> ModelBundle:
         name="tiny-sdxl",
         family="sdxl",
         denoiser=unet,
-        vae=_vae(2002, 4, scaling_factor=0.13025, shift_factor=None),
-        text_encoders=[_clip(2003, _CLIP_L, projection=False), _clip(2004, _CLIP_G, projection=True)],
+        vae=build_vae(2002, 4, scaling_factor=0.13025, shift_factor=None),
+        text_encoders=[
+            clip_encoder(2003, _CLIP_L, projection=False),
+            clip_encoder(2004, _CLIP_G, projection=True),
+        ],
         tokenizers=[build_clip_tokenizer(), build_clip_tokenizer()],
-        scheduler_config=_sd_scheduler_config(EulerDiscreteScheduler),
+        scheduler_config=sd_scheduler_config(EulerDiscreteScheduler),
         default_sampler="euler",
         defaults=GenerationDefaults(width=512, height=512, steps=TINY_STEPS, guidance_scale=5.0),
         force_zeros_for_empty_prompt=True,
@@ -208,7 +134,7 @@ def build_tiny_sd3() -> ModelBundle:
     """SD3 layout: SD3Transformer2DModel (joint attention, patch 2), CLIP-L and CLIP-G with projection,
     no T5 (the pipeline then feeds zeros in its place), 16-channel VAE with a shift factor."""
     pooled_dim = _CLIP_L.hidden + _CLIP_G.hidden
-    transformer = _seeded(
+    transformer = seeded(
         3001,
         lambda: SD3Transformer2DModel(
             sample_size=TINY_SAMPLE_SIZE,
@@ -229,10 +155,15 @@ def build_tiny_sd3() -> ModelBundle:
         name="tiny-sd3",
         family="sd3",
         denoiser=transformer,
-        vae=_vae(3002, 16, scaling_factor=1.5305, shift_factor=0.0609),
-        text_encoders=[_clip(3003, _CLIP_L, projection=True), _clip(3004, _CLIP_G, projection=True)],
+        vae=build_vae(3002, 16, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoders=[
+            clip_encoder(3003, _CLIP_L, projection=True),
+            clip_encoder(3004, _CLIP_G, projection=True),
+        ],
         tokenizers=[build_clip_tokenizer(), build_clip_tokenizer()],
-        scheduler_config=_config_of(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)),
+        scheduler_config=scheduler_config(
+            FlowMatchEulerDiscreteScheduler, num_train_timesteps=1000, shift=3.0
+        ),
         default_sampler="flow_euler",
         defaults=GenerationDefaults(width=512, height=512, steps=TINY_STEPS, guidance_scale=7.0),
     )
@@ -244,8 +175,15 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel("tiny-sd15", "sd15", "Stable Diffusion 1.5 layout, DDIM", build_tiny_sd15),
         BuiltinModel("tiny-sdxl", "sdxl", "SDXL layout, two CLIP encoders, Euler", build_tiny_sdxl),
         BuiltinModel("tiny-sd3", "sd3", "SD3 MMDiT layout, flow matching, no T5", build_tiny_sd3),
+        BuiltinModel(
+            "sdxl-arch", "sdxl", "SDXL base 1.0 at full size, random weights (GPU)", build_sdxl_arch
+        ),
+        BuiltinModel(
+            "sd3-arch", "sd3", "SD3 medium at full size, no T5, random weights (GPU)", build_sd3_arch
+        ),
     )
 }
-"""Built-in models by name; ``tiny-sdxl`` is the default."""
+"""Built-in models by name; ``tiny-sdxl`` is the default. The ``-arch`` models (`models.fullsize`)
+are the published layouts at full width, for timing on a GPU."""
 
 DEFAULT_MODEL = "tiny-sdxl"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import torch
+
 from patchedserve.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL
-from patchedserve.models.loading import load_model
 
 
 def add_parser(subparsers: Any) -> None:
@@ -21,7 +22,8 @@ def add_parser(subparsers: Any) -> None:
 def run_models(args: argparse.Namespace) -> int:
     print(f"{'name':<11} {'family':<6} {'size':>9} {'steps':>5} {'guidance':>8}  sampler     description")
     for name, entry in BUILTIN_MODELS.items():
-        bundle = load_model(name)
+        with torch.device("meta"):  # shapes and defaults only: the full-size models would take GBs
+            bundle = entry.build()
         d = bundle.defaults
         mark = " (default)" if name == DEFAULT_MODEL else ""
         print(

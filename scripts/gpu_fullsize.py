@@ -1,0 +1,225 @@
+"""The full-size layouts on a GPU: exactness at real widths, one step's cost, and the simulator's costs.
+
+One process builds each model once (``sdxl-arch``, ``sd3-arch``: published widths, random weights)
+and, within a time budget, in this order:
+
+1. exactness: the patched step against the model's own full-image forward, per request, for a mix
+   of 1024/768/512 px requests; float32 with TF32 off (the bar: float rounding), float32 with
+   TF32 on (torch's cuDNN default), and float16 (against the float32 forward, with the model's own
+   float16 forward beside it for scale);
+2. step cost in float16: requests of 512/768/1024 px with CFG, as a plain pipeline runs them (one
+   request per call, both CFG branches together), one call per resolution, and one patched call;
+3. for the first model: ``patchedserve profile`` and the two cost files of ``bench calibrate``
+   (smaller than the CLI's defaults, to fit the lease), for ``patchedserve simulate``.
+
+Usage: ``python scripts/gpu_fullsize.py --out DIR [--models sdxl-arch,sd3-arch] [--budget-s 420]``.
+On a CPU, ``--device cpu --exact-only --exact-sizes 512x512,512x256,256x256`` checks float32
+exactness at full width (about a minute and 14 GB per model); ``--models tiny-sdxl`` runs every
+stage at tiny widths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patchedserve.bench.step import Mix, _full_forward, mix_batch, random_mix
+from patchedserve.cli import main as cli_main
+from patchedserve.cluster.calibrate import Calibration, calibrate_all
+from patchedserve.layout import merge_patches
+from patchedserve.models import load_model
+from patchedserve.models.loading import _load_cached
+from patchedserve.patch import PatchedModel
+from patchedserve.scheduler import LatencyPredictor
+
+EXACT_SIZES = [(1024, 1024), (768, 768), (512, 512), (512, 768)]
+"""(height, width) of the exactness mix, one request each, no CFG."""
+STEP_MIXES = [1, 2, 4]
+"""Requests of each of 512, 768 and 1024 px in the timed mixes (3, 6 and 12 requests)."""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| / max |ref|, in float64: the metric of tests/test_patch_exact.py."""
+    a64, r64 = a.double(), ref.double()
+    return float((a64 - r64).abs().max() / r64.abs().max())
+
+
+@torch.no_grad()
+def patched_and_full(pm: PatchedModel, mix: Mix) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each entry's output (in mix order) from one patched call and from its own full forward."""
+    batch = mix_batch(pm, mix)
+    merged = merge_patches(pm.forward_batch(batch), batch.layout)  # layout order, each [C, h, w]
+    patched: list[torch.Tensor] = [torch.empty(0)] * len(mix.sizes)
+    for k, entry in enumerate(batch.layout.entry_ids):
+        patched[entry] = merged[k]
+    full = [_full_forward(pm, mix, [i])[0] for i in range(len(mix.sizes))]
+    return patched, full
+
+
+def exactness(pm: PatchedModel, device: torch.device, sizes: list[tuple[int, int]]) -> dict[str, Any]:
+    """Relative errors per request of `sizes` (height, width); on a CPU float32 only."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    mix32 = random_mix(pm, sizes, device, torch.float32)
+    patched, full = patched_and_full(pm, mix32)
+    out: dict[str, Any] = {
+        "sizes_hw": sizes,
+        "fp32": [rel_err(p, f) for p, f in zip(patched, full, strict=True)],
+    }
+    if device.type != "cuda":
+        return out
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    p_tf, f_tf = patched_and_full(pm, mix32)
+    out["tf32_patched_vs_tf32_full"] = [rel_err(p, f) for p, f in zip(p_tf, f_tf, strict=True)]
+    out["tf32_full_vs_fp32_full"] = [rel_err(f, r) for f, r in zip(f_tf, full, strict=True)]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    pm.model.to(torch.float16)
+    mix16 = random_mix(pm, sizes, device, torch.float16)  # same draws, in float16
+    p16, f16 = patched_and_full(pm, mix16)
+    out["fp16_patched_vs_fp16_full"] = [rel_err(p, f) for p, f in zip(p16, f16, strict=True)]
+    out["fp16_patched_vs_fp32_full"] = [rel_err(p, r) for p, r in zip(p16, full, strict=True)]
+    out["fp16_full_vs_fp32_full"] = [rel_err(f, r) for f, r in zip(f16, full, strict=True)]
+    return out
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def step_costs(pm: PatchedModel, device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """Per mix: median seconds of one CFG step as a plain pipeline, per resolution and patched."""
+    runs = []
+    for k in STEP_MIXES:
+        requests = [s for s in ((512, 512), (768, 768), (1024, 1024)) for _ in range(k)]
+        mix = random_mix(pm, [s for s in requests for _ in range(2)], device, torch.float16)  # 2 CFG rows
+        runs.append(time_mix(pm, mix, len(requests), device, repeats))
+    return runs
+
+
+def time_mix(pm: PatchedModel, mix: Mix, requests: int, device: torch.device, repeats: int) -> dict[str, Any]:
+    """The three ways to run one step of `mix` (request r's CFG rows are 2r and 2r + 1), interleaved."""
+    batch = mix_batch(pm, mix)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(mix.sizes):
+        by_size.setdefault(s, []).append(i)
+    variants: dict[str, Callable[[], object]] = {
+        "per_request": lambda: [_full_forward(pm, mix, [2 * r, 2 * r + 1]) for r in range(requests)],
+        "per_resolution": lambda: [_full_forward(pm, mix, idx) for idx in by_size.values()],
+        "patched": lambda: pm.forward_batch(batch),
+    }
+    for fn in variants.values():
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, device))
+    median = {name: statistics.median(v) for name, v in times.items()}
+    print(f"  {requests} requests: " + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in median.items()))
+    return {
+        "requests": requests,
+        "num_patches": batch.layout.num_patches,
+        "median_s": median,
+        "all_s": times,
+        "per_request_over_patched": median["per_request"] / median["patched"],
+        "per_resolution_over_patched": median["per_resolution"] / median["patched"],
+    }
+
+
+def costs_for_simulator(model: str, out: Path, device: str, dtype: str, mixes: int) -> None:
+    sizes = ["512x512", "768x768", "1024x1024"]
+    profile = out / f"profile_{model}.json"
+    report = out / f"profile_{model}_report.json"
+    cli_main(
+        [
+            *("profile", "--model", model, "--device", device, "--dtype", dtype),
+            *("--mixes", str(mixes), "--repeats", "2", "--sizes", *sizes),
+            *("--out", str(profile), "--json", str(report)),
+        ]
+    )
+    bundle = load_model(model)  # cached: on the device and dtype the profile moved it to
+    config = Calibration(
+        sizes=((512, 512), (768, 768), (1024, 1024)),
+        batch_sizes=(1, 2, 4, 8),
+        mixes=10,
+        cache_mixes=2,
+        steps=8,
+        patch_size=256,
+    )
+    overhead = LatencyPredictor.load(profile).overhead
+    for execution, predictor in calibrate_all(bundle, ("image", "patched"), config, overhead).items():
+        path = predictor.save(out / f"{model}_{execution}_cost.json")
+        print(f"  {execution} cost: fit error {predictor.meta['fit_mape_pct']:.1f}%; wrote {path}")
+
+
+def _sizes_hw(text: str) -> list[tuple[int, int]]:
+    """``WxH,WxH`` -> [(height, width), ...]."""
+    return [(int(h), int(w)) for w, h in (size.split("x") for size in text.split(","))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="sdxl-arch,sd3-arch")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--patch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip stages that would start later")
+    parser.add_argument("--profile-mixes", type=int, default=80)
+    parser.add_argument("--exact-sizes", type=_sizes_hw, default=EXACT_SIZES, help="WxH list")
+    parser.add_argument("--exact-only", action="store_true", help="skip the timings and the costs")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    start, device = time.perf_counter(), torch.device(args.device)
+    models = args.models.split(",")
+    for model in models:
+        t0 = time.perf_counter()
+        bundle = load_model(model).to(device=device, dtype=torch.float32)
+        print(f"{model}: built and moved in {time.perf_counter() - t0:.0f} s")
+        pm = PatchedModel(bundle.denoiser, args.patch_size, bundle.vae_scale_factor)
+        report: dict[str, Any] = {
+            "model": model,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+        }
+        report["exactness"] = exactness(pm, device, args.exact_sizes)
+        print(f"{model} exactness: {json.dumps(report['exactness'])}")
+        if args.exact_only:
+            (args.out / f"exact_{model}.json").write_text(json.dumps(report, indent=1) + "\n")
+            del bundle, pm
+            _load_cached.cache_clear()  # two full-size models do not fit a 24 GB machine together
+            continue
+        bundle.to(dtype=torch.float16)
+        report["step_costs_fp16"] = step_costs(pm, device, args.repeats)
+        (args.out / f"fullsize_{model}.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"{model}: done at {time.perf_counter() - start:.0f} s")
+    if args.exact_only:
+        return
+    if time.perf_counter() - start < args.budget_s:
+        costs_for_simulator(models[0], args.out, args.device, "float16", args.profile_mixes)
+    else:
+        print("no time left for the simulator's costs")
+    print(f"all done at {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
