@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from patchedserve.bench.step import _full_forward, mix_batch, random_mix
+from patchedserve.bench.step import full_forward, mix_batch, random_mix
 from patchedserve.models import load_model
 from patchedserve.patch import PatchedModel
 
@@ -54,7 +54,7 @@ def main() -> None:
         batch = mix_batch(pm, mix)
         layout = batch.layout
         patched = count(lambda b=batch: pm.forward_batch(b))
-        own = count(lambda m=mix: _full_forward(pm, m, [0]))
+        own = count(lambda m=mix: full_forward(pm, m, [0]))
         print(
             f"{name} ({layout.num_patches} patches): patched step {patched} ops; "
             f"model's own forward, one image: {own}"

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from patchedserve.bench.step import Mix, _full_forward, mix_batch, random_mix
+from patchedserve.bench.step import Mix, full_forward, mix_batch, random_mix
 from patchedserve.cli import main as cli_main
 from patchedserve.cluster.calibrate import Calibration, calibrate_all
 from patchedserve.layout import merge_patches
 from patchedserve.models import load_model
-from patchedserve.models.loading import _load_cached
+from patchedserve.models.loading import unload_models
 from patchedserve.patch import PatchedModel
 from patchedserve.scheduler import LatencyPredictor
 
@@ -64,7 +64,7 @@ def patched_and_full(pm: PatchedModel, mix: Mix) -> tuple[list[torch.Tensor], li
     patched: list[torch.Tensor] = [torch.empty(0)] * len(mix.sizes)
     for k, entry in enumerate(batch.layout.entry_ids):
         patched[entry] = merged[k]
-    full = [_full_forward(pm, mix, [i])[0] for i in range(len(mix.sizes))]
+    full = [full_forward(pm, mix, [i])[0] for i in range(len(mix.sizes))]
     return patched, full
 
 
@@ -122,8 +122,8 @@ def time_mix(pm: PatchedModel, mix: Mix, requests: int, device: torch.device, re
     for i, s in enumerate(mix.sizes):
         by_size.setdefault(s, []).append(i)
     variants: dict[str, Callable[[], object]] = {
-        "per_request": lambda: [_full_forward(pm, mix, [2 * r, 2 * r + 1]) for r in range(requests)],
-        "per_resolution": lambda: [_full_forward(pm, mix, idx) for idx in by_size.values()],
+        "per_request": lambda: [full_forward(pm, mix, [2 * r, 2 * r + 1]) for r in range(requests)],
+        "per_resolution": lambda: [full_forward(pm, mix, idx) for idx in by_size.values()],
         "patched": lambda: pm.forward_batch(batch),
     }
     for fn in variants.values():
@@ -206,7 +206,7 @@ def main() -> None:
         if args.exact_only:
             (args.out / f"exact_{model}.json").write_text(json.dumps(report, indent=1) + "\n")
             del bundle, pm
-            _load_cached.cache_clear()  # two full-size models do not fit a 24 GB machine together
+            unload_models()  # two full-size models do not fit a 24 GB machine together
             continue
         bundle.to(dtype=torch.float16)
         report["step_costs_fp16"] = step_costs(pm, device, args.repeats)

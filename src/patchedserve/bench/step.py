@@ -72,7 +72,8 @@ def random_mix(
     return Mix(sizes, latents, timesteps, text, None, None)
 
 
-def _full_forward(pm: PatchedModel, mix: Mix, idx: list[int]) -> torch.Tensor:  # [B, C, h, w]
+def full_forward(pm: PatchedModel, mix: Mix, idx: list[int]) -> torch.Tensor:  # [B, C, h, w]
+    """The model's own forward over entries `idx` of `mix`, as one batch."""
     x = torch.stack([mix.latents[i] for i in idx])
     t, text = mix.timesteps[idx], mix.text[idx]
     if pm.is_sd3:
@@ -127,8 +128,8 @@ def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) ->
         by_size.setdefault(s, []).append(i)
     variants: dict[str, Callable[[], object]] = {
         "patched": lambda: pm.forward_batch(batch),
-        "one_at_a_time": lambda: [_full_forward(pm, mix, [i]) for i in range(len(mix.sizes))],
-        "same_res_batches": lambda: [_full_forward(pm, mix, idx) for idx in by_size.values()],
+        "one_at_a_time": lambda: [full_forward(pm, mix, [i]) for i in range(len(mix.sizes))],
+        "same_res_batches": lambda: [full_forward(pm, mix, idx) for idx in by_size.values()],
     }
     for fn in variants.values():  # warm-up
         fn()

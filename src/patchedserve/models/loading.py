@@ -63,6 +63,11 @@ def load_model(name_or_path: str) -> ModelBundle:
     return _load_cached(str(path.resolve()))
 
 
+def unload_models() -> None:
+    """Forget every cached bundle (their memory goes once no caller holds them)."""
+    _load_cached.cache_clear()
+
+
 @functools.cache
 def _load_cached(key: str) -> ModelBundle:
     bundle = BUILTIN_MODELS[key].build() if key in BUILTIN_MODELS else load_folder(Path(key))
