@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from patchedserve.bench.step import Mix, full_forward, mix_batch, random_mix
+from patchedserve.bench.step import Mix, full_forward, mix_batch, random_mix, time_call
 from patchedserve.cli import main as cli_main
 from patchedserve.cluster.calibrate import Calibration, calibrate_all
 from patchedserve.layout import merge_patches
@@ -43,11 +43,6 @@ EXACT_SIZES = [(1024, 1024), (768, 768), (512, 512), (512, 768)]
 """(height, width) of the exactness mix, one request each, no CFG."""
 STEP_MIXES = [1, 2, 4]
 """Requests of each of 512, 768 and 1024 px in the timed mixes (3, 6 and 12 requests)."""
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -96,14 +91,6 @@ def exactness(pm: PatchedModel, device: torch.device, sizes: list[tuple[int, int
     return out
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def step_costs(pm: PatchedModel, device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """Per mix: median seconds of one CFG step as a plain pipeline, per resolution and patched."""
@@ -132,7 +119,7 @@ def time_mix(pm: PatchedModel, mix: Mix, requests: int, device: torch.device, re
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(timed(fn, device))
+            times[name].append(time_call(fn, device))
     median = {name: statistics.median(v) for name, v in times.items()}
     print(f"  {requests} requests: " + ", ".join(f"{n} {s * 1e3:.1f} ms" for n, s in median.items()))
     return {

@@ -96,7 +96,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> float:
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call of `fn`, with the device synchronised on both sides."""
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -136,7 +137,7 @@ def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) ->
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(_time(fn, device))
+            times[name].append(time_call(fn, device))
     memory = {}
     for name, fn in variants.items():
         with peak_memory(device) as peak:
@@ -146,9 +147,9 @@ def bench_mix(pm: PatchedModel, mix: Mix, repeats: int, device: torch.device) ->
     chunked = pm.max_patches_per_call is not None and layout.num_patches > pm.max_patches_per_call
     ctx = pm.context(layout, device)  # the cached context forward_batch will use
     ctx.stopwatch = Stopwatch()
-    instrumented = _time(lambda: pm.forward_batch(batch), device)
+    instrumented = time_call(lambda: pm.forward_batch(batch), device)
     sections, ctx.stopwatch = ctx.stopwatch.totals_s, None
-    split_merge = _time(
+    split_merge = time_call(
         lambda: merge_patches(split_latents([mix.latents[i] for i in order], layout), layout), device
     )
     return {
