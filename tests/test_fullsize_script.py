@@ -1,24 +1,28 @@
-"""`scripts/gpu_fullsize.py`, the prepared GPU check, run at tiny widths on the CPU so it keeps
-working between the sessions that have a GPU."""
+"""The full-size models' scripts (`scripts/gpu_fullsize.py`, the prepared GPU check, and
+`scripts/fullsize_engine_check.py`) run at tiny widths on the CPU, so they keep working between
+the sessions that have a GPU or the time to build a full-size model."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from patchedserve.bench.step import random_mix
 from patchedserve.models import load_model
 from patchedserve.patch import PatchedModel
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_fullsize.py"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_fullsize", SCRIPT)
+def load_script(name: str = "gpu_fullsize") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -64,3 +68,15 @@ def test_time_mix_times_the_three_executions() -> None:
     assert math.isclose(
         run["per_request_over_patched"], run["median_s"]["per_request"] / run["median_s"]["patched"]
     )
+
+
+def test_engine_check_reports_each_request_against_diffusers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "engine.json"
+    argv = ["fullsize_engine_check.py", "--model", "tiny-sdxl", "--patch-size", "64", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    load_script("fullsize_engine_check").main()
+    report = json.loads(out.read_text())
+    assert [r["size"] for r in report["requests"]] == ["256x128", "128x128"]
+    assert all(r["max_pixel_diff"] <= 2 and r["image_std"] > 1 for r in report["requests"])
