@@ -10,7 +10,12 @@ and, within a time budget, in this order:
 2. step cost in float16: requests of 512/768/1024 px with CFG, as a plain pipeline runs them (one
    request per call, both CFG branches together), one call per resolution, and one patched call;
 3. for the first model: ``patchedserve profile`` and the two cost files of ``bench calibrate``
-   (smaller than the CLI's defaults, to fit the lease), for ``patchedserve simulate``.
+   (smaller than the CLI's defaults, to fit the lease), for ``patchedserve simulate``;
+4. with those files, a short real ``bench slo`` replay of the first model in float16, so that the
+   simulator's GPU costs can be checked against the real engine on the same trace.
+
+A stage that fails prints its traceback and the next one runs; every file is written as soon as
+its stage ends, so a run cut short by the lease keeps what it finished.
 
 Usage: ``python scripts/gpu_fullsize.py --out DIR [--models sdxl-arch,sd3-arch] [--budget-s 420]``.
 On a CPU, ``--device cpu --exact-only --exact-sizes 512x512,512x256,256x256`` checks float32
@@ -24,6 +29,7 @@ import argparse
 import json
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,25 +138,27 @@ def time_mix(pm: PatchedModel, mix: Mix, requests: int, device: torch.device, re
     }
 
 
-def costs_for_simulator(model: str, out: Path, device: str, dtype: str, mixes: int) -> None:
-    sizes = ["512x512", "768x768", "1024x1024"]
+def costs_for_simulator(
+    model: str, out: Path, device: str, sizes: list[tuple[int, int]], patch_size: int, mixes: int
+) -> None:
+    """``patchedserve profile`` and the two cost files of ``bench calibrate``, in float16, into `out`."""
     profile = out / f"profile_{model}.json"
     report = out / f"profile_{model}_report.json"
     cli_main(
         [
-            *("profile", "--model", model, "--device", device, "--dtype", dtype),
-            *("--mixes", str(mixes), "--repeats", "2", "--sizes", *sizes),
-            *("--out", str(profile), "--json", str(report)),
+            *("profile", "--model", model, "--device", device, "--dtype", "float16"),
+            *("--mixes", str(mixes), "--repeats", "2", "--patch-size", str(patch_size)),
+            *("--sizes", *(f"{w}x{h}" for h, w in sizes), "--out", str(profile), "--json", str(report)),
         ]
     )
     bundle = load_model(model)  # cached: on the device and dtype the profile moved it to
     config = Calibration(
-        sizes=((512, 512), (768, 768), (1024, 1024)),
+        sizes=tuple((w, h) for h, w in sizes),
         batch_sizes=(1, 2, 4, 8),
         mixes=10,
         cache_mixes=2,
         steps=8,
-        patch_size=256,
+        patch_size=patch_size,
     )
     overhead = LatencyPredictor.load(profile).overhead
     for execution, predictor in calibrate_all(bundle, ("image", "patched"), config, overhead).items():
@@ -158,9 +166,71 @@ def costs_for_simulator(model: str, out: Path, device: str, dtype: str, mixes: i
         print(f"  {execution} cost: fit error {predictor.meta['fit_mape_pct']:.1f}%; wrote {path}")
 
 
+def replay(
+    model: str, out: Path, device: str, sizes: list[tuple[int, int]], args: argparse.Namespace
+) -> None:
+    """A short real ``bench slo`` of `model` in float16 on the profile and costs just written."""
+    cli_main(
+        [
+            *("bench", "slo", "--model", model, "--device", device, "--dtype", "float16"),
+            *("--systems", args.replay_systems, "--qps", args.replay_qps, "--slo-scale", "5"),
+            *("--duration", str(args.replay_duration_s), "--steps", str(args.replay_steps)),
+            *("--sizes", ",".join(f"{w}x{h}" for h, w in sizes), "--patch-size", str(args.patch_size)),
+            *("--profile", str(out / f"profile_{model}.json")),
+            *("--image-cost", str(out / f"{model}_image_cost.json")),
+            *("--patched-cost", str(out / f"{model}_patched_cost.json")),
+            *("--no-progress", "--out", str(out / "replay")),
+        ]
+    )
+
+
+def stage(name: str, report: dict[str, Any], fn: Callable[[], object]) -> bool:
+    """Runs one stage; a failure is printed and noted in `report` (``errors``) instead of raised."""
+    try:
+        fn()
+    except Exception:  # the lease is short: report it, then run the next stage
+        text = traceback.format_exc()
+        print(f"stage {name} failed:\n{text}")
+        report.setdefault("errors", {})[name] = text
+        return False
+    return True
+
+
 def _sizes_hw(text: str) -> list[tuple[int, int]]:
     """``WxH,WxH`` -> [(height, width), ...]."""
     return [(int(h), int(w)) for w, h in (size.split("x") for size in text.split(","))]
+
+
+def one_model(model: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Stages 1 and 2 for `model` (1 alone with ``--exact-only``); returns the report it wrote."""
+    t0 = time.perf_counter()
+    bundle = load_model(model).to(device=device, dtype=torch.float32)
+    print(f"{model}: built and moved in {time.perf_counter() - t0:.0f} s")
+    pm = PatchedModel(bundle.denoiser, args.patch_size, bundle.vae_scale_factor)
+    report: dict[str, Any] = {
+        "model": model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    path = args.out / f"{'exact' if args.exact_only else 'fullsize'}_{model}.json"
+
+    def run_exactness() -> None:
+        report["exactness"] = exactness(pm, device, args.exact_sizes)
+        print(f"{model} exactness: {json.dumps(report['exactness'])}")
+
+    def run_step_costs() -> None:
+        bundle.to(dtype=torch.float16)
+        report["step_costs_fp16"] = step_costs(pm, device, args.repeats)
+
+    stage(f"{model} exactness", report, run_exactness)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    if args.exact_only:
+        del bundle, pm
+        unload_models()  # two full-size models do not fit a 24 GB machine together
+        return report
+    stage(f"{model} step costs", report, run_step_costs)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 def main() -> None:
@@ -169,43 +239,38 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--patch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip stages that would start later")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="start the costs only before this")
+    parser.add_argument("--replay-budget-s", type=float, default=0.0, help="start the replay before this")
     parser.add_argument("--profile-mixes", type=int, default=80)
     parser.add_argument("--exact-sizes", type=_sizes_hw, default=EXACT_SIZES, help="WxH list")
+    parser.add_argument("--cost-sizes", type=_sizes_hw, default="512x512,768x768,1024x1024", help="WxH list")
     parser.add_argument("--exact-only", action="store_true", help="skip the timings and the costs")
+    parser.add_argument("--replay-systems", default="patchedserve,nirvana")
+    parser.add_argument("--replay-qps", default="2,4")
+    parser.add_argument("--replay-duration-s", type=float, default=15.0)
+    parser.add_argument("--replay-steps", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start, device = time.perf_counter(), torch.device(args.device)
     models = args.models.split(",")
+    failed: dict[str, Any] = {}
     for model in models:
-        t0 = time.perf_counter()
-        bundle = load_model(model).to(device=device, dtype=torch.float32)
-        print(f"{model}: built and moved in {time.perf_counter() - t0:.0f} s")
-        pm = PatchedModel(bundle.denoiser, args.patch_size, bundle.vae_scale_factor)
-        report: dict[str, Any] = {
-            "model": model,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__,
-        }
-        report["exactness"] = exactness(pm, device, args.exact_sizes)
-        print(f"{model} exactness: {json.dumps(report['exactness'])}")
-        if args.exact_only:
-            (args.out / f"exact_{model}.json").write_text(json.dumps(report, indent=1) + "\n")
-            del bundle, pm
-            unload_models()  # two full-size models do not fit a 24 GB machine together
-            continue
-        bundle.to(dtype=torch.float16)
-        report["step_costs_fp16"] = step_costs(pm, device, args.repeats)
-        (args.out / f"fullsize_{model}.json").write_text(json.dumps(report, indent=1) + "\n")
+        failed.update(one_model(model, device, args).get("errors", {}))
         print(f"{model}: done at {time.perf_counter() - start:.0f} s")
     if args.exact_only:
         return
+    first = models[0]
     if time.perf_counter() - start < args.budget_s:
-        costs_for_simulator(models[0], args.out, args.device, "float16", args.profile_mixes)
+        costs = (first, args.out, args.device, args.cost_sizes, args.patch_size, args.profile_mixes)
+        if stage("costs", failed, lambda: costs_for_simulator(*costs)):
+            if time.perf_counter() - start < args.replay_budget_s:
+                stage("replay", failed, lambda: replay(first, args.out, args.device, args.cost_sizes, args))
+            else:
+                print("no time left for the replay")
     else:
         print("no time left for the simulator's costs")
-    print(f"all done at {time.perf_counter() - start:.0f} s")
+    print(f"all done at {time.perf_counter() - start:.0f} s; failed stages: {sorted(failed) or 'none'}")
 
 
 if __name__ == "__main__":
