@@ -184,14 +184,13 @@ def replay(
     )
 
 
-def stage(name: str, report: dict[str, Any], fn: Callable[[], object]) -> bool:
-    """Runs one stage; a failure is printed and noted in `report` (``errors``) instead of raised."""
+def stage(name: str, errors: dict[str, str], fn: Callable[[], object]) -> bool:
+    """Runs one stage; a failure is printed and its traceback kept in `errors` instead of raised."""
     try:
         fn()
     except Exception:  # the lease is short: report it, then run the next stage
-        text = traceback.format_exc()
-        print(f"stage {name} failed:\n{text}")
-        report.setdefault("errors", {})[name] = text
+        errors[name] = traceback.format_exc()
+        print(f"stage {name} failed:\n{errors[name]}")
         return False
     return True
 
@@ -222,13 +221,14 @@ def one_model(model: str, device: torch.device, args: argparse.Namespace) -> dic
         bundle.to(dtype=torch.float16)
         report["step_costs_fp16"] = step_costs(pm, device, args.repeats)
 
-    stage(f"{model} exactness", report, run_exactness)
+    errors: dict[str, str] = report.setdefault("errors", {})
+    stage(f"{model} exactness", errors, run_exactness)
     path.write_text(json.dumps(report, indent=1) + "\n")
     if args.exact_only:
         del bundle, pm
         unload_models()  # two full-size models do not fit a 24 GB machine together
         return report
-    stage(f"{model} step costs", report, run_step_costs)
+    stage(f"{model} step costs", errors, run_step_costs)
     path.write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -254,7 +254,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     start, device = time.perf_counter(), torch.device(args.device)
     models = args.models.split(",")
-    failed: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     for model in models:
         failed.update(one_model(model, device, args).get("errors", {}))
         print(f"{model}: done at {time.perf_counter() - start:.0f} s")

@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/.."
 grep -qx "/.whl/" .git/info/exclude || echo "/.whl/" >>.git/info/exclude
 mkdir -p .whl
-for pkg in diffusers importlib_metadata fastapi starlette pydantic pydantic_core annotated-types \
+for pkg in diffusers importlib_metadata opentelemetry-api fastapi starlette pydantic pydantic_core annotated-types \
     typing-inspection uvicorn; do
     version=$(.venv/bin/pip show "$pkg" | awk '/^Version/{print $2}')
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

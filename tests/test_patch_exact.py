@@ -116,6 +116,26 @@ def test_patched_equals_full_image_forward(
         assert rel_err(out, ref) <= REL_TOL
 
 
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+def test_gpu_group_norm_path_equals_full_image_forward(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's GroupNorm takes NCHW input only; the norms' branch for such devices (normalise a
+    contiguous copy) runs here on the CPU and must give each request its full-image forward."""
+    from patchedserve.patch import ops_norm
+
+    asked: list[str] = []
+
+    def nchw_only(device: torch.device) -> bool:
+        asked.append(device.type)
+        return False
+
+    monkeypatch.setattr(ops_norm, "native_takes_channels_last", nchw_only)
+    pm = patched(name, 1)
+    reqs = [make_request(pm, g, 30 + i) for i, g in enumerate([(2, 1), (1, 1), (2, 2)])]
+    for r, out in zip(reqs, run_patched(pm, reqs), strict=True):
+        assert rel_err(out, run_full(pm, r)) <= REL_TOL
+    assert asked  # the branch ran
+
+
 def test_patched_convolutions_follow_weights_changed_after_a_call() -> None:
     """The patched convs keep a channels-last copy of their weights: edits must reach it."""
     denoiser = build_tiny_sdxl().denoiser  # a private copy: load_model's is shared by every test

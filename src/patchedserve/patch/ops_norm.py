@@ -7,7 +7,9 @@ contiguous block too: viewed as a channels-last image ``[1, C, k*side, side]`` (
 stacked), it is normalised by the native kernel with the model's own affine, exactly as
 ``nn.GroupNorm`` normalises the full image. Entries with equal patch counts are contiguous (the
 attention groups), so one native call per group covers a whole batch. Inputs that arrive NCHW are
-made channels-last first (one copy); the output is channels-last either way.
+made channels-last first (one copy); the output is channels-last either way. CUDA's GroupNorm
+kernel takes NCHW input only, so on a GPU each group is normalised from a contiguous copy and
+copied back (two extra passes over the activation).
 
 When GroupNorm feeds a convolution through an activation with ``act(0) == 0`` (ResNet blocks,
 ``conv_norm_out``), the norm writes its output into a pixel buffer with one extra zero row and
@@ -43,11 +45,20 @@ def _per_channel(v: torch.Tensor, channels: int) -> torch.Tensor:  # [N, G] -> [
     return v.repeat_interleave(channels // v.shape[1], dim=1)
 
 
+def native_takes_channels_last(device: torch.device) -> bool:
+    """Whether ``aten.native_group_norm`` takes channels-last input on ``device``: the CPU kernel
+    does; the CUDA one asks for NCHW-contiguous input (torch 2.11), so there the norms normalise a
+    contiguous copy."""
+    return device.type == "cpu"
+
+
 def patch_stats(
     norm: nn.GroupNorm, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # out0 [N, C, ...]; mean, rstd [N, G] float32
     """Each patch normalised with its own statistics (no affine), and those statistics."""
     n, c = x.shape[:2]
+    if not native_takes_channels_last(x.device):
+        x = x.contiguous()
     out0, mean, rstd = torch.ops.aten.native_group_norm(
         x, None, None, n, c, x[0, 0].numel(), norm.num_groups, norm.eps
     )
@@ -117,6 +128,12 @@ def entry_norm_into(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, out:
         block = slice(g.patch_start * area, g.patch_end * area)
         src = pixels[block].view(rows, k * side, side, c).permute(0, 3, 1, 2)  # [R_g, C, k*side, side]
         dst = out[block].view(rows, k * side, side, c).permute(0, 3, 1, 2)
+        if not native_takes_channels_last(x.device):
+            normed = torch.ops.aten.native_group_norm(
+                src.contiguous(), weight, bias, rows, c, k * area, norm.num_groups, norm.eps
+            )[0]  # [R_g, C, k*side, side] NCHW
+            dst.copy_(normed)
+            continue
         stats = x.new_empty((rows, norm.num_groups)), x.new_empty((rows, norm.num_groups))
         torch.ops.aten.native_group_norm.out(
             src, weight, bias, rows, c, k * area, norm.num_groups, norm.eps,
