@@ -44,7 +44,9 @@ def main() -> None:
     ap.add_argument("--patch-size", type=int, default=256)
     args = ap.parse_args()
     bundle = load_model(args.model)
-    pm = PatchedModel(bundle.denoiser, patch_size=args.patch_size, vae_scale_factor=bundle.vae_scale_factor)
+    pm = PatchedModel(
+        bundle.denoiser, patch_size=args.patch_size, vae_scale_factor=bundle.vae_scale_factor, streams=1
+    )  # one stream: the dispatch mode sees this thread's operators only
     mixes = {
         "8 x 256x256": [(256, 256)] * 8,
         "2 x (256x256, 512x256, 512x512)": [(256, 256), (256, 512), (512, 512)] * 2,
