@@ -107,3 +107,13 @@ def test_serve_flags_reach_the_engine_config() -> None:
     assert engine_config(build_parser().parse_args(["serve", "--reserve", "off"])).reserve is False
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--reserve", "maybe"])
+
+
+def test_commands_other_than_serve_load_no_http_stack() -> None:
+    """Profiling, benchmarks and the simulator run where fastapi and uvicorn are not installed."""
+    code = (
+        "import sys; from patchedserve.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shlex
-import socket
 from typing import Any
-
-import uvicorn
 
 from patchedserve.engine import Engine, EngineConfig
 from patchedserve.errors import InvalidRequestError
-from patchedserve.models import DEFAULT_MODEL, ModelBundle, load_model
+from patchedserve.models import DEFAULT_MODEL, load_model
 from patchedserve.patch import PatchCacheConfig
-from patchedserve.server.app import create_app
 
 
 def on_off(text: str) -> bool:
@@ -48,8 +42,6 @@ ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("profile", str, "latency profile for the slo policy (from patchedserve profile --out)"),
 )
 """(EngineConfig field, type, help) of each engine option; the flag is the field with dashes."""
-
-EXAMPLE_PROMPT = "a photo of a red cat on a city street at night"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -93,67 +85,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    engine = Engine(load_model(args.model), engine_config(args))
-    app = create_app(engine)
-    server = AnnouncingServer(uvicorn.Config(app, args.host, args.port, log_level=args.log_level), engine)
-    engine.start()
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; for a server that is a normal stop
-    finally:
-        engine.stop()
-    print("patchedserve: server stopped", flush=True)
-    return 0
+    from patchedserve.server.http import serve  # the HTTP stack loads for this command alone
 
-
-class AnnouncingServer(uvicorn.Server):
-    """A uvicorn server that prints how to call it once its socket is bound (so ``--port 0`` shows)."""
-
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
-        super().__init__(config)
-        self.engine = engine
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started and self.servers and self.servers[0].sockets:
-            port = self.servers[0].sockets[0].getsockname()[1]
-            patch_size = self.engine.config.patch_size
-            print(banner(self.config.host, port, self.engine.bundle, patch_size), flush=True)
-
-
-def banner(host: str, port: int, bundle: ModelBundle, patch_size: int) -> str:
-    """The URL and two requests ready to paste, at a size this engine accepts."""
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    url = f"http://{shown}:{port}"
-    d = bundle.defaults
-    width, height = (max(patch_size, side // patch_size * patch_size) for side in (d.width, d.height))
-    size = f"{width}x{height}"
-    body = json.dumps({"model": bundle.name, "prompt": EXAMPLE_PROMPT, "size": size})
-    save = (
-        "import base64, json, sys; "
-        'open("cat.png", "wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))'
-    )
-    return "\n".join(
-        [
-            f"patchedserve: serving {bundle.name} at {url} (OpenAI Images API)",
-            f"  docs {url}/docs, metrics {url}/metrics, health {url}/health",
-            "",
-            "Try it with curl (writes cat.png):",
-            f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\",
-            f"    -d {shlex.quote(body)} \\",
-            f"    | python3 -c {shlex.quote(save)}",
-            "",
-            "or with the openai Python client:",
-            "  import base64",
-            "  from openai import OpenAI",
-            f'  client = OpenAI(base_url="{url}/v1", api_key="unused")',
-            "  resp = client.images.generate(",
-            f"      model={json.dumps(bundle.name)}, size={json.dumps(size)},",
-            f"      prompt={json.dumps(EXAMPLE_PROMPT)},",
-            f'      response_format="b64_json", extra_body={{"num_inference_steps": {d.steps}}},',
-            "  )",
-            '  open("cat.png", "wb").write(base64.b64decode(resp.data[0].b64_json))',
-            "",
-        ]
-    )
+    return serve(Engine(load_model(args.model), engine_config(args)), args.host, args.port, args.log_level)

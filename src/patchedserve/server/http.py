@@ -1,0 +1,84 @@
+"""``patchedserve serve``'s HTTP side: uvicorn in front of ``create_app``, and the start-up banner.
+
+Only the ``serve`` command imports it, so the CLI's other commands load no HTTP stack.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+
+import uvicorn
+
+from patchedserve.engine import Engine
+from patchedserve.models import ModelBundle
+from patchedserve.server.app import create_app
+
+EXAMPLE_PROMPT = "a photo of a red cat on a city street at night"
+
+
+def serve(engine: Engine, host: str, port: int, log_level: str) -> int:
+    """Serves ``engine`` over HTTP until Ctrl-C, starting and stopping it; returns the exit code."""
+    server = AnnouncingServer(uvicorn.Config(create_app(engine), host, port, log_level=log_level), engine)
+    engine.start()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; for a server that is a normal stop
+    finally:
+        engine.stop()
+    print("patchedserve: server stopped", flush=True)
+    return 0
+
+
+class AnnouncingServer(uvicorn.Server):
+    """A uvicorn server that prints how to call it once its socket is bound (so ``--port 0`` shows)."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.servers and self.servers[0].sockets:
+            port = self.servers[0].sockets[0].getsockname()[1]
+            patch_size = self.engine.config.patch_size
+            print(banner(self.config.host, port, self.engine.bundle, patch_size), flush=True)
+
+
+def banner(host: str, port: int, bundle: ModelBundle, patch_size: int) -> str:
+    """The URL and two requests ready to paste, at a size this engine accepts."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{shown}:{port}"
+    d = bundle.defaults
+    width, height = (max(patch_size, side // patch_size * patch_size) for side in (d.width, d.height))
+    size = f"{width}x{height}"
+    body = json.dumps({"model": bundle.name, "prompt": EXAMPLE_PROMPT, "size": size})
+    save = (
+        "import base64, json, sys; "
+        'open("cat.png", "wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))'
+    )
+    return "\n".join(
+        [
+            f"patchedserve: serving {bundle.name} at {url} (OpenAI Images API)",
+            f"  docs {url}/docs, metrics {url}/metrics, health {url}/health",
+            "",
+            "Try it with curl (writes cat.png):",
+            f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\",
+            f"    -d {shlex.quote(body)} \\",
+            f"    | python3 -c {shlex.quote(save)}",
+            "",
+            "or with the openai Python client:",
+            "  import base64",
+            "  from openai import OpenAI",
+            f'  client = OpenAI(base_url="{url}/v1", api_key="unused")',
+            "  resp = client.images.generate(",
+            f"      model={json.dumps(bundle.name)}, size={json.dumps(size)},",
+            f"      prompt={json.dumps(EXAMPLE_PROMPT)},",
+            f'      response_format="b64_json", extra_body={{"num_inference_steps": {d.steps}}},',
+            "  )",
+            '  open("cat.png", "wb").write(base64.b64decode(resp.data[0].b64_json))',
+            "",
+        ]
+    )
