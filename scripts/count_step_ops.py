@@ -50,6 +50,7 @@ def main() -> None:
     mixes = {
         "8 x 256x256": [(256, 256)] * 8,
         "2 x (256x256, 512x256, 512x512)": [(256, 256), (256, 512), (512, 512)] * 2,
+        "2 x 512x512 + 2 x 256x256": [(512, 512)] * 2 + [(256, 256)] * 2,
     }
     for name, sizes in mixes.items():
         mix = random_mix(pm, sizes, torch.device("cpu"), torch.float32)
