@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from patchedserve.engine import Engine
 from patchedserve.models import load_model
@@ -29,10 +30,12 @@ def main() -> None:
     parser.add_argument("--model", default="sdxl-arch")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--patch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...; float32 with TF32 off")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     start = time.perf_counter()
-    bundle = load_model(args.model)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 proper
+    bundle = load_model(args.model).to(device=torch.device(args.device))
     sampler = bundle.default_sampler
     requests = [
         GenerationRequest(
@@ -49,7 +52,7 @@ def main() -> None:
             sampler=sampler,
         ),
     ]
-    engine = Engine.from_model(args.model, patch_size=args.patch_size, decode_in_thread=False)
+    engine = Engine.from_model(bundle, patch_size=args.patch_size, decode_in_thread=False, device=args.device)
     try:
         results = engine.generate(requests)
     finally:
@@ -77,7 +80,13 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    report = {"model": args.model, "steps": args.steps, "patch_size": args.patch_size, "requests": rows}
+    report = {
+        "model": args.model,
+        "device": args.device,
+        "steps": args.steps,
+        "patch_size": args.patch_size,
+        "requests": rows,
+    }
     report["wall_s"] = time.perf_counter() - start
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent device call (see /work/.library/device). It installs the carried wheels
 # (.whl: diffusers and the server's packages, which the device image lacks), then by mode:
-#   check  the CUDA tests and a short tiny-sdxl `bench slo` on CUDA;
+#   check  the CUDA tests, a short tiny-sdxl `bench slo` on CUDA and sdxl-arch's engine against
+#          diffusers' pipeline (scripts/fullsize_engine_check.py);
 #   full   scripts/gpu_fullsize.py: full-width exactness, step costs, the simulator's GPU costs and a
 #          short real sdxl-arch replay on them;
 #   all    both, in one call (a warm machine goes back after 30 s idle, and each start costs minutes).
@@ -34,6 +35,11 @@ if [ "$mode" != full ]; then
     echo "bench slo exit $? at ${SECONDS} s" >>"$OUT/slo_tiny.log"
     (cd "$OUT" && tar czf slo_tiny.tgz slo_tiny && rm -rf slo_tiny)
     tail -5 "$OUT/slo_tiny.log"
+    # The engine at full width on the GPU against diffusers' own pipeline (float32, TF32 off).
+    timeout 150 python3 scripts/fullsize_engine_check.py --model sdxl-arch --device cuda \
+        --json "$OUT/engine_sdxl-arch.json" >"$OUT/engine_check.log" 2>&1
+    echo "engine check exit $? at ${SECONDS} s" >>"$OUT/engine_check.log"
+    tail -4 "$OUT/engine_check.log"
 fi
 if [ "$mode" != check ]; then
     mkdir -p "$OUT/res"
