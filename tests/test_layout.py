@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from patchedserve.errors import InvalidRequestError
 from patchedserve.layout import CSPLayout, merge_patches, split_latents
 from patchedserve.layout.csp import SENTINEL
-from patchedserve.patch.stitcher import build_halo_index, stitch
+from patchedserve.patch.stitcher import build_group_halo_index, build_halo_index, gather_groups, stitch
 
 CPU = torch.device("cpu")
 
@@ -49,6 +49,24 @@ def test_stitched_patch_equals_crop_of_zero_padded_image(
         full = F.pad(latents[e], (halo,) * 4)
         r, c = int(layout.patch_row[k]) * p, int(layout.patch_col[k]) * p
         assert torch.equal(padded[k], full[:, r : r + p + 2 * halo, c : c + p + 2 * halo])
+
+
+@settings(max_examples=40, deadline=None)
+@given(mixes(), st.integers(0, 4))
+def test_gathering_per_group_equals_the_one_batch_stitch(
+    mix: tuple[int, list[tuple[int, int]]], halo: int
+) -> None:
+    """Each attention group's pixels in a tensor of its own (as the per-image GroupNorm makes them)
+    give the same padded patches as stitching the whole batch: neighbour halos and zero borders."""
+    p, sizes = mix
+    halo = min(halo, p)
+    layout = CSPLayout.build(sizes, p)
+    x = torch.randn(layout.num_patches, 5, p, p).contiguous(memory_format=torch.channels_last)
+    index = build_halo_index(layout, p, halo, CPU)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 5)  # [N*p*p, C]
+    parts = [rows[g.patch_start * p * p : g.patch_end * p * p].clone() for g in layout.attention_groups()]
+    got = gather_groups(parts, build_group_halo_index(index, layout.attention_groups()), layout.num_patches)
+    assert torch.equal(got, stitch(x, index))
 
 
 def test_layout_orders_by_resolution_with_offsets() -> None:

@@ -20,7 +20,7 @@ import torch
 
 from patchedserve.layout import AttentionGroup, CSPLayout
 from patchedserve.patch.cache import ActiveSet, PatchCache
-from patchedserve.patch.stitcher import HaloIndex, build_halo_index
+from patchedserve.patch.stitcher import GroupHaloIndex, HaloIndex, build_group_halo_index, build_halo_index
 
 _state = threading.local()
 
@@ -70,6 +70,7 @@ class PatchContext:
     active: ActiveSet | None = None
     """Inside a cached block: the patches it computes; None outside cached blocks."""
     _halo: dict[tuple[int, int], HaloIndex] = field(default_factory=dict, repr=False)
+    _group_halo: dict[tuple[int, int], GroupHaloIndex] = field(default_factory=dict, repr=False)
     _extra: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -115,6 +116,13 @@ class PatchContext:
         if key not in self._halo:
             self._halo[key] = build_halo_index(self.layout, side, halo, self.device)
         return self._halo[key]
+
+    def group_halo_index(self, side: int, halo: int) -> GroupHaloIndex:
+        """:meth:`halo_index` split by attention group (built once, then cached)."""
+        key = (side, halo)
+        if key not in self._group_halo:
+            self._group_halo[key] = build_group_halo_index(self.halo_index(side, halo), self.groups)
+        return self._group_halo[key]
 
     def cached(self, key: str, build: object) -> torch.Tensor:
         """Memoise a per-composition tensor (e.g. SD3 position indices) under ``key``."""

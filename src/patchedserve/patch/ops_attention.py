@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from torch import nn
 
 from patchedserve.patch.context import PatchContext, get_forward_context, timed
 from patchedserve.patch.ops_attention_partial import (
@@ -39,10 +40,20 @@ def grouped_attention(
     value: torch.Tensor,
     ctx: PatchContext,
     per_entry_kv: bool,
-) -> torch.Tensor:  # [N, T, H*d]
-    """Attention of each entry's tokens (all its patches) against its keys, one call per group."""
+) -> torch.Tensor:  # [N, T, D_out]: the attention output through ``attn.to_out[0]``
+    """Attention of each entry's tokens (all its patches) against its keys, one call per group,
+    followed by the output projection. With several groups each group's output is projected
+    straight into its rows of the result, which spares joining the groups with a copy."""
     t, inner = query.shape[1:]
+    proj = attn.to_out[0]
+    # A plain Linear only (not a subclass such as a LoRA layer, whose forward does more).
+    linear = proj if isinstance(proj, nn.Linear) and type(proj) is nn.Linear else None
+    if len(ctx.groups) == 1 or torch.is_grad_enabled():  # out= products record no autograd graph
+        linear = None
     outs = []
+    joined = (
+        None if linear is None else query.new_empty(query.shape[0] * t, linear.out_features)
+    )  # [N*T, D_out]
     for g in ctx.groups:
         rows = g.num_entries
         q = query[g.patch_start : g.patch_end].reshape(rows, g.patches_per_entry * t, inner)
@@ -56,10 +67,20 @@ def grouped_attention(
             qh = attn.norm_q(qh)
         if attn.norm_k is not None:
             kh = attn.norm_k(kh)
-        o = F.scaled_dot_product_attention(qh, kh, vh)
-        outs.append(merge_heads(o).reshape(g.patch_end - g.patch_start, t, inner))
+        o = merge_heads(F.scaled_dot_product_attention(qh, kh, vh)).to(query.dtype)  # [R_g, k*T, H*d]
+        if joined is None or linear is None:
+            outs.append(o.reshape(g.patch_end - g.patch_start, t, inner))
+            continue
+        block = joined[g.patch_start * t : g.patch_end * t]
+        if linear.bias is None:
+            torch.mm(o.reshape(-1, inner), linear.weight.t(), out=block)
+        else:
+            torch.addmm(linear.bias, o.reshape(-1, inner), linear.weight.t(), out=block)
+    if joined is not None:
+        return joined.view(query.shape[0], t, -1)
     with timed(ctx, "regroup"):
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return proj(out)
 
 
 class PatchedAttnProcessor:
@@ -102,13 +123,15 @@ class PatchedAttnProcessor:
         if ctx.subset is not None:
             if not cross:
                 key, value = refreshed_kv(attn, key, value, ctx)
-            out = partial_attention(attn, query, key, value, ctx, per_entry_kv=cross)
+            out = attn.to_out[0](
+                partial_attention(attn, query, key, value, ctx, per_entry_kv=cross).to(query.dtype)
+            )
         else:
             if not cross:
                 ctx.recording((id(attn), "k"), key)
                 ctx.recording((id(attn), "v"), value)
             out = grouped_attention(attn, query, key, value, ctx, per_entry_kv=cross)
-        out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
+        out = attn.to_out[1](out)
         if spatial is not None:
             out = out.transpose(1, 2).reshape(spatial)
         if attn.residual_connection:
@@ -144,10 +167,10 @@ class PatchedJointAttnProcessor:
             ctx.recording((id(attn), "v"), v)
         if encoder_hidden_states is None:  # SD3.5's second, image-only attention
             if ctx.subset is not None:
-                img = partial_attention(attn, q, k, v, ctx, per_entry_kv=False)
+                img = attn.to_out[0](partial_attention(attn, q, k, v, ctx, per_entry_kv=False))
             else:
                 img = grouped_attention(attn, q, k, v, ctx, per_entry_kv=False)
-            return attn.to_out[1](attn.to_out[0](img))
+            return attn.to_out[1](img)
         if ctx.subset is not None:
             img, ctx_out = partial_joint_groups(attn, q, k, v, encoder_hidden_states, ctx)
         else:

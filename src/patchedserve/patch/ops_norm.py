@@ -8,13 +8,15 @@ stacked), it is normalised by the native kernel with the model's own affine, exa
 ``nn.GroupNorm`` normalises the full image. Entries with equal patch counts are contiguous (the
 attention groups), so one native call per group covers a whole batch. Inputs that arrive NCHW are
 made channels-last first (one copy); the output is channels-last either way. CUDA's GroupNorm
-kernel takes NCHW input only, so on a GPU each group is normalised from a contiguous copy and
-copied back (two extra passes over the activation).
+kernel takes NCHW input only, so on a GPU each group is normalised from a contiguous copy (and its
+output made channels-last again).
 
 When GroupNorm feeds a convolution through an activation with ``act(0) == 0`` (ResNet blocks,
-``conv_norm_out``), the norm writes its output into a pixel buffer with one extra zero row and
-returns the padded patches gathered from it: the halo comes out of the normalisation pass with no
-masking pass, and the conv skips its own gather (the activation maps the zero border to zero).
+``conv_norm_out``), the norm returns the padded patches: each group's normalised pixels are
+gathered straight into that group's block of the padded batch and the off-image border is zeroed
+(``stitcher.gather_groups``), so the halo costs one pass and the conv skips its own gather (the
+activation maps the zero border to zero). With several groups the output of the group's kernel
+call is read in place; without a halo it is joined with one copy (none for one group).
 
 The patch cache keeps each patch's own statistics so that partial calls can mix fresh and stored
 patches; while it records (and in its partial calls) the statistics come per patch from the native
@@ -35,6 +37,7 @@ from patchedserve.patch.context import PatchContext, get_forward_context, timed
 from patchedserve.patch.hooks import set_patched_forward
 from patchedserve.patch.stitcher import (
     gather_from_buffer,
+    gather_groups,
     gather_rows_from_buffer,
     pixel_buffer,
     refreshed_buffer,
@@ -116,29 +119,27 @@ def patch_group_norm(norm: nn.GroupNorm, emit_halo: int = 0) -> None:
     set_patched_forward(norm, forward)
 
 
-def entry_norm_into(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, out: torch.Tensor) -> None:
-    """Normalise every entry of ``x`` [N, C, side, side] (channels-last) over its whole image into
-    ``out`` [N*side*side, C], the same pixels as rows: one native call per attention group."""
+def entry_norms(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext) -> list[torch.Tensor]:
+    """Normalise every entry of ``x`` [N, C, side, side] (channels-last) over its whole image: one
+    native call per attention group, returning each group's pixels as rows ``[N_g*side*side, C]``
+    (views of the kernel's own output on the CPU). The kernel has no true ``out=`` variant (its
+    ``.out`` computes into a temporary and copies), so the callers place the groups themselves."""
     n, c, side = x.shape[0], x.shape[1], x.shape[-1]
     area = side * side
     pixels = x.permute(0, 2, 3, 1).reshape(n * area, c)  # [N*side*side, C], a view
     weight, bias = (norm.weight, norm.bias) if norm.affine else (None, None)
+    parts = []
     for g in ctx.groups:
         rows, k = g.num_entries, g.patches_per_entry
-        block = slice(g.patch_start * area, g.patch_end * area)
-        src = pixels[block].view(rows, k * side, side, c).permute(0, 3, 1, 2)  # [R_g, C, k*side, side]
-        dst = out[block].view(rows, k * side, side, c).permute(0, 3, 1, 2)
+        src = pixels[g.patch_start * area : g.patch_end * area].view(rows, k * side, side, c)
+        src = src.permute(0, 3, 1, 2)  # [R_g, C, k*side, side], channels-last
         if not native_takes_channels_last(x.device):
-            normed = torch.ops.aten.native_group_norm(
-                src.contiguous(), weight, bias, rows, c, k * area, norm.num_groups, norm.eps
-            )[0]  # [R_g, C, k*side, side] NCHW
-            dst.copy_(normed)
-            continue
-        stats = x.new_empty((rows, norm.num_groups)), x.new_empty((rows, norm.num_groups))
-        torch.ops.aten.native_group_norm.out(
-            src, weight, bias, rows, c, k * area, norm.num_groups, norm.eps,
-            out0=dst, out1=stats[0], out2=stats[1],
-        )  # fmt: skip
+            src = src.contiguous()
+        normed = torch.ops.aten.native_group_norm(
+            src, weight, bias, rows, c, k * area, norm.num_groups, norm.eps
+        )[0]  # [R_g, C, k*side, side]
+        parts.append(normed.permute(0, 2, 3, 1).reshape(-1, c))
+    return parts
 
 
 def _whole_entries(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, emit_halo: int) -> torch.Tensor:
@@ -146,14 +147,15 @@ def _whole_entries(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, emit_
     ([N, C, side + 2*emit_halo, ...] padded patches when ``emit_halo``)."""
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, side = x.shape[0], x.shape[1], x.shape[-1]
-    if not emit_halo:
-        out = torch.empty_like(x, memory_format=torch.channels_last)
-        entry_norm_into(norm, x, ctx, out.permute(0, 2, 3, 1).view(-1, c))
-        return out
-    buf, _ = pixel_buffer(n, c, side, x)
-    entry_norm_into(norm, x, ctx, buf[:-1])
-    with timed(ctx, "stitch"):
-        return gather_from_buffer(buf, n, ctx.halo_index(side, emit_halo))  # [N, C, p+2h, p+2h]
+    parts = entry_norms(norm, x, ctx)
+    if emit_halo:
+        with timed(ctx, "stitch"):
+            if torch.is_grad_enabled():  # out= gathers record no autograd graph: join the groups
+                buf = torch.cat([*parts, parts[0].new_zeros(1, c)])  # [N*side*side + 1, C]
+                return gather_from_buffer(buf, n, ctx.halo_index(side, emit_halo))
+            return gather_groups(parts, ctx.group_halo_index(side, emit_halo), n)  # [N, C, p+2h, p+2h]
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N*side*side, C]
+    return rows.view(n, side, side, c).permute(0, 3, 1, 2)
 
 
 def _partial(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, emit_halo: int) -> torch.Tensor:

@@ -11,12 +11,13 @@ Called by ``ops_conv`` and ``ops_norm`` through the forward context.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from patchedserve.layout import CSPLayout
+from patchedserve.layout import AttentionGroup, CSPLayout
 from patchedserve.layout.csp import SENTINEL
 
 
@@ -56,6 +57,48 @@ def build_halo_index(layout: CSPLayout, side: int, halo: int, device: torch.devi
         flat_src_zero=torch.as_tensor(np.ascontiguousarray(zero_row).reshape(-1), device=device),
         mask=torch.as_tensor(inside.reshape(len(src), 1, big, big), dtype=torch.float32, device=device),
     )
+
+
+@dataclass(frozen=True)
+class GroupHaloIndex:
+    """A :class:`HaloIndex` split by attention group, for producers that write each group's pixels
+    into a tensor of its own (the per-image GroupNorm): a padded patch reads only pixels of its own
+    image, hence of its own group."""
+
+    padded: int
+    blocks: tuple[tuple[int, int], ...]
+    """Per group, its padded pixel rows ``[start, end)`` in the batch."""
+    sources: tuple[torch.Tensor, ...]
+    """Per group ``[N_g*S*S]`` long: the pixel row each padded pixel reads, counted from the
+    group's first pixel (off-image pixels read row 0 and are zeroed afterwards)."""
+    zero_rows: torch.Tensor
+    """``[Z]`` long: padded pixel rows of the batch that lie outside their image."""
+
+
+def build_group_halo_index(index: HaloIndex, groups: Sequence[AttentionGroup]) -> GroupHaloIndex:
+    s2, area = index.padded * index.padded, index.side * index.side
+    inside = index.mask.reshape(-1) > 0  # [N*S*S], the order of flat_src
+    blocks, sources = [], []
+    for g in groups:
+        block = (g.patch_start * s2, g.patch_end * s2)
+        src = index.flat_src[block[0] : block[1]] - g.patch_start * area
+        sources.append(torch.where(inside[block[0] : block[1]], src, torch.zeros_like(src)))
+        blocks.append(block)
+    zero_rows = torch.nonzero(~inside).view(-1)
+    return GroupHaloIndex(index.padded, tuple(blocks), tuple(sources), zero_rows)
+
+
+def gather_groups(
+    parts: Sequence[torch.Tensor], index: GroupHaloIndex, n: int
+) -> torch.Tensor:  # [N, C, S, S] channels-last
+    """Padded patches (zeros off-image) gathered from per-group pixel rows ``parts`` (each
+    ``[N_g*side*side, C]``), every group straight into its block of one output, no staging copy."""
+    c = parts[0].shape[1]
+    out = parts[0].new_empty(n * index.padded * index.padded, c)  # [N*S*S, C]
+    for rows, (start, end), src in zip(parts, index.blocks, index.sources, strict=True):
+        torch.index_select(rows, 0, src, out=out[start:end])
+    out.index_fill_(0, index.zero_rows, 0)
+    return out.view(n, index.padded, index.padded, c).permute(0, 3, 1, 2)
 
 
 def gather_halo(x: torch.Tensor, index: HaloIndex) -> torch.Tensor:  # [N, C, S, S] channels-last
