@@ -135,7 +135,11 @@ def test_tiny_real_replay_writes_results_and_plots(
         assert set(run["per_resolution"]) == {"64x64", "128x64"}
     for name in ("slo_vs_qps.png", "goodput_vs_qps.png", "latency_cdf.png"):
         assert (out / name).stat().st_size > 1000
-    assert len(list((out / "outcomes").glob("*.jsonl"))) == 6
+    outcome_files = list((out / "outcomes").glob("*.jsonl"))
+    assert len(outcome_files) == 6
+    for path in outcome_files:  # every request finished: denoised before its image was ready
+        for row in map(json.loads, path.read_text().splitlines()):
+            assert 0.0 < row["denoised_s"] < row["latency_s"]
     steps = load_steps(run_file(out, "steps", "patched-fcfs", 1, data["runs"][3]["qps"]))
     assert sum(len(entries) for _, _, entries in steps) == 2 + 2 + 2  # every request ran its 2 steps
     assert all(latency_s > 0.0 for _, latency_s, _ in steps)

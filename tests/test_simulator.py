@@ -48,6 +48,15 @@ def test_a_request_alone_takes_its_predicted_standalone_latency(system: str) -> 
     assert outcome.latency_s == pytest.approx(p.predict_standalone(512, 512, 10, True, corrected=False))
 
 
+def test_outcomes_split_a_latency_into_denoising_and_decode() -> None:
+    p = profile()
+    r = req(2.0, size=512, steps=10)
+    [outcome] = simulate([r], objectives_s([r], p), SYSTEMS["patchedserve"], p, MachineCosts(image=p))
+    assert outcome.latency_s is not None and outcome.denoised_s is not None
+    # Alone, the decode starts when denoising ends and takes the profile's decode time.
+    assert outcome.latency_s - outcome.denoised_s == pytest.approx(p.overhead.decode_s(512, 512))
+
+
 @pytest.mark.parametrize("system", list(SYSTEMS))
 def test_the_machine_costs_are_the_calibrated_ones(system: str) -> None:
     p = profile()

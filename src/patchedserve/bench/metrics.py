@@ -44,6 +44,9 @@ class RequestOutcome:
     """Arrival to image ready (finished requests), else None."""
     slo_s: float
     """The request's objective: deadline - arrival, seconds."""
+    denoised_s: float | None = None
+    """Arrival to its last denoising step's end (finished requests), else None; ``latency_s`` minus
+    this is the wait for the decode worker plus the decode."""
 
     @property
     def met(self) -> bool:

@@ -202,8 +202,10 @@ def _outcome(
         return RequestOutcome(i, r.size, r.arrival_s, "cancelled", None, slo_s)
     result = future.result()
     status = _STATUS.get(result.status, "failed")
-    latency_s = result.timings.get("latency_s") if status == "finished" else None
-    return RequestOutcome(i, r.size, r.arrival_s, status, latency_s, slo_s)
+    finished = status == "finished"
+    latency_s = result.timings.get("latency_s") if finished else None
+    denoised_s = result.timings.get("denoise_done_s") if finished else None
+    return RequestOutcome(i, r.size, r.arrival_s, status, latency_s, slo_s, denoised_s)
 
 
 def run_system(

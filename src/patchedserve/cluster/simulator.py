@@ -176,7 +176,9 @@ def _outcome(r: Request, t: TraceRequest, objective_s: float, rejected: bool) ->
     if rejected:
         return RequestOutcome(r.request_id, t.size, t.arrival_s, "rejected", None, objective_s)
     status = _STATUS.get(r.status, "cancelled")
-    latency_s = None
+    latency_s = denoised_s = None
     if status == "finished" and r.timings.finished_s is not None:
         latency_s = r.timings.finished_s - r.arrival_s
-    return RequestOutcome(r.request_id, t.size, t.arrival_s, status, latency_s, objective_s)
+        if r.timings.denoised_s is not None:
+            denoised_s = r.timings.denoised_s - r.arrival_s
+    return RequestOutcome(r.request_id, t.size, t.arrival_s, status, latency_s, objective_s, denoised_s)
