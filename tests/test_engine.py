@@ -131,6 +131,31 @@ def test_a_failing_decode_fails_only_its_request(
     assert_matches_reference("tiny-sdxl", good, r_good)
 
 
+@pytest.mark.parametrize("inline", [True, False])
+def test_the_policy_chooses_between_the_decode_worker_and_the_loop(
+    inline: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import patchedserve.engine.engine as engine_module
+
+    real, threads = engine_module.decode_latents, []
+
+    def recorded(bundle, latents):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return real(bundle, latents)
+
+    monkeypatch.setattr(engine_module, "decode_latents", recorded)
+    engine = Engine.from_model("tiny-sdxl", patch_size=64)  # decodes on its worker by default
+    try:
+        monkeypatch.setattr(engine.scheduler, "decode_inline", lambda r, now_s: inline)
+        [result] = engine.generate([GenerationRequest("p", width=64, height=64, steps=2, seed=1)])
+    finally:
+        engine.stop()
+    assert result.status == RequestStatus.FINISHED
+    assert (threads == ["decode"]) != inline
+
+
 def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(
     sdxl_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

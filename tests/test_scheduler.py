@@ -377,6 +377,28 @@ def test_slo_policy_decodes_the_earliest_deadline_that_can_still_be_met_first() 
     assert s.decode_priority(soon, 1.0 - decode_s / 2) == math.inf  # late even if decoded at once: last
 
 
+def test_slo_policy_decodes_in_the_loop_only_a_deadline_that_needs_full_speed() -> None:
+    p = LatencyPredictor(coef=COEF, patch_size=PATCH, overhead=Overhead(decode_base_s=0.05))
+    s = make_scheduler("slo", p, SchedulerConfig(inline_decode=2.0))
+    decode_s = p.decode_s(512, 512)
+    r = request(1, slo_ms=1000.0)  # deadline at 1.0 s
+    s.add_request(r, 0.0)
+    assert not s.decode_inline(r, 1.0 - 3 * decode_s)  # room for a slow decode: the worker
+    assert s.decode_inline(r, 1.0 - 1.5 * decode_s)  # only a decode at full speed makes it
+    assert not s.decode_inline(r, 1.0 - 0.5 * decode_s)  # late either way: not worth a pause
+    off = make_scheduler("slo", p, SchedulerConfig(inline_decode=0.0))
+    off.add_request(r, 0.0)
+    assert not off.decode_inline(r, 1.0 - 1.5 * decode_s)
+    fcfs = scheduler("fcfs")
+    fcfs.add_request(r, 0.0)
+    assert not fcfs.decode_inline(r, 1.0 - 1.5 * decode_s)
+
+
+def test_inline_decode_must_not_be_negative() -> None:
+    with pytest.raises(InvalidRequestError, match="inline_decode"):
+        SchedulerConfig(inline_decode=-1.0)
+
+
 def test_fcfs_decodes_in_finishing_order() -> None:
     s = scheduler("fcfs")
     soon, later = request(1, slo_ms=1000.0), request(2, slo_ms=3000.0)

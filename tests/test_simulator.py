@@ -318,6 +318,25 @@ def test_batch_level_is_what_staggered_cached_steps_cost_beyond_the_alone_profil
     assert batch_level(p, alone, paired) == pytest.approx(1.25)
 
 
+def test_a_decode_in_the_loop_holds_the_next_step_back() -> None:
+    p = profile()
+    # Both start in one batch (no reserve holds the lenient one back); the short one ends its
+    # denoising with its deadline 1.5 decode times away, so the SLO policy decodes it in the loop
+    # and the long one's next step waits for that decode.
+    short, long = req(1.0, size=512, steps=2), req(1.0, size=512, steps=6)
+    both_s = p.model_s(p.mix([(512, 512, True)] * 2).vector())
+    solo_s = p.model_s(p.mix([(512, 512, True)]).vector())
+    decode_s = p.overhead.decode_s(512, 512)
+    short_end_s = 1.0 + 2 * p.overhead.encode_s + 2 * both_s  # two prompts encoded, two steps
+    objectives = [short_end_s + 1.5 * decode_s - 1.0, 60.0]
+    inline = replace(SYSTEMS["patchedserve"], reserve=False)
+    for system, pause_s in ((inline, decode_s), (replace(inline, inline_decode=0.0), 0.0)):
+        outcomes = simulate([short, long], objectives, system, p, MachineCosts(image=p))
+        assert outcomes[0].denoised_s == pytest.approx(short_end_s - 1.0)
+        assert outcomes[0].latency_s == pytest.approx(short_end_s + decode_s - 1.0)
+        assert outcomes[1].denoised_s == pytest.approx(short_end_s + pause_s + 4 * solo_s - 1.0)
+
+
 @pytest.mark.parametrize(("system", "tighter_first"), [("patchedserve", True), ("patched-fcfs", False)])
 def test_simulated_decodes_follow_the_policy_order(system: str, tighter_first: bool) -> None:
     p = profile()

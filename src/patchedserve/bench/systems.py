@@ -57,6 +57,8 @@ class SystemSpec:
     """How the ``slo`` policy admits (``SchedulerConfig.admission``)."""
     reserve: bool = True
     """Keep room for the tightest recent request class (``SchedulerConfig.reserve``)."""
+    inline_decode: float = 2.0
+    """Decode urgent requests in the denoising loop (``SchedulerConfig.inline_decode``; 0: off)."""
 
 
 SYSTEMS: dict[str, SystemSpec] = {
@@ -72,6 +74,7 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("patchedserve-least-slack", "patched", "slo", admission="least-slack", reserve=False),
         SystemSpec("patchedserve-cache", "patched", "slo", patch_cache=True),
         SystemSpec("patchedserve-no-reserve", "patched", "slo", reserve=False),
+        SystemSpec("patchedserve-worker-decode", "patched", "slo", inline_decode=0.0),
     )
 }
 """Every system by name, in the order results list them."""
@@ -105,6 +108,7 @@ def engine_config(
         patch_cache=PatchCacheConfig() if spec.patch_cache else None,
         admission=spec.admission,
         reserve=spec.reserve,
+        inline_decode=spec.inline_decode,
         profile=profile,
         device=device,
         dtype=dtype,

@@ -52,7 +52,14 @@ def make_policy(
     cap = spec.max_running or max_running
     if spec.policy == ResolutionBatchScheduler.policy:
         return ResolutionBatchScheduler(cap, predictor, SchedulerConfig("fcfs", cap, slo_scale))
-    config = SchedulerConfig(spec.policy, cap, slo_scale, admission=spec.admission, reserve=spec.reserve)
+    config = SchedulerConfig(
+        spec.policy,
+        cap,
+        slo_scale,
+        admission=spec.admission,
+        reserve=spec.reserve,
+        inline_decode=spec.inline_decode,
+    )
     return make_scheduler(spec.policy, predictor, config)
 
 
@@ -134,7 +141,7 @@ class SimReplica:
             for r in running:
                 if self.approx_cache.wants(r):
                     self.approx_cache.record(r, _NO_LATENTS)
-        self._decode(self.scheduler.update_from_output(StepOutcome(running, latency_s, end_s)), end_s)
+        end_s = self._decode(self.scheduler.update_from_output(StepOutcome(running, latency_s, end_s)), end_s)
         self.next_s = end_s if self.has_work() else None
 
     def _lookup(self, admitted: list[Request]) -> None:
@@ -146,14 +153,21 @@ class SimReplica:
             self.approx_cache.lookup(r, SAMPLER_ORDER.get(r.params.sampler, 2) == 1)
             r.state.clear()
 
-    def _decode(self, done: list[Request], now_s: float) -> None:
-        """Queue the requests that finished denoising at ``now_s`` for the decode worker."""
+    def _decode(self, done: list[Request], now_s: float) -> float:
+        """Hand the requests that finished denoising at ``now_s`` to the decode worker, or decode
+        them in the loop one after another where the policy says so (``decode_inline``); returns
+        when the loop is free again."""
         self._start_decodes(now_s, strict=True)  # the worker's turns before these arrived
         for r in done:
             r.timings.denoised_s = now_s
             r.status = RequestStatus.FINISHED
+            if self.scheduler.decode_inline(r, now_s):
+                now_s += self.cost.decode_s(r.params.width, r.params.height, now_s)
+                self._end(r, now_s)
+                continue
             heapq.heappush(self._decodes, (self.scheduler.decode_priority(r, now_s), next(self._order), r))
         self._start_decodes(now_s, strict=False)
+        return now_s
 
     def _start_decodes(self, until_s: float, strict: bool) -> None:
         """Start queued decodes, best priority first, while the worker is free before ``until_s``

@@ -32,6 +32,9 @@ class EngineConfig:
     reserve: bool = True
     """``slo`` policy: keep room in every step for the tightest recent request class
     (``SchedulerConfig.reserve``)."""
+    inline_decode: float = 2.0
+    """``slo`` policy: decode in the denoising loop a request left with less than this many decode
+    times to its deadline (``SchedulerConfig.inline_decode``; 0: always on the worker)."""
     device: str = "cpu"
     """Torch device of the denoiser (``cpu``, ``cuda``, ``cuda:1``)."""
     dtype: str = "float32"

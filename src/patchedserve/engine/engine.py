@@ -215,9 +215,9 @@ class Engine:
     def _retire(self, r: Request) -> None:
         """Take a fully denoised request out and decode it (on the worker thread if configured)."""
         latents = self.batch.final_latents(r).clone()  # [C, h, w]
-        r.timings.denoised_s = self.clock()
+        now = r.timings.denoised_s = self.clock()
         r.state.clear()
-        if self._decoder is None:
+        if self._decoder is None or self.scheduler.decode_inline(r, now):
             self._decode(r, latents)
         else:
             priority = self.scheduler.decode_priority(r, r.timings.denoised_s)

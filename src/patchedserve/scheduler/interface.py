@@ -91,6 +91,13 @@ class Scheduler(ABC):
         decodes run first come, first served; a policy that knows deadlines may order them."""
         return 0.0
 
+    def decode_inline(self, request: Request, now_s: float) -> bool:
+        """Whether a request that finished denoising at ``now_s`` is decoded at once in the
+        denoising loop (which waits for it) instead of queueing for the decode worker, where it
+        would share the CPU with the steps. Never here; a policy that knows deadlines may say so
+        for a request whose deadline only a decode at full speed can still make."""
+        return False
+
     @property
     @abstractmethod
     def num_waiting(self) -> int: ...

@@ -44,7 +44,9 @@ Each ``schedule`` call, with A the active set and L(X) the predicted step latenc
 
 Finished requests queue for the decode worker earliest deadline first (``decode_priority``);
 one that would miss its deadline even if decoded at once goes after those that can still make
-theirs.
+theirs. One that can still make it, but with less than ``inline_decode`` of its predicted decode
+times left, is decoded at once in the denoising loop instead (``decode_inline``): the steps wait
+for it, so it runs at full speed rather than sharing the CPU with them.
 
 No preemption: a request runs to the end once admitted. ``SchedulerOutput.preempted`` is where a
 preempting variant would report requests it moves back to the queue.
@@ -168,6 +170,13 @@ class SLOScheduler(QueueScheduler):
             return math.inf
         need_s = self.model.decode_s(request.params.width, request.params.height)
         return request.deadline_s if now_s + need_s <= request.deadline_s else math.inf
+
+    def decode_inline(self, request: Request, now_s: float) -> bool:
+        if request.deadline_s is None or request.request_id in self.best_effort:
+            return False
+        need_s = self.model.decode_s(request.params.width, request.params.height)
+        left_s = request.deadline_s - now_s
+        return need_s <= left_s < self.config.inline_decode * need_s
 
     # ------------------------------------------------------------------ admission
     def _admit(self, now_s: float, out: SchedulerOutput) -> None:

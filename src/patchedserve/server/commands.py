@@ -36,6 +36,12 @@ ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("on_infeasible", str, "slo policy: drop or best-effort"),
     ("admission", str, "slo policy: throughput or least-slack (the paper's rule)"),
     ("reserve", on_off, "slo policy: on or off; keep room in each step for the tightest recent class"),
+    (
+        "inline_decode",
+        float,
+        "slo policy: decode at once, pausing the steps, a request left with "
+        "fewer than this many decode times to its deadline (0: off)",
+    ),
     ("device", str, "torch device: cpu, cuda, cuda:1"),
     ("dtype", str, "float32, float16 or bfloat16"),
     ("streams", int, "parts of each step denoised side by side on a share of the CPU threads each"),
