@@ -4,7 +4,9 @@ A system can meet more deadlines by running fewer steps (NIRVANA starts requests
 latents) or by running each step more cheaply (patched batching). For every system in the run
 directories given (each written by ``bench slo``: ``steps/``, ``outcomes/``, ``traces/``), pooled:
 
-* requests arrived, finished and met;
+* requests arrived, finished and met, and of the late ones, how many were still on time when their
+  denoising ended (late in the decode tail: the wait for the decode worker and the decode), where
+  the outcomes record it (``denoised_s``, since session 12);
 * request-steps run (a request with CFG counts once per step), and what share they are of the steps
   its finished requests asked for;
 * the summed step time, and that time per megapixel-step (each request-step weighted by its image's
@@ -30,6 +32,8 @@ class Work:
     arrived: int = 0
     finished: int = 0
     met: int = 0
+    late_in_tail: int = 0
+    """Finished late although on time at the end of their denoising."""
     request_steps: int = 0
     asked_steps: int = 0
     """Steps asked for by the finished requests (their trace's ``steps``)."""
@@ -67,6 +71,9 @@ def add_run(run_dir: Path, totals: dict[str, Work]) -> None:
             if row["status"] == "finished":
                 work.finished += 1
                 work.met += row["latency_s"] <= row["slo_s"]
+                denoised_s = row.get("denoised_s")
+                late_in_tail = denoised_s is not None and denoised_s <= row["slo_s"] < row["latency_s"]
+                work.late_in_tail += late_in_tail
                 work.asked_steps += int(trace[row["index"]]["steps"])
 
 
@@ -79,7 +86,8 @@ def main() -> None:
         add_run(run, totals)
     for system, w in totals.items():
         print(
-            f"{system:22s} arrived {w.arrived} finished {w.finished} met {w.met}; request-steps run "
+            f"{system:22s} arrived {w.arrived} finished {w.finished} met {w.met} "
+            f"(late in the decode tail {w.late_in_tail}); request-steps run "
             f"{w.request_steps} ({w.step_share:.3f} of those asked by the finished); step time "
             f"{w.step_s:.0f} s, {w.s_per_megapixel_step * 1e3:.1f} ms per megapixel-step"
         )

@@ -45,8 +45,8 @@ def test_counts_steps_against_those_asked_and_prices_them_per_megapixel(tmp_path
     steps.append([4.0, 0.5, [[1000, 500, True]]])
     write_jsonl(tmp_path / "steps" / "nirvana_1r_2qps.jsonl", steps)
     outcomes = [
-        {"index": 0, "status": "finished", "latency_s": 1.0, "slo_s": 2.0},
-        {"index": 1, "status": "finished", "latency_s": 3.0, "slo_s": 2.0},
+        {"index": 0, "status": "finished", "latency_s": 1.0, "slo_s": 2.0, "denoised_s": 0.5},
+        {"index": 1, "status": "finished", "latency_s": 3.0, "slo_s": 2.0, "denoised_s": 1.9},
         {"index": 2, "status": "dropped"},
     ]
     write_jsonl(tmp_path / "outcomes" / "nirvana_1r_2qps.jsonl", outcomes)
@@ -54,6 +54,7 @@ def test_counts_steps_against_those_asked_and_prices_them_per_megapixel(tmp_path
     script.add_run(tmp_path, totals)
     w = totals["nirvana"]
     assert (w.arrived, w.finished, w.met) == (3, 2, 1)
+    assert w.late_in_tail == 1  # request 1 was on time when its denoising ended
     assert (w.request_steps, w.asked_steps) == (6, 8)
     assert math.isclose(w.step_share, 0.75)
     # 2 steps of a 0.5 MP image with CFG (1 MP each) and 4 of a 1 MP image without: 6 MP-steps.
