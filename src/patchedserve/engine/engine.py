@@ -220,7 +220,7 @@ class Engine:
         if self._decoder is None or self.scheduler.decode_inline(r, now):
             self._decode(r, latents)
         else:
-            priority = self.scheduler.decode_priority(r, r.timings.denoised_s)
+            priority = self.scheduler.decode_priority(r, now)
             self._decoder.submit(priority, lambda: self._decode(r, latents))
 
     def _decode(self, r: Request, latents: torch.Tensor) -> None:

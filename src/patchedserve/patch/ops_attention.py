@@ -46,10 +46,10 @@ def grouped_attention(
     straight into its rows of the result, which spares joining the groups with a copy."""
     t, inner = query.shape[1:]
     proj = attn.to_out[0]
-    # A plain Linear only (not a subclass such as a LoRA layer, whose forward does more).
-    linear = proj if isinstance(proj, nn.Linear) and type(proj) is nn.Linear else None
-    if len(ctx.groups) == 1 or torch.is_grad_enabled():  # out= products record no autograd graph
-        linear = None
+    # With several groups and a plain Linear (not a subclass such as a LoRA layer, whose forward
+    # does more). Patched forwards run without autograd (``PatchedModel.forward_batch``), which
+    # the out= products need.
+    linear = proj if len(ctx.groups) > 1 and type(proj) is nn.Linear else None
     outs = []
     joined = (
         None if linear is None else query.new_empty(query.shape[0] * t, linear.out_features)

@@ -15,8 +15,8 @@ When GroupNorm feeds a convolution through an activation with ``act(0) == 0`` (R
 ``conv_norm_out``), the norm returns the padded patches: each group's normalised pixels are
 gathered straight into that group's block of the padded batch and the off-image border is zeroed
 (``stitcher.gather_groups``), so the halo costs one pass and the conv skips its own gather (the
-activation maps the zero border to zero). With several groups the output of the group's kernel
-call is read in place; without a halo it is joined with one copy (none for one group).
+activation maps the zero border to zero). The gather reads each group's kernel output in place;
+without a halo the groups are joined with one copy (none for a single group).
 
 The patch cache keeps each patch's own statistics so that partial calls can mix fresh and stored
 patches; while it records (and in its partial calls) the statistics come per patch from the native
@@ -150,9 +150,6 @@ def _whole_entries(norm: nn.GroupNorm, x: torch.Tensor, ctx: PatchContext, emit_
     parts = entry_norms(norm, x, ctx)
     if emit_halo:
         with timed(ctx, "stitch"):
-            if torch.is_grad_enabled():  # out= gathers record no autograd graph: join the groups
-                buf = torch.cat([*parts, parts[0].new_zeros(1, c)])  # [N*side*side + 1, C]
-                return gather_from_buffer(buf, n, ctx.halo_index(side, emit_halo))
             return gather_groups(parts, ctx.group_halo_index(side, emit_halo), n)  # [N, C, p+2h, p+2h]
     rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # [N*side*side, C]
     return rows.view(n, side, side, c).permute(0, 3, 1, 2)
