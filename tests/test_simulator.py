@@ -337,6 +337,23 @@ def test_a_decode_in_the_loop_holds_the_next_step_back() -> None:
         assert outcomes[1].denoised_s == pytest.approx(short_end_s + pause_s + 4 * solo_s - 1.0)
 
 
+def test_a_worker_decode_beside_running_steps_takes_the_measured_slowdown() -> None:
+    p = profile()
+    # The short request's decode runs on the worker while the long one still has steps to run;
+    # the long one's decode starts with the loop idle.
+    short, long = req(1.0, size=512, steps=2), req(1.0, size=512, steps=6)
+    decode_s = p.overhead.decode_s(512, 512)
+    worker = replace(SYSTEMS["patchedserve"], reserve=False, inline_decode=0.0)
+    costs = MachineCosts(image=p, decode_slowdown=2.0)
+    outcomes = simulate([short, long], [60.0, 60.0], worker, p, costs)
+    assert [o.status for o in outcomes] == ["finished", "finished"]
+    assert outcomes[0].latency_s - outcomes[0].denoised_s == pytest.approx(2.0 * decode_s)
+    assert outcomes[1].latency_s - outcomes[1].denoised_s == pytest.approx(decode_s)
+    # Measured as not slowed (1, the default), the worker decodes at its time alone.
+    plain = simulate([short, long], [60.0, 60.0], worker, p, MachineCosts(image=p))
+    assert plain[0].latency_s - plain[0].denoised_s == pytest.approx(decode_s)
+
+
 @pytest.mark.parametrize(("system", "tighter_first"), [("patchedserve", True), ("patched-fcfs", False)])
 def test_simulated_decodes_follow_the_policy_order(system: str, tighter_first: bool) -> None:
     p = profile()
@@ -381,3 +398,4 @@ def test_calibration_times_the_two_executions_in_alternation(monkeypatch: pytest
     assert set(order[8:]) == {"patched"}
     assert {c.meta["execution"] for c in costs.values()} == {"image", "patched"}
     assert len(costs["image"].meta["samples"]) == 4 and "decode_interference" in costs["patched"].meta
+    assert costs["patched"].meta["decode_slowdown"] >= 1.0

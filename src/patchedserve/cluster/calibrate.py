@@ -8,7 +8,8 @@ prepared requests (prompt encoding, sampler and all, as ``Engine.step`` runs the
 * ``image``: ``ImageBatch`` steps of single-size groups of 1..12 requests (an image-level step
   costs the sum over its resolution groups, ``cluster.costs``);
 * ``patched``: ``DenoiseBatch`` steps of random mixes of the sizes, 1..12 requests; how much
-  of the denoising loop's speed a concurrent VAE decode takes (``measure_decode_interference``);
+  of the denoising loop's speed a concurrent VAE decode takes, and how much slower that decode
+  runs beside the loop than alone (``measure_decode_contention``);
   and what the patch cache costs: per step of one request's trajectory
   (``measure_patch_cache_steps``), levelled to staggered batches (``batch_level``).
 
@@ -172,7 +173,9 @@ def _fit(
         "calibration": {**asdict(config), "sizes": [list(s) for s in config.sizes]},
     }
     if execution == "patched":
-        meta["decode_interference"] = measure_decode_interference(bundle, preparer, pm, config)
+        meta["decode_interference"], meta["decode_slowdown"] = measure_decode_contention(
+            bundle, preparer, pm, config
+        )
         paired, meta["patch_cache_reuse"] = staggered_cache_steps(bundle, preparer, config)
         meta["patch_cache_factor"] = cached_over_exact(paired)
         alone = measure_patch_cache_steps(bundle, preparer, config)
@@ -191,15 +194,17 @@ def _fit(
     return predictor
 
 
-def measure_decode_interference(
+def measure_decode_contention(
     bundle: ModelBundle, preparer: Preparer, pm: PatchedModel, config: Calibration, steps: int = 12
-) -> float:
-    """Share of the denoising loop's speed lost while the decode worker runs (0: none, 1: all).
+) -> tuple[float, float]:
+    """How the denoising loop and the decode worker slow each other: (interference, slowdown).
 
-    Times ``steps`` patched steps of one largest-size request alone, then again while another
-    thread decodes images of that size back to back (as the engine's decode worker does), and
-    returns ``1 - alone / with_decode``, clipped to [0, 1]. On a CPU the two share cores and
-    memory bandwidth; on a GPU they share the device.
+    Times ``steps`` patched steps of one largest-size request alone and decodes of that size alone,
+    then both at once: the steps while another thread decodes back to back (as the engine's decode
+    worker does), timing those decodes too. ``interference`` is the share of the loop's speed lost
+    (``1 - alone / with_decode``, clipped to [0, 1]); ``slowdown`` is a decode's time beside the
+    loop over its time alone (at least 1). On a CPU the two share cores and memory bandwidth; on a
+    GPU they share the device.
     """
     import threading
 
@@ -212,11 +217,21 @@ def measure_decode_interference(
     alone_s = statistics.median(time_steps(bundle, batch, requests)[1:])  # the first one warms up
     f = bundle.vae_scale_factor
     latents = torch.randn(1, bundle.latent_channels, size[1] // f, size[0] // f, dtype=bundle.dtype)
+    latents = latents.to(bundle.device)
+
+    def decode_s() -> float:  # PIL images are on the host: the decode is over when it returns
+        start = time.perf_counter()
+        decode_latents(bundle, latents)
+        return time.perf_counter() - start
+
+    decode_s()  # warm-up
+    decode_alone_s = statistics.median(decode_s() for _ in range(3))
     stop = threading.Event()
+    beside: list[float] = []
 
     def decode_loop() -> None:
         while not stop.is_set():
-            decode_latents(bundle, latents.to(bundle.device))
+            beside.append(decode_s())
 
     requests[0].step_index = 0
     worker = threading.Thread(target=decode_loop, daemon=True)
@@ -226,7 +241,10 @@ def measure_decode_interference(
     finally:
         stop.set()
         worker.join()
-    return min(max(1.0 - alone_s / statistics.median(busy), 0.0), 1.0)
+    interference = min(max(1.0 - alone_s / statistics.median(busy), 0.0), 1.0)
+    # The last decode may have run on after the steps; the first ones overlapped them throughout.
+    overlapped = beside[:-1] or beside
+    return interference, max(statistics.median(overlapped) / decode_alone_s, 1.0)
 
 
 PairedStep = tuple[list[Entry], list[tuple[int, int]], float, float]

@@ -18,11 +18,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from patchedserve.bench.slo_commands import Trace, _ints, add_system_args, add_trace_args, make_traces
 from patchedserve.bench.traces import load_trace
 from patchedserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from patchedserve.cluster.costs import MachineCosts
 
 
 def add_parser(subparsers: Any) -> None:
@@ -81,7 +84,23 @@ def add_parser(subparsers: Any) -> None:
         help="share of the loop's speed a running decode takes (default: the patched calibration's; "
         "0 with --speed-trace)",
     )
+    p.add_argument(
+        "--decode-slowdown",
+        type=float,
+        default=None,
+        help="a worker decode's time beside the running loop over its time alone (default: the "
+        "patched calibration's; 1 where it was not measured)",
+    )
     p.set_defaults(handler=run_simulate)
+
+
+def _decode_overrides(costs: MachineCosts, args: argparse.Namespace) -> MachineCosts:
+    """The decode contention given on the command line, where given, over the calibration's."""
+    if args.decode_interference is not None:
+        costs = replace(costs, decode_interference=args.decode_interference)
+    if args.decode_slowdown is not None:
+        costs = replace(costs, decode_slowdown=args.decode_slowdown)
+    return costs
 
 
 def _seeds(text: str) -> int:
@@ -154,8 +173,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     profile = _load(args.profile)
     costs = replace(MachineCosts.load(args.image_cost, args.patched_cost), step_noise=args.step_noise)
     costs = _with_cache_steps(costs, args.patch_cache_steps)
-    if args.decode_interference is not None:
-        costs = replace(costs, decode_interference=args.decode_interference)
+    costs = _decode_overrides(costs, args)
     embedder = _embedder(args.nirvana_similarity, args.model)
     runs: list[dict[str, Any]] = []
     traces_meta: list[dict[str, Any]] = []
@@ -232,8 +250,7 @@ def run_compare(args: argparse.Namespace) -> int:
         costs = replace(costs, step_noise=args.step_noise)
     if args.speed_trace:  # the measured speed includes the decode worker's interference
         costs = replace(costs, decode_interference=0.0)
-    if args.decode_interference is not None:
-        costs = replace(costs, decode_interference=args.decode_interference)
+    costs = _decode_overrides(costs, args)
     embedder = _embedder(args.nirvana_similarity, meta["model"])
     speed_for = None
     if args.speed_trace:

@@ -26,7 +26,10 @@ a random factor slower or faster around that (log-normal with mean 1, drawn by t
 step-to-step jitter a speed trace's buckets average away). ``decode_interference`` is the
 share of the loop's speed a running decode takes (measured by ``cluster.calibrate``): while the
 decode worker is busy, a step advances at ``1 - decode_interference`` of its speed (on a GPU the
-two share the device; on a CPU, cores and memory bandwidth).
+two share the device; on a CPU, cores and memory bandwidth). The other way round,
+``decode_slowdown`` is how much longer a decode takes on the worker while the loop runs steps than
+alone (measured with it); the replica applies it to a worker decode that starts while the loop
+has work.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ class CostModel:
     """Trace time (s) -> cost factor at that time; None: constant 1."""
     decode_interference: float = 0.0
     """Share of the denoising loop's speed lost while the decode worker runs, in [0, 1]."""
+    decode_slowdown: float = 1.0
+    """A worker decode's time beside the running loop over its time alone (>= 1)."""
     cache_factor: float = 1.0
     """Multiplies the step cost (the patch cache's measured saving; 1 without a cache)."""
     cache_steps: tuple[float, ...] = ()
@@ -153,6 +158,10 @@ class CostModel:
         """VAE decode of one image."""
         return self.factor(now_s) * self.overhead_predictor.overhead.decode_s(width, height)
 
+    def worker_decode_s(self, width: int, height: int, now_s: float, loop_busy: bool) -> float:
+        """VAE decode of one image on the decode worker, beside the loop's steps if ``loop_busy``."""
+        return self.decode_s(width, height, now_s) * (self.decode_slowdown if loop_busy else 1.0)
+
 
 @dataclass(frozen=True)
 class MachineCosts:
@@ -173,6 +182,8 @@ class MachineCosts:
     """Per-step jitter (``CostModel.step_noise``); 0: none."""
     patch_cache_steps: tuple[float, ...] = ()
     """The patch cache's per-step profile (``CostModel.cache_steps``); empty: not measured."""
+    decode_slowdown: float = 1.0
+    """A decode's time beside the loop over alone (``CostModel.decode_slowdown``); 1: not measured."""
 
     @classmethod
     def load(cls, image: str | Path | None, patched: str | Path | None) -> MachineCosts:
@@ -190,6 +201,7 @@ class MachineCosts:
             interference,
             None if factor is None else float(factor),
             patch_cache_steps=tuple(float(r) for r in meta.get("patch_cache_steps", ())),
+            decode_slowdown=float(meta.get("decode_slowdown", 1.0)),
         )
 
 
@@ -215,6 +227,7 @@ def cost_model(
             scale,
             costs.speed,
             costs.decode_interference,
+            costs.decode_slowdown,
             step_noise=costs.step_noise,
         )
     factor = costs.patch_cache_factor if patch_cache and costs.patch_cache_factor is not None else 1.0
@@ -225,6 +238,7 @@ def cost_model(
         scale,
         costs.speed,
         costs.decode_interference,
+        costs.decode_slowdown,
         cache_factor=factor,
         cache_steps=costs.patch_cache_steps if patch_cache else (),
         step_noise=costs.step_noise,

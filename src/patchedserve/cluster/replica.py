@@ -5,7 +5,8 @@ the cost model: take the inbox (``add_request``), ``schedule``, resolve drops, "
 admitted (encode cost; NIRVANA's real ``ApproxCache`` may move them forward), run one step of the
 active set (every request's ``step_index`` advances; the step costs ``CostModel.step_s``), record
 cache points, ``update_from_output`` and send the finished to the decode worker (one at a time,
-in the policy's ``decode_priority`` order, as ``engine.decoder`` runs them). The
+in the policy's ``decode_priority`` order, as ``engine.decoder`` runs them, slowed by
+``CostModel.decode_slowdown`` while the loop has steps to run). The
 policies are the engine's own objects (``make_scheduler``, ``ResolutionBatchScheduler``), built
 as ``engine.scheduling.build_scheduler`` builds them. Driven by ``cluster.simulator``.
 """
@@ -177,15 +178,19 @@ class SimReplica:
         ):
             _, _, r = heapq.heappop(self._decodes)
             start_s = max(self.decoder_free_s, r.timings.denoised_s or 0.0)
-            self.decoder_free_s = start_s + self.cost.decode_s(r.params.width, r.params.height, start_s)
+            self.decoder_free_s = start_s + self._worker_decode_s(r, start_s)
             self._end(r, self.decoder_free_s)
+
+    def _worker_decode_s(self, r: Request, start_s: float) -> float:
+        """A decode on the worker, slowed beside the loop while the replica has steps to run."""
+        return self.cost.worker_decode_s(r.params.width, r.params.height, start_s, self.has_work())
 
     def _decoder_busy_until(self) -> float:
         """When the decode worker runs out of work, if nothing more is queued (a queued decode
         waits for the one before it, so it starts when the worker is free)."""
         busy_s = self.decoder_free_s
         for _, _, r in self._decodes:
-            busy_s += self.cost.decode_s(r.params.width, r.params.height, busy_s)
+            busy_s += self._worker_decode_s(r, busy_s)
         return busy_s
 
     def _end(self, r: Request, now_s: float) -> None:
