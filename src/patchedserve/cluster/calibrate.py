@@ -244,6 +244,8 @@ def measure_decode_contention(
     interference = min(max(1.0 - alone_s / statistics.median(busy), 0.0), 1.0)
     # The last decode may have run on after the steps; the first ones overlapped them throughout.
     overlapped = beside[:-1] or beside
+    if not overlapped:  # the steps ended before the worker began a decode
+        return interference, 1.0
     return interference, max(statistics.median(overlapped) / decode_alone_s, 1.0)
 
 
