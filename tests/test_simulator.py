@@ -229,6 +229,28 @@ def test_speed_trace_measures_the_step_to_step_noise_its_buckets_average_away() 
     assert SpeedTrace.from_steps(steady, cost, bucket_s=5.0).noise == pytest.approx(0.0, abs=1e-12)
 
 
+def test_step_noise_weighs_each_step_by_its_modelled_time() -> None:
+    p = profile()
+    cost = cost_model("patched", p, MachineCosts())
+    large, small = [(512, 512, True)] * 4, [(256, 256, False)]
+    large_s, small_s = cost.base_step_s(large), cost.base_step_s(small)
+    assert large_s > 5 * small_s
+    rng = random.Random(2)
+    # Steady large steps and wildly jittering small ones, alternating within each bucket.
+    steps = []
+    for i in range(2000):
+        if i % 2:
+            steps.append((0.01 * i, small_s * math.exp(rng.gauss(0.0, 0.8)), small))
+        else:
+            steps.append((0.01 * i, large_s, large))
+    noise = SpeedTrace.from_steps(steps, cost, bucket_s=5.0).noise
+    # Counted per step the spread would be about 0.55; weighed by time the small steps' share
+    # (small_s / (small_s + large_s)) bounds it.
+    share = small_s / (small_s + large_s)
+    assert 0.0 < noise < 0.8 * math.sqrt(share) + 0.05
+    assert noise < 0.35
+
+
 def test_step_noise_jitters_each_step_around_the_model_with_mean_one() -> None:
     cost = replace(cost_model("patched", profile(), MachineCosts()), step_noise=0.3)
     rng = random.Random(1)

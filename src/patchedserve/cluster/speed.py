@@ -35,8 +35,9 @@ class SpeedTrace:
     factors: tuple[float, ...]
     """One factor per bucket from t = 0; empty buckets take the nearest earlier (else later) one."""
     noise: float = 0.0
-    """Standard deviation of log(observed / (modelled x bucket factor)) over the steps: the
-    step-to-step jitter the buckets average away (``CostModel.step_noise``)."""
+    """Standard deviation of log(observed / (modelled x bucket factor)) over the steps, each step
+    weighted by its modelled time: the step-to-step jitter the buckets average away
+    (``CostModel.step_noise``)."""
 
     def __call__(self, now_s: float) -> float:
         if not self.factors:
@@ -76,9 +77,24 @@ class SpeedTrace:
         for f in factors:
             last = f if f is not None else last
             filled.append(last)
-        residuals = [math.log(o / (m * filled[index])) for index, pairs in buckets.items() for o, m in pairs]
-        noise = statistics.pstdev(residuals) if len(residuals) > 1 else 0.0
-        return cls(bucket_s, tuple(filled), noise)
+        residuals = [
+            (math.log(o / (m * filled[index])), m * filled[index])
+            for index, pairs in buckets.items()
+            for o, m in pairs
+        ]
+        return cls(bucket_s, tuple(filled), _weighted_std(residuals))
+
+
+def _weighted_std(samples: Sequence[tuple[float, float]]) -> float:
+    """Standard deviation of the values of (value, weight) pairs, each weighing its weight: a step's
+    jitter counts as much as the time it costs, so the many cheap steps of a patch-cached run (whose
+    relative deviations are large but whose seconds are few) do not inflate the jitter replayed on
+    every step."""
+    total = sum(w for _, w in samples)
+    if len(samples) < 2 or total <= 0.0:
+        return 0.0
+    mean = sum(v * w for v, w in samples) / total
+    return math.sqrt(sum(w * (v - mean) ** 2 for v, w in samples) / total)
 
 
 def infer_progress(steps: Sequence[StepRecord], trajectory: int) -> list[list[tuple[int, int]]] | None:
