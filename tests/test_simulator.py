@@ -20,6 +20,7 @@ from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
 from patchedserve.cluster.simulator import SimConfig, build_replicas, exact_embedder, simulate
 from patchedserve.cluster.speed import SpeedTrace
+from patchedserve.request import RequestStatus
 from patchedserve.scheduler import FCFSScheduler, LatencyPredictor, Overhead, SLOScheduler
 from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
 
@@ -120,6 +121,32 @@ def test_dispatcher_balances_equal_requests_over_replicas() -> None:
         replicas[dispatcher.choose(replicas)].submit(_request(i, r, 100.0, 256), r.arrival_s)
     assert sorted(dispatcher.assigned.count(k) for k in range(4)) == [10, 10, 10, 10]
     assert dispatcher.assigned[:4] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("system", ["patchedserve", "res-batch", "nirvana"])
+def test_a_replica_prices_its_queue_once_and_its_load_stays_the_sum_over_its_requests(system: str) -> None:
+    from patchedserve.cluster.dispatch import remaining_work_s
+    from patchedserve.cluster.simulator import _request
+
+    p = profile()
+    (replica,) = build_replicas(SYSTEMS[system], p, MachineCosts(image=p), SimConfig(), exact_embedder())
+    dispatcher = LeastLoadDispatcher(p)
+    # Tight objectives for the large requests, so the slo policy refuses some of them.
+    trace = [req(0.05 * i, (256, 512)[i % 2], 10, f"p{i % 7}") for i in range(60)]
+    requests = [_request(i, r, 1.0 if r.width == 512 else 100.0, 256) for i, r in enumerate(trace)]
+    now_s, seen = 0.0, set()
+    for i, r in enumerate(requests):
+        replica.submit(r, r.arrival_s)
+        if i % 3 == 2:  # a step now and then: admissions, drops, finished requests
+            now_s = max(now_s, r.arrival_s)
+            replica.iterate(now_s)
+            now_s = replica.next_s or now_s
+        brute_s = sum(remaining_work_s(x, p) for x in replica.outstanding())
+        assert replica.outstanding_work_s(dispatcher.work_of) == pytest.approx(brute_s, rel=1e-12)
+        seen |= {x.status for x in requests}
+    assert RequestStatus.RUNNING in seen and RequestStatus.FINISHED in seen
+    if system == "patchedserve":
+        assert RequestStatus.DROPPED in seen
 
 
 def test_more_replicas_serve_an_overload_better() -> None:

@@ -24,6 +24,7 @@ import torch
 
 from patchedserve.bench.systems import SystemSpec
 from patchedserve.cluster.costs import CostModel
+from patchedserve.cluster.dispatch import WorkOf
 from patchedserve.engine.approx_cache import ApproxCache
 from patchedserve.request import Request, RequestStatus
 from patchedserve.sampler.ddim import DDIMSampler
@@ -97,6 +98,9 @@ class SimReplica:
         self._decodes: list[tuple[float, int, Request]] = []
         """Decodes waiting for the worker: (priority, order, request), a heap."""
         self._order = itertools.count()
+        self._work_of: WorkOf | None = None
+        self._queued_work: dict[int, float] = {}
+        """Request id -> ``_work_of`` of each queued request (inbox and waiting), priced once."""
         self.ended: list[Request] = []
         """Requests in a final state (finished ones with ``timings.finished_s`` set)."""
         if approx_cache is not None and embed is None:
@@ -107,6 +111,8 @@ class SimReplica:
         if self.scheduler.num_waiting + len(self.inbox) >= self.max_waiting:
             return False
         self.inbox.append(request)
+        if self._work_of is not None:
+            self._queued_work[request.request_id] = self._work_of(request)
         if self.next_s is None:
             self.next_s = now_s
         return True
@@ -114,6 +120,14 @@ class SimReplica:
     def outstanding(self) -> list[Request]:
         """Requests not yet through their last step (what the dispatcher weighs)."""
         return [*self.inbox, *self.scheduler.waiting, *self.scheduler.running]
+
+    def outstanding_work_s(self, work_of: WorkOf) -> float:
+        """What the dispatcher weighs: ``work_of`` summed over ``outstanding()``. Queued requests
+        are priced once (they do not change until admitted); the running ones at every call."""
+        if work_of is not self._work_of:  # another measure: price the queue afresh
+            self._work_of = work_of
+            self._queued_work = {r.request_id: work_of(r) for r in (*self.inbox, *self.scheduler.waiting)}
+        return math.fsum(self._queued_work.values()) + sum(work_of(r) for r in self.scheduler.running)
 
     def has_work(self) -> bool:
         return bool(self.inbox) or self.scheduler.num_waiting > 0 or self.scheduler.num_running > 0
@@ -124,6 +138,8 @@ class SimReplica:
             self.scheduler.add_request(r, now_s)
         self.inbox.clear()
         out = self.scheduler.schedule(now_s)
+        for r in (*out.admitted, *out.dropped):
+            self._queued_work.pop(r.request_id, None)
         for r in out.dropped:
             self._end(r, now_s)
         if out.admitted:
@@ -206,6 +222,7 @@ class SimReplica:
             r.status = RequestStatus.CANCELLED
             self._end(r, math.inf)
         self.inbox.clear()
+        self._queued_work.clear()
         return left
 
 

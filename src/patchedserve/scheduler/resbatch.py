@@ -15,7 +15,7 @@ class ResolutionBatchScheduler(QueueScheduler):
     policy = "res-fcfs"
 
     def _admit(self, now_s: float, out: SchedulerOutput) -> None:
-        if not self.waiting:
+        if not self.waiting or len(self.running) >= self.max_running:
             return
         current = self.running[0].resolution if self.running else self.waiting[0].resolution
         for req in list(self.waiting):
