@@ -3,8 +3,9 @@
 One real sweep is one draw: a few requests of 74 decide a close point, and the machine's load
 differs from run to run. Here each sweep (``bench slo ... --seed S``) replays its own trace against
 every system one after the other, so at each offered load the systems meet the same requests and
-a per-seed difference of SLO satisfaction pairs them. The script reads the sweeps' results.json
-and prints, per load and system:
+a per-seed difference of SLO satisfaction pairs them. Runs pair by the trace they replayed (its
+file's content), so systems of one seed may come from different folders (invocations). The script
+reads the sweeps' results.json and prints, per load and system:
 
 * the satisfaction of every seed and the pooled one (met / arrived over all seeds);
 * the reference system minus this one, in percentage points: mean over seeds, a 95% t interval
@@ -18,6 +19,7 @@ A benchmark report, not a test; nothing here is tuned to the outcome.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 from collections import defaultdict
@@ -30,14 +32,36 @@ from scipy import stats
 from patchedserve.bench.results import load_results
 
 
+def _trace_names(folders: list[Path]) -> dict[tuple[Path, float], str]:
+    """(folder, qps) -> a name for the trace that folder replayed at that load: the first folder
+    (in the order given) whose trace file at that load has the same content. Folders whose
+    results.json lists no readable trace name their own."""
+    first: dict[tuple[float, str], str] = {}
+    names: dict[tuple[Path, float], str] = {}
+    for folder in folders:
+        for trace in load_results(folder / "results.json")["meta"].get("traces", []):
+            path = Path(trace["path"])
+            if not path.is_file():
+                path = folder / "traces" / path.name
+            if path.is_file():
+                key = (float(trace["qps"]), hashlib.sha256(path.read_bytes()).hexdigest())
+                names[(folder, key[0])] = first.setdefault(key, folder.name)
+    return names
+
+
 def _points(folders: list[Path]) -> dict[tuple[str, float], dict[str, tuple[int, int]]]:
-    """(system, qps) -> {sweep folder name: (met, requests)}."""
+    """(system, qps) -> {trace name: (met, requests)}."""
+    names = _trace_names(folders)
     points: dict[tuple[str, float], dict[str, tuple[int, int]]] = defaultdict(dict)
     for folder in folders:
         for run in load_results(folder / "results.json")["runs"]:
             if run.get("replicas", 1) != 1:
                 continue
-            points[(run["system"], float(run["qps"]))][folder.name] = (int(run["met"]), int(run["requests"]))
+            qps = float(run["qps"])
+            trace = names.get((folder, qps), folder.name)
+            if trace in points[(run["system"], qps)]:
+                raise ValueError(f"{run['system']} at {qps} req/s replayed the trace of {trace} twice")
+            points[(run["system"], qps)][trace] = (int(run["met"]), int(run["requests"]))
     return points
 
 

@@ -1,0 +1,92 @@
+"""`scripts/pool_sweeps.py`: one load's figures over all of its traces, on the same traces for all."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pool_sweeps.py"
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("pool_sweeps", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def outcome(index: int, latency_s: float | None, status: str = "finished") -> dict[str, Any]:
+    return {
+        "index": index,
+        "size": "256x256",
+        "arrival_s": float(index),
+        "status": status,
+        "latency_s": latency_s,
+        "slo_s": 2.0,
+    }
+
+
+def write_sweep(folder: Path, trace: str, runs: dict[str, list[dict[str, Any]]], qps: float = 1.0) -> Path:
+    """A bench slo folder with one trace (text ``trace``, 10 s) and per-system outcomes."""
+    (folder / "traces").mkdir(parents=True)
+    (folder / "outcomes").mkdir()
+    path = folder / "traces" / "qps1_slo5.jsonl"
+    path.write_text(trace)
+    meta = {"traces": [{"qps": qps, "slo_scale": 5.0, "duration_s": 10.0, "path": str(path)}]}
+    rows = []
+    for system, outcomes in runs.items():
+        (folder / "outcomes" / f"{system}_1r_{qps:g}qps.jsonl").write_text(
+            "".join(json.dumps(o) + "\n" for o in outcomes)
+        )
+        rows.append({"system": system, "qps": qps, "slo_scale": 5.0, "replicas": 1})
+    (folder / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}))
+    return folder
+
+
+def test_pools_every_request_of_a_loads_traces_once(tmp_path: Path) -> None:
+    script = load_script()
+    met, late, dropped = outcome(0, 1.0), outcome(1, 3.0), outcome(2, None, "dropped")
+    folders = [
+        write_sweep(tmp_path / "seed1", "one\n", {"ref": [met, met], "other": [late, dropped]}),
+        write_sweep(tmp_path / "seed2", "two\n", {"ref": [met, late, dropped]}),
+        # The other system on trace two, from a later invocation.
+        write_sweep(tmp_path / "later2", "two\n", {"other": [met, met, met]}),
+    ]
+    runs, left_out = script.pool(folders, "ref")
+    assert left_out == []
+    by = {r["system"]: r for r in runs}
+    assert by["ref"]["requests"] == by["other"]["requests"] == 5
+    assert math.isclose(by["ref"]["slo_satisfaction"], 3 / 5)
+    assert math.isclose(by["other"]["slo_satisfaction"], 3 / 5)
+    assert math.isclose(by["other"]["goodput_rps"], 3 / 20.0)  # over both traces' 10 s
+    assert by["other"]["traces"] == 2 and math.isclose(by["other"]["drop_rate"], 1 / 5)
+
+
+def test_a_system_on_other_traces_is_left_out_at_that_load(tmp_path: Path) -> None:
+    script = load_script()
+    folders = [
+        write_sweep(tmp_path / "seed1", "one\n", {"ref": [outcome(0, 1.0)], "other": [outcome(0, 1.0)]}),
+        write_sweep(tmp_path / "seed2", "two\n", {"ref": [outcome(0, 1.0)]}),
+    ]
+    runs, left_out = script.pool(folders, "ref")
+    assert [r["system"] for r in runs] == ["ref"]
+    assert left_out == ["other at 1 req/s: ran 1 traces, 1 of the 2 of ref"]
+
+
+def test_one_trace_twice_for_a_system_is_an_error(tmp_path: Path) -> None:
+    script = load_script()
+    folders = [
+        write_sweep(tmp_path / "a", "one\n", {"ref": [outcome(0, 1.0)]}),
+        write_sweep(tmp_path / "b", "one\n", {"ref": [outcome(0, 1.0)]}),
+    ]
+    with pytest.raises(ValueError, match="twice"):
+        script.pool(folders, "ref")

@@ -1,0 +1,77 @@
+"""`scripts/seed_pairs.py`: systems pair by the trace they replayed, across folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "seed_pairs.py"
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("seed_pairs", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_sweep(folder: Path, trace_text: str, runs: dict[str, tuple[int, int]], qps: float = 2.0) -> Path:
+    """A bench slo output folder: one trace at ``qps`` and ``runs`` (system -> (met, requests))."""
+    trace = folder / "traces" / "qps2_slo5.jsonl"
+    trace.parent.mkdir(parents=True)
+    trace.write_text(trace_text)
+    results = {
+        "meta": {"traces": [{"qps": qps, "slo_scale": 5.0, "path": str(trace)}]},
+        "runs": [
+            {"system": s, "qps": qps, "slo_scale": 5.0, "met": met, "requests": n, "replicas": 1}
+            for s, (met, n) in runs.items()
+        ],
+    }
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_runs_of_one_trace_pair_across_folders(tmp_path: Path) -> None:
+    script = load_script()
+    folders = [
+        write_sweep(tmp_path / "k_seed1", "trace one\n", {"ref": (8, 10)}),
+        write_sweep(tmp_path / "k_seed2", "trace two\n", {"ref": (5, 10)}),
+        # The other system ran later, in folders of their own, on the same two traces.
+        write_sweep(tmp_path / "b_seed2", "trace two\n", {"other": (7, 10)}),
+        write_sweep(tmp_path / "b_seed1", "trace one\n", {"other": (6, 10)}),
+    ]
+    rows = {r["system"]: r for r in script.compare(folders, "ref")}
+    assert rows["other"]["satisfaction"] == {"k_seed1": 0.6, "k_seed2": 0.7}
+    assert math.isclose(rows["other"]["pooled"], 13 / 20)
+    pair = rows["other"]["reference_minus_pp"]
+    assert math.isclose(pair["mean"], 0.0)  # +20 pp on trace one, -20 pp on trace two
+    assert (pair["ahead"], pair["level"], pair["behind"]) == (1, 0, 1)
+
+
+def test_different_traces_do_not_pair(tmp_path: Path) -> None:
+    script = load_script()
+    folders = [
+        write_sweep(tmp_path / "a", "trace one\n", {"ref": (8, 10)}),
+        write_sweep(tmp_path / "b", "trace two\n", {"other": (6, 10)}),
+    ]
+    rows = {r["system"]: r for r in script.compare(folders, "ref")}
+    assert "reference_minus_pp" not in rows["other"]
+    assert rows["other"]["satisfaction"] == {"b": 0.6}
+
+
+def test_a_system_replaying_one_trace_twice_is_an_error(tmp_path: Path) -> None:
+    script = load_script()
+    folders = [
+        write_sweep(tmp_path / "a", "trace one\n", {"ref": (8, 10)}),
+        write_sweep(tmp_path / "b", "trace one\n", {"ref": (7, 10)}),
+    ]
+    with pytest.raises(ValueError, match="twice"):
+        script.compare(folders, "ref")
