@@ -12,13 +12,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from patchedserve.bench.metrics import STATUSES, summarize
 from patchedserve.bench.systems import SYSTEMS, objectives_s
 from patchedserve.bench.traces import TraceConfig, TraceRequest, make_trace
 from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
-from patchedserve.cluster.simulator import SimConfig, build_replicas, exact_embedder, simulate
+from patchedserve.cluster.simulator import ModelEmbedder, SimConfig, build_replicas, exact_embedder, simulate
 from patchedserve.cluster.speed import SpeedTrace
 from patchedserve.request import RequestStatus
 from patchedserve.scheduler import FCFSScheduler, LatencyPredictor, Overhead, SLOScheduler
@@ -456,3 +457,20 @@ def test_calibration_times_the_two_executions_in_alternation(monkeypatch: pytest
     assert {c.meta["execution"] for c in costs.values()} == {"image", "patched"}
     assert len(costs["image"].meta["samples"]) == 4 and "decode_interference" in costs["patched"].meta
     assert costs["patched"].meta["decode_slowdown"] >= 1.0
+
+
+def test_model_embedder_encodes_a_trace_in_batches_as_one_at_a_time() -> None:
+    from patchedserve.models import encode_prompts, load_model
+
+    bundle = load_model("tiny-sdxl")
+    prompts = ["a red fox in snow", "a lighthouse at dusk", "", "a red fox in snow, oil painting"]
+    embedder = ModelEmbedder(bundle, batch=3)  # two batches, the second of one prompt
+    embedder.encode(prompts + prompts[:2])  # repeats are encoded once
+    assert list(embedder.memo) == prompts
+    for prompt in prompts:
+        with torch.inference_mode():
+            alone = encode_prompts(bundle, [prompt])[0].prompt_embeds.float().mean(0)  # [D]
+        torch.testing.assert_close(embedder(prompt), alone, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(embedder(prompts[0]), embedder(prompts[1]))
+    late = embedder("a prompt seen only on arrival")  # encoded on demand
+    assert late.shape == embedder(prompts[0]).shape and len(embedder.memo) == 5

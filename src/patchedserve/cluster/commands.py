@@ -123,7 +123,7 @@ def _noise(text: str) -> float | str:
 
 
 def _embedder(similarity: str, model: str) -> Callable[[], Any]:
-    from patchedserve.cluster.simulator import exact_embedder, model_embedder
+    from patchedserve.cluster.simulator import ModelEmbedder, exact_embedder
 
     if similarity == "exact":
         return exact_embedder
@@ -133,7 +133,7 @@ def _embedder(similarity: str, model: str) -> Callable[[], Any]:
 
     def make() -> Any:  # one embedder (and one model load) for the whole sweep
         if not cache:
-            cache.append(model_embedder(load_model(model)))
+            cache.append(ModelEmbedder(load_model(model)))
         return cache[0]
 
     return make

@@ -8,14 +8,14 @@ gets the same objective as in the real replay (``bench.systems.objectives_s``), 
 through the same ``bench.metrics``.
 
 NIRVANA's skips come from the engine's own ``ApproxCache`` fed prompt embeddings: the model's
-mean token embeddings (``model_embedder``: what the real engine compares), or random unit vectors
+mean token embeddings (``ModelEmbedder``: what the real engine compares), or random unit vectors
 per distinct prompt (``exact_embedder``: only verbatim repeats hit), for models not at hand.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,19 +56,33 @@ class SimConfig:
             raise ValueError("noise_seed must be >= 0")
 
 
-def model_embedder(bundle: ModelBundle) -> Embedder:
-    """Prompt -> the mean token embedding of the model's conditional prompt encoding (memoised)."""
-    from patchedserve.models import encode_prompts
+class ModelEmbedder:
+    """Prompt -> the mean token embedding of the model's conditional prompt encoding (memoised).
 
-    memo: dict[str, torch.Tensor] = {}
+    ``simulate`` encodes a trace's new prompts up front, ``batch`` at a time, rather than one
+    encoder call per prompt as requests arrive: prompts are padded to the encoders' fixed length,
+    so a prompt's encoding does not depend on its batch mates."""
 
-    def embed(prompt: str) -> torch.Tensor:  # [D]
-        if prompt not in memo:
-            with torch.inference_mode():
-                memo[prompt] = encode_prompts(bundle, [prompt])[0].prompt_embeds.float().mean(0).cpu()
-        return memo[prompt]
+    def __init__(self, bundle: ModelBundle, batch: int = 64) -> None:
+        self.bundle = bundle
+        self.batch = batch
+        self.memo: dict[str, torch.Tensor] = {}
 
-    return embed
+    def encode(self, prompts: Iterable[str]) -> None:
+        """Encodes the prompts not seen yet."""
+        from patchedserve.models import encode_prompts
+
+        new = list(dict.fromkeys(p for p in prompts if p not in self.memo))
+        with torch.inference_mode():
+            for start in range(0, len(new), self.batch):
+                chunk = new[start : start + self.batch]
+                for prompt, cond in zip(chunk, encode_prompts(self.bundle, chunk), strict=True):
+                    self.memo[prompt] = cond.prompt_embeds.float().mean(0).cpu()  # [D]
+
+    def __call__(self, prompt: str) -> torch.Tensor:  # [D]
+        if prompt not in self.memo:
+            self.encode([prompt])
+        return self.memo[prompt]
 
 
 def exact_embedder(dim: int = 4096) -> Embedder:
@@ -132,6 +146,8 @@ def simulate(
     the simulated machine really spends (``MachineCosts``; default: the profile, no image cost)."""
     if spec.approx_cache and (embed is None or spec.nirvana_similarity == "exact"):
         embed = exact_embedder()
+    if isinstance(embed, ModelEmbedder):
+        embed.encode(r.prompt for r in requests)
     replicas = build_replicas(spec, profile, costs or MachineCosts(), config, embed)
     dispatcher = LeastLoadDispatcher(profile)
     sim = [
