@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
-from types import ModuleType
 
 from patchedserve.scheduler import LatencyPredictor, StepSample
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "first_shape_steps.py"
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("first_shape_steps", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_module import load_script
 
 
 def flat_cost() -> LatencyPredictor:
@@ -29,7 +17,7 @@ def flat_cost() -> LatencyPredictor:
 
 
 def test_first_steps_of_each_shape_are_split_from_later_ones() -> None:
-    script = load_script()
+    script = load_script("first_shape_steps")
     a, b = [[64, 64, True]], [[128, 64, False], [64, 64, True]]  # 2 and 4 patches of 64 px
     c = [[64, 64, True], [64, 64, True]]  # a new set of requests, but 4 patches like b
     steps = [[0.0, 0.3, a], [0.1, 0.1, a], [0.2, 0.3, b], [0.3, 0.1, b], [0.4, 0.1, c]]

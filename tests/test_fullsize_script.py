@@ -4,12 +4,10 @@ the sessions that have a GPU or the time to build a full-size model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -17,16 +15,7 @@ import torch
 from patchedserve.bench.step import random_mix
 from patchedserve.models import load_model
 from patchedserve.patch import PatchedModel
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def load_script(name: str = "gpu_fullsize") -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_module import load_script
 
 
 def tiny_patched() -> PatchedModel:
@@ -35,11 +24,11 @@ def tiny_patched() -> PatchedModel:
 
 
 def test_size_list_is_width_by_height() -> None:
-    assert load_script()._sizes_hw("512x256,64x64") == [(256, 512), (64, 64)]
+    assert load_script("gpu_fullsize")._sizes_hw("512x256,64x64") == [(256, 512), (64, 64)]
 
 
 def test_exactness_on_cpu_reports_float32_within_the_tests_bound() -> None:
-    script = load_script()
+    script = load_script("gpu_fullsize")
     sizes = [(128, 64), (64, 64)]  # (height, width)
     report = script.exactness(tiny_patched(), torch.device("cpu"), sizes)
     assert set(report) == {"sizes_hw", "fp32"}  # TF32 and float16 are GPU questions
@@ -48,7 +37,7 @@ def test_exactness_on_cpu_reports_float32_within_the_tests_bound() -> None:
 
 
 def test_rel_err_sees_a_wrong_output() -> None:
-    script = load_script()
+    script = load_script("gpu_fullsize")
     ref = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert script.rel_err(ref.clone(), ref) == 0.0
     wrong = ref.clone()
@@ -57,7 +46,7 @@ def test_rel_err_sees_a_wrong_output() -> None:
 
 
 def test_time_mix_times_the_three_executions() -> None:
-    script = load_script()
+    script = load_script("gpu_fullsize")
     pm = tiny_patched()
     sizes = [(64, 64), (64, 64), (128, 64), (128, 64)]  # two requests, two CFG rows each
     mix = random_mix(pm, sizes, torch.device("cpu"), torch.float32)

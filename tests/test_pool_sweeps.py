@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pool_sweeps.py"
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pool_sweeps", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from script_module import load_script
 
 
 def outcome(index: int, latency_s: float | None, status: str = "finished") -> dict[str, Any]:
@@ -53,7 +41,7 @@ def write_sweep(folder: Path, trace: str, runs: dict[str, list[dict[str, Any]]],
 
 
 def test_pools_every_request_of_a_loads_traces_once(tmp_path: Path) -> None:
-    script = load_script()
+    script = load_script("pool_sweeps")
     met, late, dropped = outcome(0, 1.0), outcome(1, 3.0), outcome(2, None, "dropped")
     folders = [
         write_sweep(tmp_path / "seed1", "one\n", {"ref": [met, met], "other": [late, dropped]}),
@@ -72,7 +60,7 @@ def test_pools_every_request_of_a_loads_traces_once(tmp_path: Path) -> None:
 
 
 def test_a_system_on_other_traces_is_left_out_at_that_load(tmp_path: Path) -> None:
-    script = load_script()
+    script = load_script("pool_sweeps")
     folders = [
         write_sweep(tmp_path / "seed1", "one\n", {"ref": [outcome(0, 1.0)], "other": [outcome(0, 1.0)]}),
         write_sweep(tmp_path / "seed2", "two\n", {"ref": [outcome(0, 1.0)]}),
@@ -83,7 +71,7 @@ def test_a_system_on_other_traces_is_left_out_at_that_load(tmp_path: Path) -> No
 
 
 def test_one_trace_twice_for_a_system_is_an_error(tmp_path: Path) -> None:
-    script = load_script()
+    script = load_script("pool_sweeps")
     folders = [
         write_sweep(tmp_path / "a", "one\n", {"ref": [outcome(0, 1.0)]}),
         write_sweep(tmp_path / "b", "one\n", {"ref": [outcome(0, 1.0)]}),

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "seed_pairs.py"
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("seed_pairs", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from script_module import load_script
 
 
 def write_sweep(folder: Path, trace_text: str, runs: dict[str, tuple[int, int]], qps: float = 2.0) -> Path:
@@ -40,7 +28,7 @@ def write_sweep(folder: Path, trace_text: str, runs: dict[str, tuple[int, int]],
 
 
 def test_runs_of_one_trace_pair_across_folders(tmp_path: Path) -> None:
-    script = load_script()
+    script = load_script("seed_pairs")
     folders = [
         write_sweep(tmp_path / "k_seed1", "trace one\n", {"ref": (8, 10)}),
         write_sweep(tmp_path / "k_seed2", "trace two\n", {"ref": (5, 10)}),
@@ -57,7 +45,7 @@ def test_runs_of_one_trace_pair_across_folders(tmp_path: Path) -> None:
 
 
 def test_different_traces_do_not_pair(tmp_path: Path) -> None:
-    script = load_script()
+    script = load_script("seed_pairs")
     folders = [
         write_sweep(tmp_path / "a", "trace one\n", {"ref": (8, 10)}),
         write_sweep(tmp_path / "b", "trace two\n", {"other": (6, 10)}),
@@ -68,7 +56,7 @@ def test_different_traces_do_not_pair(tmp_path: Path) -> None:
 
 
 def test_a_system_replaying_one_trace_twice_is_an_error(tmp_path: Path) -> None:
-    script = load_script()
+    script = load_script("seed_pairs")
     folders = [
         write_sweep(tmp_path / "a", "trace one\n", {"ref": (8, 10)}),
         write_sweep(tmp_path / "b", "trace one\n", {"ref": (7, 10)}),

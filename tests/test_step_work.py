@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "step_work.py"
-
-
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("step_work", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+from script_module import load_script
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> None:
@@ -29,7 +17,7 @@ def write_jsonl(path: Path, rows: list[Any]) -> None:
 
 
 def test_counts_steps_against_those_asked_and_prices_them_per_megapixel(tmp_path: Path) -> None:
-    script = load_script()
+    script = load_script("step_work")
     trace: list[Any] = [
         {"format": "patchedserve-trace"},
         {"width": 1000, "height": 500, "steps": 4},
