@@ -18,26 +18,13 @@ said so), as its pooled figure would come from other requests. A benchmark repor
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from patchedserve.bench.metrics import RequestOutcome
-from patchedserve.bench.results import load_results, make_run, run_file, write_results
-
-
-def _traces(folder: Path, meta: dict[str, Any]) -> dict[float, tuple[str, float]]:
-    """qps -> (content hash of the trace file, its duration in seconds)."""
-    out = {}
-    for trace in meta.get("traces", []):
-        path = Path(trace["path"])
-        if not path.is_file():
-            path = folder / "traces" / path.name
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        out[float(trace["qps"])] = (digest, float(trace["duration_s"]))
-    return out
+from patchedserve.bench.results import load_results, make_run, run_file, trace_digests, write_results
 
 
 def pool(folders: list[Path], reference: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -46,11 +33,13 @@ def pool(folders: list[Path], reference: str) -> tuple[list[dict[str, Any]], lis
     seen: dict[tuple[str, float], dict[str, tuple[list[RequestOutcome], float, float]]] = defaultdict(dict)
     for folder in folders:
         data = load_results(folder / "results.json")
-        traces = _traces(folder, data["meta"])
+        traces = trace_digests(folder)
         for run in data["runs"]:
             if run.get("replicas", 1) != 1:
                 continue
             qps = float(run["qps"])
+            if qps not in traces:
+                raise ValueError(f"{folder}: the {qps:g} req/s trace file is missing")
             digest, duration_s = traces[qps]
             path = run_file(folder, "outcomes", run["system"], 1, qps)
             outcomes = [RequestOutcome(**json.loads(line)) for line in path.read_text().splitlines()]

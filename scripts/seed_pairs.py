@@ -19,7 +19,6 @@ A benchmark report, not a test; nothing here is tuned to the outcome.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 from collections import defaultdict
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from patchedserve.bench.results import load_results
+from patchedserve.bench.results import load_results, trace_digests
 
 
 def _trace_names(folders: list[Path]) -> dict[tuple[Path, float], str]:
@@ -39,13 +38,8 @@ def _trace_names(folders: list[Path]) -> dict[tuple[Path, float], str]:
     first: dict[tuple[float, str], str] = {}
     names: dict[tuple[Path, float], str] = {}
     for folder in folders:
-        for trace in load_results(folder / "results.json")["meta"].get("traces", []):
-            path = Path(trace["path"])
-            if not path.is_file():
-                path = folder / "traces" / path.name
-            if path.is_file():
-                key = (float(trace["qps"]), hashlib.sha256(path.read_bytes()).hexdigest())
-                names[(folder, key[0])] = first.setdefault(key, folder.name)
+        for qps, (digest, _) in trace_digests(folder).items():
+            names[(folder, qps)] = first.setdefault((qps, digest), folder.name)
     return names
 
 

@@ -17,7 +17,7 @@ def write_sweep(folder: Path, trace_text: str, runs: dict[str, tuple[int, int]],
     trace.parent.mkdir(parents=True)
     trace.write_text(trace_text)
     results = {
-        "meta": {"traces": [{"qps": qps, "slo_scale": 5.0, "path": str(trace)}]},
+        "meta": {"traces": [{"qps": qps, "slo_scale": 5.0, "duration_s": 60.0, "path": str(trace)}]},
         "runs": [
             {"system": s, "qps": qps, "slo_scale": 5.0, "met": met, "requests": n, "replicas": 1}
             for s, (met, n) in runs.items()

@@ -11,6 +11,7 @@ step to ``steps/<same>.jsonl`` (what ``cluster.speed`` reads the machine's speed
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -97,6 +98,21 @@ def write_results(out_dir: Path, runs: list[dict[str, Any]], meta: dict[str, Any
     path.write_text(json.dumps(data, indent=1) + "\n")
     plot_all(runs, out_dir)
     return path
+
+
+def trace_digests(folder: Path) -> dict[float, tuple[str, float]]:
+    """qps -> (SHA-256 of the trace file, its duration s) for the traces ``folder/results.json``
+    lists: equal digests mean the same requests, whichever folder replayed them. A trace whose
+    recorded path is gone is looked up in ``folder/traces``; one not found there is skipped."""
+    out = {}
+    for trace in load_results(folder / "results.json")["meta"].get("traces", []):
+        path = Path(trace["path"])
+        if not path.is_file():
+            path = folder / "traces" / path.name
+        if path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[float(trace["qps"])] = (digest, float(trace["duration_s"]))
+    return out
 
 
 def load_results(path: Path) -> dict[str, Any]:
