@@ -20,7 +20,7 @@ from patchedserve.bench.traces import TraceConfig, TraceRequest, make_trace
 from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
 from patchedserve.cluster.simulator import ModelEmbedder, SimConfig, build_replicas, exact_embedder, simulate
-from patchedserve.cluster.speed import SpeedTrace
+from patchedserve.cluster.speed import SpeedTrace, admission_gap_s
 from patchedserve.request import RequestStatus
 from patchedserve.scheduler import FCFSScheduler, LatencyPredictor, Overhead, SLOScheduler
 from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
@@ -235,6 +235,41 @@ def test_speed_trace_of_a_cached_system_is_relative_to_its_cached_cost() -> None
     assert SpeedTrace.from_steps(steps, exact, bucket_s=5.0).factors == pytest.approx((0.6, 0.6))
 
 
+def test_admission_time_is_read_off_the_gaps_before_steps_that_only_added_requests() -> None:
+    a, b = (512, 512, True), (256, 256, True)
+    steps = [
+        (0.0, 0.1, [a]),
+        (0.112, 0.1, [a, b]),  # b joined after a 12 ms gap
+        (0.213, 0.1, [a, b]),  # no change: 1 ms of bookkeeping, not admission
+        (0.333, 0.1, [a, b, b, a]),  # two joined in 20 ms: 10 ms each
+        (0.434, 0.1, [b]),  # requests left: a retirement, not counted
+        (0.6, 0.1, [b, a]),  # a joined after a slow 66 ms admission
+        (5.0, 0.1, [b, a, a]),  # the loop idled: not admission work
+    ]
+    # Per newcomer: 12, 10 and 66 ms; the median is the typical admission.
+    assert admission_gap_s(steps) == pytest.approx(0.012)
+    assert admission_gap_s(steps[:1]) is None
+    assert admission_gap_s([(0.0, 0.1, [a]), (0.2, 0.1, [b])]) is None  # a swap, no pure join
+
+
+def test_a_measured_admission_time_replaces_the_profiles_encode_cost() -> None:
+    p = profile()
+    r = req(2.0, size=512, steps=10)
+    for admission_s in (None, 0.05):
+        costs = MachineCosts(image=p, admission_s=admission_s)
+        [outcome] = simulate([r], objectives_s([r], p), SYSTEMS["patchedserve"], p, costs)
+        encode_s = p.overhead.encode_s if admission_s is None else admission_s
+        alone_s = p.predict_standalone(512, 512, 10, True, corrected=False)
+        assert outcome.latency_s == pytest.approx(alone_s - p.overhead.encode_s + encode_s)
+    # A speed trace carries it from a real run's log, at that run's speed (no factor on top).
+    entries = [(512, 512, True)]
+    logged = [(0.0, 0.2, entries), (0.23, 0.2, entries * 2)]
+    speed = SpeedTrace.from_steps(logged, cost_model("patched", p, MachineCosts()), bucket_s=5.0)
+    assert speed.admission_s == pytest.approx(0.03)
+    cost = cost_model("patched", p, replace(MachineCosts(), speed=speed, admission_s=speed.admission_s))
+    assert cost.encode_s(2, now_s=0.0) == pytest.approx(0.06)
+
+
 def test_a_running_decode_slows_the_step_it_overlaps() -> None:
     cost = replace(cost_model("patched", profile(), MachineCosts()), decode_interference=0.5)
     assert cost.step_with_decode_s(0.2, start_s=0.0, decoder_free_s=1.0) == pytest.approx(0.4)
@@ -410,6 +445,15 @@ def test_a_worker_decode_beside_running_steps_takes_the_measured_slowdown() -> N
     # Measured as not slowed (1, the default), the worker decodes at its time alone.
     plain = simulate([short, long], [60.0, 60.0], worker, p, MachineCosts(image=p))
     assert plain[0].latency_s - plain[0].denoised_s == pytest.approx(decode_s)
+
+
+def test_cost_files_bring_their_measured_decode_contention(tmp_path: Path) -> None:
+    p = profile()
+    measured = p.save(tmp_path / "patched.json", {"meta": {"decode_interference": 0.3, "decode_slowdown": 2.2}})
+    costs = MachineCosts.load(None, measured)
+    assert (costs.decode_interference, costs.decode_slowdown) == (0.3, 2.2)
+    unmeasured = MachineCosts.load(None, p.save(tmp_path / "plain.json"))
+    assert (unmeasured.decode_interference, unmeasured.decode_slowdown) == (0.0, 1.0)
 
 
 @pytest.mark.parametrize(("system", "tighter_first"), [("patchedserve", True), ("patched-fcfs", False)])

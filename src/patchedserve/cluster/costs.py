@@ -16,6 +16,9 @@ index (``cached_step_factor``): an image reuses by its own trajectory, and a blo
 when every image reuses it. Without one, every step pays ``cache_factor``, the measured ratio over
 whole staggered trajectories (``measure_patch_cache_factor``; 1 when not measured).
 
+``admission_s``, when given, replaces the encode cost: the loop's measured time per admitted
+request in a real run (``cluster.speed.admission_gap_s``), at that run's speed already.
+
 A finished request is decoded on the engine's single decode worker (one at a time in the policy's
 order, overlapping the denoising loop, as ``decode_in_thread`` does): ``decode_s(width, height)``
 from the profile.
@@ -100,6 +103,8 @@ class CostModel:
     where each request's step index is known."""
     step_noise: float = 0.0
     """Standard deviation of log(step time) around the model, per step (0: none)."""
+    admission_s: float | None = None
+    """Measured loop time per admitted request, in place of the scaled ``encode_s`` (None: that)."""
 
     def jitter(self, rng: random.Random) -> float:
         """One step's random cost factor: log-normal with mean 1 (1 without noise)."""
@@ -152,6 +157,8 @@ class CostModel:
 
     def encode_s(self, count: int, now_s: float = 0.0) -> float:
         """Prompt encoding of ``count`` admitted requests (both branches each)."""
+        if self.admission_s is not None:
+            return count * self.admission_s
         return self.factor(now_s) * count * self.overhead_predictor.overhead.encode_s
 
     def decode_s(self, width: int, height: int, now_s: float = 0.0) -> float:
@@ -182,16 +189,18 @@ class MachineCosts:
     """Per-step jitter (``CostModel.step_noise``); 0: none."""
     patch_cache_steps: tuple[float, ...] = ()
     """The patch cache's per-step profile (``CostModel.cache_steps``); empty: not measured."""
+    admission_s: float | None = None
+    """Measured loop time per admitted request (``CostModel.admission_s``); None: the profile's."""
     decode_slowdown: float = 1.0
-    """A decode's time beside the loop over alone (``CostModel.decode_slowdown``). ``load`` leaves it
-    at 1 although the patched calibration measures it (``meta["decode_slowdown"]``): applied on
-    session 13's run N it took the simulator further from the real replay (22 of 30 points within
-    5 pp against 25), so it is given explicitly (``simulate --decode-slowdown``)."""
+    """A decode's time beside the loop over alone (``CostModel.decode_slowdown``); ``load`` takes the
+    patched calibration's measurement (``meta["decode_slowdown"]``). Without it the simulated end
+    of denoising to image ready was about half the real one (median 0.49-0.67 of it per system
+    over four real runs, session 16); with it 0.95-1.19."""
 
     @classmethod
     def load(cls, image: str | Path | None, patched: str | Path | None) -> MachineCosts:
-        """Cost files of ``cluster.calibrate`` (either may be None); the interference is the
-        patched calibration's measurement."""
+        """Cost files of ``cluster.calibrate`` (either may be None); the decode contention (both
+        ways) is the patched calibration's measurement."""
         image_cost = LatencyPredictor.load(image) if image else None
         patched_cost = LatencyPredictor.load(patched) if patched else None
         meta = patched_cost.meta if patched_cost else {}
@@ -204,6 +213,7 @@ class MachineCosts:
             interference,
             None if factor is None else float(factor),
             patch_cache_steps=tuple(float(r) for r in meta.get("patch_cache_steps", ())),
+            decode_slowdown=max(float(meta.get("decode_slowdown", 1.0)), 1.0),
         )
 
 
@@ -231,6 +241,7 @@ def cost_model(
             costs.decode_interference,
             costs.decode_slowdown,
             step_noise=costs.step_noise,
+            admission_s=costs.admission_s,
         )
     factor = costs.patch_cache_factor if patch_cache and costs.patch_cache_factor is not None else 1.0
     return CostModel(
@@ -244,4 +255,5 @@ def cost_model(
         cache_factor=factor,
         cache_steps=costs.patch_cache_steps if patch_cache else (),
         step_noise=costs.step_noise,
+        admission_s=costs.admission_s,
     )

@@ -10,14 +10,18 @@ of a real/simulated difference is the simulator's own (policy, batching, queuein
 neighbours'. The decode worker's interference is part of the measured speed, so it is not added
 again (``decode_interference`` 0). What the buckets average away, each step's own deviation, is
 measured too (``noise``) and can be replayed as random per-step jitter (``simulate
---step-noise measured``). Only step latencies enter, never outcomes. Used by ``simulate --compare
---speed-trace``.
+--step-noise measured``). So is the time the loop spends admitting a request before the step it
+joins (``admission_s``: prompt encoding and preparation), read off the gaps between steps: in the
+engine it took about twice the profile's ``encode_s`` (session 16). Only step timings enter, never
+outcomes. Used by ``simulate --compare --speed-trace``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +42,10 @@ class SpeedTrace:
     """Standard deviation of log(observed / (modelled x bucket factor)) over the steps, each step
     weighted by its modelled time: the step-to-step jitter the buckets average away
     (``CostModel.step_noise``)."""
+    admission_s: float | None = None
+    """Median seconds the loop spent per admitted request between a step and the next one that
+    the request joined (``admission_gap_s``); None where the log shows no such step
+    (``CostModel.admission_s``)."""
 
     def __call__(self, now_s: float) -> float:
         if not self.factors:
@@ -67,8 +75,9 @@ class SpeedTrace:
             modelled_s = cost.base_step_s(entries) * cost.scale * cache
             if modelled_s > 0.0 and latency_s > 0.0:
                 buckets.setdefault(max(int(start_s // bucket_s), 0), []).append((latency_s, modelled_s))
+        admission_s = admission_gap_s(steps)
         if not buckets:
-            return cls(bucket_s, ())
+            return cls(bucket_s, (), admission_s=admission_s)
         factors: list[float | None] = [None] * (max(buckets) + 1)
         for index, pairs in buckets.items():
             factors[index] = sum(o for o, _ in pairs) / sum(m for _, m in pairs)
@@ -82,7 +91,29 @@ class SpeedTrace:
             for index, pairs in buckets.items()
             for o, m in pairs
         ]
-        return cls(bucket_s, tuple(filled), _weighted_std(residuals))
+        return cls(bucket_s, tuple(filled), _weighted_std(residuals), admission_s)
+
+
+ADMISSION_GAP_LIMIT_S = 0.5
+"""Longer gaps between steps are not admission work: the loop idled or decoded inline."""
+
+
+def admission_gap_s(steps: Sequence[StepRecord]) -> float | None:
+    """Median gap per newcomer before the steps that only added requests to the previous step's.
+
+    The loop admits (encodes prompts, prepares noise) between two steps, and a step log's gaps
+    show it: ``start - (previous start + latency)``. Only steps whose active set is the previous
+    one plus newcomers count, so no retirement (latent copy, inline decode) is in the gap; a
+    request that left while another of its size joined hides in the sizes, hence the median.
+    """
+    per_request = []
+    for (start_a, latency_a, entries_a), (start_b, _, entries_b) in itertools.pairwise(steps):
+        before, after = Counter(entries_a), Counter(entries_b)
+        joined = sum((after - before).values())
+        gap_s = start_b - (start_a + latency_a)
+        if joined and not before - after and 0.0 <= gap_s < ADMISSION_GAP_LIMIT_S:
+            per_request.append(gap_s / joined)
+    return statistics.median(per_request) if per_request else None
 
 
 def _weighted_std(samples: Sequence[tuple[float, float]]) -> float:

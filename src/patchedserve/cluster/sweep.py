@@ -53,6 +53,8 @@ def simulate_traces(
             embed = embedder() if spec.approx_cache and embedder is not None and not exact else None
             speed = speed_for(spec, qps) if speed_for is not None else None
             run_costs = replace(costs, speed=speed)
+            if speed is not None and speed.admission_s is not None:
+                run_costs = replace(run_costs, admission_s=speed.admission_s)
             if measured_noise and speed is not None:
                 run_costs = replace(run_costs, step_noise=speed.noise)
             seeds = noise_seeds if run_costs.step_noise > 0.0 else 1
@@ -109,6 +111,8 @@ def compare_runs(real: Sequence[dict[str, Any]], sim: Sequence[dict[str, Any]]) 
                 "p50_diff_s": _diff(r["p50_s"], s["p50_s"]),
                 "real_drop_rate": r["drop_rate"],
                 "sim_drop_rate": s["drop_rate"],
+                "real_decode_p50_s": r.get("decode_p50_s"),
+                "sim_decode_p50_s": s.get("decode_p50_s"),
                 "sim_seed_satisfaction": s.get("seed_satisfaction"),
                 "speed_mean": s.get("speed_mean"),
             }
@@ -120,11 +124,12 @@ def compare_lines(rows: Sequence[dict[str, Any]], tolerance_pp: float = 5.0) -> 
     """A table of ``compare_runs`` rows and the verdict against ``tolerance_pp``."""
 
     def f(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
+        return format("-", ">" + spec.split(".")[0].lstrip("+")) if v is None else format(v, spec)
 
     lines = [
         f"{'system':<13} {'qps':>5} {'n':>4} {'real sat':>8} {'sim sat':>8} {'diff pp':>8} "
-        f"{'real p50':>8} {'sim p50':>8} {'real drop':>9} {'sim drop':>8} {'speed':>6} {'sim seeds':>13}"
+        f"{'real p50':>8} {'sim p50':>8} {'real drop':>9} {'sim drop':>8} {'real dec':>8} {'sim dec':>8} "
+        f"{'speed':>6} {'sim seeds':>13}"
     ]
     for r in rows:
         seeds = r.get("sim_seed_satisfaction") or []
@@ -133,7 +138,8 @@ def compare_lines(rows: Sequence[dict[str, Any]], tolerance_pp: float = 5.0) -> 
             f"{r['system']:<13} {r['qps']:>5g} {r['requests']:>4} {f(r['real_satisfaction'], '8.3f')} "
             f"{f(r['sim_satisfaction'], '8.3f')} {f(r['satisfaction_diff_pp'], '+8.1f')} "
             f"{f(r['real_p50_s'], '8.2f')} {f(r['sim_p50_s'], '8.2f')} {f(r['real_drop_rate'], '9.3f')} "
-            f"{f(r['sim_drop_rate'], '8.3f')} {f(r.get('speed_mean'), '6.2f')} {spread:>13}"
+            f"{f(r['sim_drop_rate'], '8.3f')} {f(r.get('real_decode_p50_s'), '8.3f')} "
+            f"{f(r.get('sim_decode_p50_s'), '8.3f')} {f(r.get('speed_mean'), '6.2f')} {spread:>13}"
         )
     diffs = [abs(r["satisfaction_diff_pp"]) for r in rows if r["satisfaction_diff_pp"] is not None]
     if diffs:
