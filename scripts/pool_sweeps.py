@@ -18,13 +18,19 @@ said so), as its pooled figure would come from other requests. A benchmark repor
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from patchedserve.bench.metrics import RequestOutcome
-from patchedserve.bench.results import load_results, make_run, run_file, trace_digests, write_results
+from patchedserve.bench.results import (
+    load_outcomes,
+    load_results,
+    make_run,
+    run_file,
+    trace_digests,
+    write_results,
+)
 
 
 def pool(folders: list[Path], reference: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -42,7 +48,7 @@ def pool(folders: list[Path], reference: str) -> tuple[list[dict[str, Any]], lis
                 raise ValueError(f"{folder}: the {qps:g} req/s trace file is missing")
             digest, duration_s = traces[qps]
             path = run_file(folder, "outcomes", run["system"], 1, qps)
-            outcomes = [RequestOutcome(**json.loads(line)) for line in path.read_text().splitlines()]
+            outcomes = load_outcomes(path)
             if digest in seen[(run["system"], qps)]:
                 raise ValueError(f"{run['system']} replayed the {qps:g} req/s trace of {folder} twice")
             seen[(run["system"], qps)][digest] = (outcomes, duration_s, float(run["slo_scale"]))

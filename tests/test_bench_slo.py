@@ -62,6 +62,18 @@ def test_satisfaction_goodput_and_percentiles_by_hand() -> None:
     assert empty["p50_s"] is None and empty["slo_satisfaction"] == 0.0
 
 
+def test_the_decode_phase_is_the_median_time_from_denoised_to_image_ready() -> None:
+    outcomes = [
+        RequestOutcome(0, "64x64", 0.0, "finished", 2.0, 10.0, denoised_s=1.5),
+        RequestOutcome(1, "64x64", 1.0, "finished", 4.0, 10.0, denoised_s=3.0),
+        RequestOutcome(2, "64x64", 2.0, "finished", 6.0, 10.0, denoised_s=3.0),
+        RequestOutcome(3, "64x64", 3.0, "dropped", None, 10.0),
+        RequestOutcome(4, "64x64", 4.0, "finished", 1.0, 10.0),  # no denoising time: not counted
+    ]
+    assert summarize(outcomes, 10.0)["decode_p50_s"] == pytest.approx(1.0)  # of 0.5, 1 and 3
+    assert summarize(outcomes[3:], 10.0)["decode_p50_s"] is None
+
+
 def test_qps_at_90_percent_interpolates_the_crossing() -> None:
     assert qps_at_satisfaction([(0.5, 1.0), (1.0, 0.95), (1.5, 0.75)]) == {
         "qps": pytest.approx(1.125),
@@ -144,6 +156,10 @@ def test_tiny_real_replay_writes_results_and_plots(
     assert sum(len(entries) for _, _, entries in steps) == 2 + 2 + 2  # every request ran its 2 steps
     assert all(latency_s > 0.0 for _, latency_s, _ in steps)
 
+    # A results.json from before runs reported their decode phase: compare reads it off the outcomes.
+    decode_p50 = {(r["system"], r["qps"]): r["decode_p50_s"] for r in data["runs"]}
+    older = {**data, "runs": [{k: v for k, v in r.items() if k != "decode_p50_s"} for r in data["runs"]]}
+    (out / "results.json").write_text(json.dumps(older))
     compare = [
         "simulate",
         "--compare",
@@ -155,6 +171,8 @@ def test_tiny_real_replay_writes_results_and_plots(
     assert main(compare) == 0
     rows = json.loads((tmp_path / "sim" / "compare.json").read_text())["rows"]
     assert len(rows) == 6 and all(r["sim_satisfaction"] == 1.0 for r in rows)
+    assert all(r["real_decode_p50_s"] == decode_p50[r["system"], r["qps"]] > 0.0 for r in rows)
+    assert all(r["sim_decode_p50_s"] > 0.0 for r in rows)
     assert "largest |difference| 0.0 pp" in capsys.readouterr().out
     noisy = [*compare[:-2], str(tmp_path / "sim_noisy"), "--speed-trace", "--step-noise", "measured"]
     assert main(noisy) == 0

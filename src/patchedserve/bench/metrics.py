@@ -7,6 +7,9 @@ requests of the trace, which all arrive):
 * SLO satisfaction = requests finished by their deadline / requests that arrived;
 * goodput = requests finished by their deadline / trace duration (requests per second);
 * latency percentiles (P50/P90/P99) over the *finished* requests only, late ones included;
+* decode phase P50 = median over finished requests of end of denoising to image ready (the wait
+  for the decode worker plus the decode): the part of a latency the simulator's decode model
+  must reproduce;
 * drop rate = requests refused (by the policy, or a full queue) / requests that arrived;
 * unfinished rate = requests still queued or running when the run stopped (after every deadline
   of the trace had passed; they would have missed anyway).
@@ -64,6 +67,11 @@ def summarize(outcomes: Sequence[RequestOutcome], duration_s: float) -> dict[str
     n = len(outcomes)
     met = sum(o.met for o in outcomes)
     latencies = [o.latency_s for o in outcomes if o.status == "finished" and o.latency_s is not None]
+    decodes = [
+        o.latency_s - o.denoised_s
+        for o in outcomes
+        if o.status == "finished" and o.latency_s is not None and o.denoised_s is not None
+    ]
     counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
     share = (lambda k: k / n) if n else (lambda k: 0.0)
     return {
@@ -75,6 +83,7 @@ def summarize(outcomes: Sequence[RequestOutcome], duration_s: float) -> dict[str
         "p50_s": percentile(latencies, 50),
         "p90_s": percentile(latencies, 90),
         "p99_s": percentile(latencies, 99),
+        "decode_p50_s": percentile(decodes, 50),
         "drop_rate": share(counts["dropped"] + counts["rejected"]),
         "unfinished_rate": share(counts["cancelled"]),
         "failed": counts["failed"],

@@ -59,6 +59,12 @@ def save_outcomes(out_dir: Path, run: dict[str, Any], outcomes: Sequence[Request
     return path
 
 
+def load_outcomes(path: Path) -> list[RequestOutcome]:
+    """The outcomes ``save_outcomes`` wrote."""
+    lines = Path(path).read_text().splitlines()
+    return [RequestOutcome(**json.loads(line)) for line in lines if line.strip()]
+
+
 def save_steps(out_dir: Path, run: dict[str, Any], steps: Sequence[StepRecord]) -> Path:
     """One JSON line per step: ``[start_s, latency_s, [[w, h, cfg], ...]]``."""
     path = run_file(out_dir, "steps", run["system"], run["replicas"], run["qps"])

@@ -88,8 +88,8 @@ def add_parser(subparsers: Any) -> None:
         "--decode-slowdown",
         type=float,
         default=None,
-        help="a worker decode's time beside the running loop over its time alone (default 1; the "
-        "patched calibration measures it: meta.decode_slowdown in its cost file)",
+        help="a worker decode's time beside the running loop over its time alone (default: the "
+        "patched calibration's measurement, meta.decode_slowdown in its cost file; 1 without one)",
     )
     p.set_defaults(handler=run_simulate)
 
@@ -278,10 +278,23 @@ def run_compare(args: argparse.Namespace) -> int:
         "noise_seeds": args.noise_seeds,
     }
     write_results(args.out, runs, sim_meta)
-    rows = compare_runs(real["runs"], runs)
+    real_dir = Path(args.compare).parent
+    rows = compare_runs([_with_decode_phase(r, real_dir) for r in real["runs"]], runs)
     (args.out / "compare.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     print("\n".join(compare_lines(rows)))
     return 0
+
+
+def _with_decode_phase(run: dict[str, Any], real_dir: Path) -> dict[str, Any]:
+    """``run`` with its decode phase P50 read off its outcomes file, for results.json files
+    written before ``summarize`` reported it (as is, where it has it or has no outcomes file)."""
+    from patchedserve.bench.metrics import summarize
+    from patchedserve.bench.results import load_outcomes, run_file
+
+    path = run_file(real_dir, "outcomes", run["system"], run.get("replicas", 1), run["qps"])
+    if "decode_p50_s" in run or not path.exists():
+        return run
+    return {**run, "decode_p50_s": summarize(load_outcomes(path), run["duration_s"])["decode_p50_s"]}
 
 
 def _with_cache_steps(costs: Any, path: Path | None) -> Any:
