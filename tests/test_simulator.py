@@ -449,7 +449,8 @@ def test_a_worker_decode_beside_running_steps_takes_the_measured_slowdown() -> N
 
 def test_cost_files_bring_their_measured_decode_contention(tmp_path: Path) -> None:
     p = profile()
-    measured = p.save(tmp_path / "patched.json", {"meta": {"decode_interference": 0.3, "decode_slowdown": 2.2}})
+    contention = {"decode_interference": 0.3, "decode_slowdown": 2.2}
+    measured = p.save(tmp_path / "patched.json", {"meta": contention})
     costs = MachineCosts.load(None, measured)
     assert (costs.decode_interference, costs.decode_slowdown) == (0.3, 2.2)
     unmeasured = MachineCosts.load(None, p.save(tmp_path / "plain.json"))
