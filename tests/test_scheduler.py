@@ -70,6 +70,8 @@ class Trace:
     admitted: list[int] = field(default_factory=list)
     dropped: list[Request] = field(default_factory=list)
     max_running: int = 0
+    paused: int = 0
+    """Request-steps sat out (``SchedulerOutput.paused``)."""
 
 
 def simulate(s: QueueScheduler, requests: list[Request]) -> Trace:
@@ -84,6 +86,8 @@ def simulate(s: QueueScheduler, requests: list[Request]) -> Trace:
         trace.admitted += [r.request_id for r in out.admitted]
         trace.dropped += out.dropped
         trace.max_running = max(trace.max_running, len(out.running))
+        trace.paused += len(out.paused)
+        assert not out.paused or out.running, "a step never pauses every active request"
         if not out.running:
             if not pending:
                 assert not s.num_waiting, "requests wait on an idle machine"
@@ -122,19 +126,60 @@ def test_infeasible_request_is_dropped_with_a_reason() -> None:
     assert s.num_waiting == 0
 
 
+@pytest.mark.parametrize("pause", [True, False])
 @pytest.mark.parametrize("admission", ["throughput", "least-slack"])
 @pytest.mark.parametrize("seed", range(4))
 def test_admitted_requests_meet_their_deadlines_when_the_predictor_is_right(
-    seed: int, admission: str
+    seed: int, admission: str, pause: bool
 ) -> None:
     requests = workload(seed)
-    trace = simulate(scheduler(admission=admission), requests)
+    trace = simulate(scheduler(admission=admission, pause=pause), requests)
     assert trace.dropped, "the workload should overload the machine"
     by_id = {r.request_id: r for r in requests}
     assert set(trace.admitted) == set(trace.finished_s)
     for rid, done_s in trace.finished_s.items():
         deadline = by_id[rid].deadline_s
         assert deadline is not None and done_s <= deadline + 1e-9
+
+
+def test_the_deadline_workloads_make_requests_sit_out_steps() -> None:
+    # So the test above holds the pauses to the deadline guarantee too.
+    paused = [simulate(scheduler(), workload(seed)).paused for seed in range(4)]
+    assert sum(paused) > 0, paused
+
+
+@pytest.mark.parametrize("pause", [True, False])
+def test_a_lenient_request_sits_out_steps_so_an_urgent_one_makes_it(pause: bool) -> None:
+    # Alone, the small request takes 0.19 s; beside the large one each of its steps takes 0.1 s
+    # instead of 0.019, 1 s in all against its 0.4 s objective. The large one has seconds to spare.
+    large = request(0, size=768, steps=20, slo_ms=9000)
+    small = request(1, size=256, steps=10, arrival_s=0.5, slo_ms=400)
+    trace = simulate(scheduler(pause=pause), [large, small])
+    assert trace.finished_s[0] <= large.deadline_s  # type: ignore[operator]
+    if pause:
+        assert trace.finished_s[1] <= small.deadline_s  # type: ignore[operator]
+        # The large one sat out only during the small one's steps, and only as many as it needed.
+        assert 0 < trace.paused < 10
+    else:
+        assert trace.dropped == [small] and trace.paused == 0
+
+
+def test_a_request_without_time_to_spare_is_not_paused() -> None:
+    # The large request's objective leaves it no room to wait for the small one's run.
+    large = request(0, size=768, steps=20, slo_ms=2000)
+    small = request(1, size=256, steps=10, arrival_s=0.5, slo_ms=400)
+    trace = simulate(scheduler(), [large, small])
+    assert trace.dropped == [small] and trace.paused == 0
+    assert trace.finished_s[0] <= large.deadline_s  # type: ignore[operator]
+
+
+def test_nobody_sits_out_while_every_request_is_on_course() -> None:
+    s = scheduler()
+    for i, size in enumerate((768, 512, 256)):
+        s.add_request(request(i, size=size, steps=10, slo_ms=60_000), 0.0)
+    for now_s in (0.0, 0.5, 1.0):
+        out = s.schedule(now_s)
+        assert len(out.running) == 3 and not out.paused
 
 
 def test_least_slack_first_under_pressure() -> None:

@@ -3,7 +3,8 @@
 Owns the waiting queue (arrival order), the active set, deadlines (set at ``add_request``),
 completion at the last step, early removal, and feeding each executed step to the latency
 predictor's online update. Subclasses implement ``_admit``, which moves requests from
-``waiting`` to ``running`` (and may drop or, later, preempt).
+``waiting`` to ``running`` (and may drop or, later, preempt), and may override ``_step_set`` to
+pause active requests for a step.
 """
 
 from __future__ import annotations
@@ -62,7 +63,17 @@ class QueueScheduler(Scheduler):
         for r in out.dropped:
             r.status = RequestStatus.DROPPED
         out.running = list(self.running)
+        stepping = self._step_set(now_s, out)
+        if len(stepping) < len(out.running):
+            ids = {r.request_id for r in stepping}
+            out.paused = [r for r in out.running if r.request_id not in ids]
+            out.running = stepping
         return out
+
+    def _step_set(self, now_s: float, out: SchedulerOutput) -> list[Request]:
+        """The requests of ``out.running`` (the whole active set) that take the next step; all of
+        them here. A policy may pause some (never all)."""
+        return out.running
 
     @abstractmethod
     def _admit(self, now_s: float, out: SchedulerOutput) -> None:

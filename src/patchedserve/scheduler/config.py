@@ -46,6 +46,10 @@ class SchedulerConfig:
     expected while one of them is in the system could still join the batch on arrival; requests
     of that class are exempt. Keeps the step short enough for the most deadline-sensitive traffic
     instead of filling it with lenient requests (see ``scheduler.slo``)."""
+    pause: bool = True
+    """``slo`` policy: let an active request with time to spare sit a step out when that keeps an
+    urgent one on course, and admit an urgent request that only fits with such pauses (see
+    ``scheduler.pausing``)."""
     reserve_window: int = 32
     """Arrivals the ``reserve`` rule looks back over for the tightest class."""
     inline_decode: float = 2.0

@@ -20,11 +20,15 @@ class SchedulerOutput:
     """What to run in the next step."""
 
     running: list[Request]
-    """The active set of this step (admitted earlier or now), in a stable order."""
+    """The requests that take this step: the active set (admitted earlier or now, in a stable
+    order) without ``paused``."""
     admitted: list[Request] = field(default_factory=list)
     """Requests that join in this step (a subset of ``running``)."""
     dropped: list[Request] = field(default_factory=list)
     """Requests refused in this call; their status is DROPPED and ``error`` says why."""
+    paused: list[Request] = field(default_factory=list)
+    """Active requests that sit this step out (``SchedulerConfig.pause``): they stay in the active
+    set, and the engine keeps their latents until they step again."""
     preempted: list[Request] = field(default_factory=list)
     """Requests moved from the active set back to the queue in this call (WAITING again; the engine
     keeps their latents for when they are admitted again). No policy preempts yet."""

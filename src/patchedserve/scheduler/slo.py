@@ -40,7 +40,14 @@ Each ``schedule`` call, with A the active set and L(X) the predicted step latenc
    machine). Lenient requests (large images with their longer objectives) would otherwise fill
    the step up to their own budgets and shut out the tighter requests that arrive while they run.
 
+   With ``pause`` on (the default), when no candidate fits, one that would be late in the whole
+   batch may still join if pausing active requests with time to spare makes it fit
+   (``scheduler.pausing``).
+
 6. Repeat from 2 until the cap (``max_running``) or no admission.
+
+7. With ``pause``, an active request about to miss its deadline in the next step makes requests
+   with time to spare sit that step out (``scheduler.pausing``, ``SchedulerOutput.paused``).
 
 Finished requests queue for the decode worker earliest deadline first (``decode_priority``);
 one that would miss its deadline even if decoded at once goes after those that can still make
@@ -48,8 +55,9 @@ theirs. One that can still make it, but with less than ``inline_decode`` of its 
 times left, is decoded at once in the denoising loop instead (``decode_inline``): the steps wait
 for it, so it runs at full speed rather than sharing the CPU with them.
 
-No preemption: a request runs to the end once admitted. ``SchedulerOutput.preempted`` is where a
-preempting variant would report requests it moves back to the queue.
+No preemption: a request stays in the active set until its last step once admitted (a pause
+only skips steps). ``SchedulerOutput.preempted`` is where a preempting variant would report
+requests it moves back to the queue.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ from patchedserve.scheduler.config import SchedulerConfig
 from patchedserve.scheduler.deadline import entry_of
 from patchedserve.scheduler.features import Entry, MixSums
 from patchedserve.scheduler.interface import SchedulerOutput, StepOutcome
+from patchedserve.scheduler.pausing import admit_by_pausing, at_risk, step_set
 from patchedserve.scheduler.predictor import LatencyPredictor
 
 
@@ -186,7 +195,11 @@ class SLOScheduler(QueueScheduler):
         self._drop_infeasible(view, now_s, out)
         active = self.model.mix([entry_of(r) for r in self.running])
         while len(self.running) < self.max_running:
+            if self.config.pause and at_risk(self.model, self.running, lambda r: self._budget(r, now_s)):
+                break  # pauses hold someone on course; a newcomer would upset them
             index = self._choose(view, now_s, active, out)
+            if index is None and self.config.pause and self.running:
+                index = self._pausing_choice(view, now_s, active)
             if index is None:
                 break
             chosen = view.requests[index]
@@ -224,18 +237,42 @@ class SLOScheduler(QueueScheduler):
         out.dropped.append(r)
         self._forget([r])
 
+    def _budget(self, r: Request, now_s: float) -> float:
+        """Longest step that lets ``r`` make its deadline from now, over all of its remaining
+        steps (inf without a deadline to keep)."""
+        if r.deadline_s is None or r.steps_left <= 0 or r.request_id in self.best_effort:
+            return math.inf
+        p, costs = self.model, self._costs_of(r)
+        fixed_s = (costs.decode_s + (p.overhead.encode_s if r.step_index == 0 else 0.0)) * p.correction
+        return (r.deadline_s - now_s - fixed_s) / r.steps_left
+
     def _step_budget(self, now_s: float, step_now_s: float) -> float:
         """Largest step latency that keeps every on-course active request on course (inf if none)."""
-        p, budget = self.model, math.inf
-        for a in self.running:
-            if a.deadline_s is None or a.steps_left <= 0 or a.request_id in self.best_effort:
-                continue
-            costs = self._costs_of(a)
-            fixed_s = (costs.decode_s + (p.overhead.encode_s if a.step_index == 0 else 0.0)) * p.correction
-            per_step_s = (a.deadline_s - now_s - fixed_s) / a.steps_left
-            if per_step_s >= step_now_s:
-                budget = min(budget, per_step_s)
-        return budget
+        budgets = (self._budget(a, now_s) for a in self.running)
+        return min((b for b in budgets if b >= step_now_s), default=math.inf)
+
+    def _step_set(self, now_s: float, out: SchedulerOutput) -> list[Request]:
+        if not self.config.pause:
+            return out.running
+        joined = {r.request_id for r in out.admitted}
+        return step_set(self.model, out.running, lambda r: self._budget(r, now_s), joined)
+
+    def _pausing_choice(self, view: QueueView, now_s: float, active: MixSums) -> int | None:
+        """Step 5 with ``pause``: a request that would be late in the whole batch but makes it
+        while others with time to spare pause for it (``scheduler.pausing``)."""
+        _, slack = view.evaluate(self.model, active, now_s, self._resolution_ids)  # [W]
+        late = view.open & ~view.best_effort & np.isfinite(view.deadline_s) & (slack < 0.0)  # [W]
+        if not late.any():
+            return None
+        p = self.model
+        chosen = admit_by_pausing(
+            p,
+            self.running,
+            [view.requests[i] for i in np.flatnonzero(late)],
+            lambda r: self._budget(r, now_s),
+            lambda r: (self._costs_of(r).decode_s + p.overhead.encode_s) * p.correction,
+        )
+        return None if chosen is None else view.requests.index(chosen)
 
     def _leaves_room(self, view: QueueView, active: MixSums, now_s: float) -> np.ndarray:  # [W] bool
         """Step 5's reserve: whether the tightest recent class could still join with each candidate."""
