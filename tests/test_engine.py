@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import types
 from functools import cache
 
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 from patchedserve.engine import Engine, GenerationResult, QueueFullError
 from patchedserve.errors import InvalidRequestError
 from patchedserve.reference import ReferencePipeline
-from patchedserve.request import GenerationRequest, RequestStatus
+from patchedserve.request import GenerationRequest, Request, RequestStatus
+from patchedserve.scheduler import QueueScheduler, SchedulerOutput
 
 MAX_PIXEL_DIFF = 2  # out of 255
 
@@ -93,6 +96,32 @@ def test_requests_join_and_leave_at_every_step(sdxl_engine: Engine) -> None:
     assert len(set(compositions)) == len(compositions)  # every step saw a different running set
     for g, f in zip(arrivals, futures, strict=True):
         assert_matches_reference("tiny-sdxl", g, f.result(timeout=0))
+
+
+@pytest.mark.parametrize("execution", ["patched", "image"])
+def test_paused_requests_resume_where_they_left_off(execution: str) -> None:
+    # Every other step, every other request sits out (SchedulerOutput.paused), so requests leave
+    # and rejoin the batch mid-trajectory, second-order sampler memory included (dpmpp_2m).
+    engine = Engine.from_model(
+        "tiny-sdxl", patch_size=64, execution=execution, policy="fcfs", decode_in_thread=False
+    )
+    calls = itertools.count()
+    paused: list[int] = []
+
+    def alternate(self: QueueScheduler, now_s: float, out: SchedulerOutput) -> list[Request]:
+        k, joined = next(calls), {r.request_id for r in out.admitted}
+        stepping = [r for i, r in enumerate(out.running) if r.request_id in joined or (k + i) % 2 == 0]
+        stepping = stepping or out.running[:1]
+        paused.append(len(out.running) - len(stepping))
+        return stepping
+
+    engine.scheduler._step_set = types.MethodType(alternate, engine.scheduler)  # type: ignore[method-assign]
+    try:
+        for g, r in zip(MIXED, engine.generate(MIXED), strict=True):
+            assert_matches_reference("tiny-sdxl", g, r)
+    finally:
+        engine.stop()
+    assert sum(paused) >= len(MIXED)
 
 
 def test_cancellation_frees_the_request_and_the_rest_go_on(sdxl_engine: Engine) -> None:

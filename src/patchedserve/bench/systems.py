@@ -12,13 +12,15 @@
 | patchedserve-least-slack | patched | slo (paper's admission) | 12 | -                    |
 | patchedserve-cache | patched | slo    | 12        | patch-level blocks                     |
 | patchedserve-no-reserve | patched | slo (without the reserve) | 12 | -                    |
+| patchedserve-no-pause | patched | slo (without pauses) | 12 | -                            |
 
 Both caches are approximate; the systems without one produce exact images. ``patchedserve`` is
 exact; ``patchedserve-cache`` adds the paper's third part, the patch-level cache (``patch.cache``,
 default settings). ``patchedserve-least-slack`` is ``patchedserve`` with the paper's rule: its admission
 (``SchedulerConfig.admission``) and no reserve for the tightest class (``SchedulerConfig.reserve``);
-``patchedserve-no-reserve`` drops only the reserve. ``mixed-cache``, ``nirvana-exact`` and
-``patchedserve-no-reserve`` are not in the default sweep.
+``patchedserve-no-reserve`` drops only the reserve, ``patchedserve-no-pause`` only the pauses
+(``SchedulerConfig.pause``). ``mixed-cache``, ``nirvana-exact`` and the ``no-`` variants are not
+in the default sweep.
 
 Read by the real replay (``bench.replay``) and by the simulator (``cluster``), so both build the
 same policy for a name, and both give every system the same deadlines (``objectives_s``).
@@ -57,6 +59,8 @@ class SystemSpec:
     """How the ``slo`` policy admits (``SchedulerConfig.admission``)."""
     reserve: bool = True
     """Keep room for the tightest recent request class (``SchedulerConfig.reserve``)."""
+    pause: bool = True
+    """Pause requests with time to spare for urgent ones (``SchedulerConfig.pause``)."""
     inline_decode: float = 2.0
     """Decode urgent requests in the denoising loop (``SchedulerConfig.inline_decode``; 0: off)."""
 
@@ -74,6 +78,7 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("patchedserve-least-slack", "patched", "slo", admission="least-slack", reserve=False),
         SystemSpec("patchedserve-cache", "patched", "slo", patch_cache=True),
         SystemSpec("patchedserve-no-reserve", "patched", "slo", reserve=False),
+        SystemSpec("patchedserve-no-pause", "patched", "slo", pause=False),
         SystemSpec("patchedserve-worker-decode", "patched", "slo", inline_decode=0.0),
     )
 }
@@ -108,6 +113,7 @@ def engine_config(
         patch_cache=PatchCacheConfig() if spec.patch_cache else None,
         admission=spec.admission,
         reserve=spec.reserve,
+        pause=spec.pause,
         inline_decode=spec.inline_decode,
         profile=profile,
         device=device,

@@ -60,6 +60,7 @@ def make_policy(
         slo_scale,
         admission=spec.admission,
         reserve=spec.reserve,
+        pause=spec.pause,
         inline_decode=spec.inline_decode,
     )
     return make_scheduler(spec.policy, predictor, config)

@@ -56,12 +56,15 @@ class DenoiseBatch:
         self.history: torch.Tensor | None = None  # [N, C, p, p] second-order sampler memory
 
     # ------------------------------------------------------------------ composition
-    def sync(self, running: Sequence[Request]) -> None:
-        """Make the batch hold exactly ``running``: new requests join with their initial noise."""
+    def sync(self, running: Sequence[Request], paused: Sequence[Request] = ()) -> None:
+        """Make the batch hold exactly ``running``: new requests join with their initial noise, or
+        where they left off; ``paused`` requests that leave keep their rows in their ``state``."""
         old = self.comp
         if old is not None and [r.request_id for r in old.requests] == [r.request_id for r in running]:
             return
         ids = [r.request_id for r in running]
+        if old is not None and paused:
+            self._park(old, {r.request_id for r in paused} - set(ids))
         if old is None:
             layout = self.model.layout_for([(r.params.height, r.params.width) for r in running], ids)
         else:
@@ -77,8 +80,18 @@ class DenoiseBatch:
         self._carry_rows(old, layout, by_id)
         self.comp = self._compose([by_id[i] for i in layout.entry_ids], layout)
 
+    def _park(self, old: _Composition, leaving: set[int]) -> None:
+        """Keep the rows of paused requests that leave the batch with them, for when they return."""
+        assert self.latents is not None
+        for r in old.requests:
+            if r.request_id in leaving:
+                a, b = old.layout.patch_range(r.request_id)
+                history = None if self.history is None else self.history[a:b].clone()  # [n, C, p, p]
+                r.state["parked"] = (self.latents[a:b].clone(), history)  # [n, C, p, p] each
+
     def _carry_rows(self, old: _Composition | None, layout: CSPLayout, by_id: dict[int, Request]) -> None:
-        """Move kept requests' rows with one gather; fill joiners from their initial noise."""
+        """Move kept requests' rows with one gather; fill joiners from where they were paused, or
+        from their initial noise."""
         p, n = layout.patch_size, layout.num_patches
         ref = initial_latents(next(iter(by_id.values()))) if by_id else None
         if ref is None:
@@ -96,6 +109,12 @@ class DenoiseBatch:
         for rid in layout.entry_ids:
             if rid not in known:
                 a, b = layout.patch_range(rid)
+                parked = by_id[rid].state.pop("parked", None)
+                if parked is not None:
+                    latents[a:b] = parked[0]
+                    if parked[1] is not None:
+                        history[a:b] = parked[1]
+                    continue
                 start = initial_latents(by_id[rid])  # [C, h, w]
                 latents[a:b] = split_latents(
                     [start], CSPLayout.build([(start.shape[-2], start.shape[-1])], p)

@@ -32,6 +32,9 @@ class EngineConfig:
     reserve: bool = True
     """``slo`` policy: keep room in every step for the tightest recent request class
     (``SchedulerConfig.reserve``)."""
+    pause: bool = True
+    """``slo`` policy: let requests with time to spare sit a step out for urgent ones
+    (``SchedulerConfig.pause``)."""
     inline_decode: float = 2.0
     """``slo`` policy: decode in the denoising loop a request left with less than this many decode
     times to its deadline (``SchedulerConfig.inline_decode``; 0: always on the worker)."""

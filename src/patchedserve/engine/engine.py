@@ -164,7 +164,7 @@ class Engine:
             return
         start = self.clock()
         try:
-            self.batch.sync(running)
+            self.batch.sync(running, out.paused)
             self.batch.step()
         except Exception as err:
             log.exception("denoising step failed")

@@ -38,8 +38,9 @@ class ImageBatch:
         self.latents: dict[int, torch.Tensor] = {}  # request_id -> [C, h, w]
         self.history: dict[int, torch.Tensor] = {}  # request_id -> [C, h, w]
 
-    def sync(self, running: Sequence[Request]) -> None:
-        ids = {r.request_id for r in running}
+    def sync(self, running: Sequence[Request], paused: Sequence[Request] = ()) -> None:
+        """Step ``running`` next; ``paused`` requests keep their latents meanwhile."""
+        ids = {r.request_id for r in (*running, *paused)}
         for rid in [i for i in self.latents if i not in ids]:
             self.latents.pop(rid)
             self.history.pop(rid, None)

@@ -39,6 +39,7 @@ def build_scheduler(config: EngineConfig, bundle: ModelBundle, model: PatchedMod
         on_infeasible=config.on_infeasible,
         admission=config.admission,
         reserve=config.reserve,
+        pause=config.pause,
         inline_decode=config.inline_decode,
     )
     predictor = build_predictor(config, bundle, model)

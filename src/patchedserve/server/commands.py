@@ -36,6 +36,7 @@ ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("on_infeasible", str, "slo policy: drop or best-effort"),
     ("admission", str, "slo policy: throughput or least-slack (the paper's rule)"),
     ("reserve", on_off, "slo policy: on or off; keep room in each step for the tightest recent class"),
+    ("pause", on_off, "slo policy: on or off; requests with time to spare sit steps out for urgent ones"),
     (
         "inline_decode",
         float,
