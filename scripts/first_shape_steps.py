@@ -35,7 +35,7 @@ def split(steps: list[list[Any]], execution: str, cost: LatencyPredictor) -> dic
     seen: set[object] = set()
     first: list[tuple[float, float]] = []
     later: list[tuple[float, float]] = []
-    for _, seconds, raw in steps:
+    for _, seconds, raw, *_ in steps:
         entries: list[Entry] = [(int(w), int(h), bool(cfg)) for w, h, cfg in raw]
         key = shape_key(entries, execution, cost.patch_size)
         (later if key in seen else first).append((seconds / cost.predict_step(entries), seconds))

@@ -60,7 +60,7 @@ def add_run(run_dir: Path, totals: dict[str, Work]) -> None:
         system, rest = log.stem.split("_", 1)  # "<system>_<replicas>r_<qps>qps"
         qps = rest.split("_", 1)[1].removesuffix("qps")
         work = totals[system]
-        for _, seconds, entries in _jsonl(log):  # [time_s, seconds, [[width, height, cfg], ...]]
+        for _, seconds, entries, *_ in _jsonl(log):  # [time_s, seconds, [[width, height, cfg], ...], ...]
             work.step_s += float(seconds)
             work.request_steps += len(entries)
             work.megapixel_steps += sum(w * h * (2 if cfg else 1) for w, h, cfg in entries) / 1e6

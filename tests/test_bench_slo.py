@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from patchedserve.bench.metrics import RequestOutcome, goodput_at_target, qps_at_satisfaction, summarize
-from patchedserve.bench.results import load_steps, run_file
+from patchedserve.bench.results import load_step_progress, load_steps, run_file
 from patchedserve.bench.traces import TraceRequest, save_trace
 from patchedserve.cli import main
 from patchedserve.scheduler import LatencyPredictor, Overhead
@@ -154,6 +154,13 @@ def test_tiny_real_replay_writes_results_and_plots(
             assert 0.0 < row["denoised_s"] < row["latency_s"]
     steps = load_steps(run_file(out, "steps", "patched-fcfs", 1, data["runs"][3]["qps"]))
     assert sum(len(entries) for _, _, entries in steps) == 2 + 2 + 2  # every request ran its 2 steps
+    progress = load_step_progress(run_file(out, "steps", "patched-fcfs", 1, data["runs"][3]["qps"]))
+    assert progress is not None and len(progress) == len(steps)
+    taken: dict[int, list[int]] = {}
+    for step in progress:
+        for request_id, step_index in step:
+            taken.setdefault(request_id, []).append(step_index)
+    assert sorted(taken.values()) == [[0, 1]] * 3  # each request's two steps, in order
     assert all(latency_s > 0.0 for _, latency_s, _ in steps)
 
     # A results.json from before runs reported their decode phase: compare reads it off the outcomes.

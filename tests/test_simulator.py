@@ -252,6 +252,20 @@ def test_admission_time_is_read_off_the_gaps_before_steps_that_only_added_reques
     assert admission_gap_s([(0.0, 0.1, [a]), (0.2, 0.1, [b])]) is None  # a swap, no pure join
 
 
+def test_a_request_back_from_a_pause_is_no_newcomer() -> None:
+    a, b = (256, 256, True), (512, 512, True)
+    steps = [
+        (0.0, 0.1, [a, b]),
+        (0.101, 0.1, [a]),  # request 2 sits out
+        (0.202, 0.1, [a, b]),  # request 2 steps again after 1 ms: no admission
+        (0.322, 0.1, [a, b, a]),  # request 3 joins after 20 ms
+    ]
+    ids = [[1, 2], [1], [1, 2], [1, 2, 3]]
+    assert admission_gap_s(steps, ids) == pytest.approx(0.020)
+    # From the sizes alone request 2 looks new, and its 1 ms counts as an admission.
+    assert admission_gap_s(steps) == pytest.approx((0.001 + 0.020) / 2)
+
+
 def test_a_measured_admission_time_replaces_the_profiles_encode_cost() -> None:
     p = profile()
     r = req(2.0, size=512, steps=10)

@@ -19,7 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from patchedserve.bench.metrics import RequestOutcome
-from patchedserve.bench.results import StepRecord
+from patchedserve.bench.results import StepProgress, StepRecord
 from patchedserve.bench.systems import SystemSpec, engine_config
 from patchedserve.bench.traces import TraceRequest
 from patchedserve.engine import Engine, GenerationResult, QueueFullError
@@ -83,7 +83,8 @@ def warm_up(engine: Engine, requests: Sequence[TraceRequest]) -> None:
 
 
 class StepLog:
-    """Records every step an engine executes: start (from ``start_s``), latency and active set.
+    """Records every step an engine executes: start (from ``start_s``), latency and the requests
+    that took it (size, and id and step index).
 
     The engine reports each step to its scheduler's ``update_from_output`` with the requests that
     ran (``EngineObserver.on_step`` carries counts only), so the log wraps that method of this
@@ -92,6 +93,8 @@ class StepLog:
 
     def __init__(self, engine: Engine) -> None:
         self.records: list[StepRecord] = []
+        self.progress: list[StepProgress] = []
+        """Per record, each request's (id, step index taken): who stepped, where pauses show."""
         self.start_s = 0.0
         scheduler = engine.scheduler
         inner = scheduler.update_from_output
@@ -99,6 +102,7 @@ class StepLog:
         def update_from_output(outcome: StepOutcome) -> list[Request]:
             start_s = outcome.now_s - outcome.latency_s - self.start_s
             self.records.append((start_s, outcome.latency_s, [entry_of(r) for r in outcome.running]))
+            self.progress.append([(r.request_id, r.step_index - 1) for r in outcome.running])
             return inner(outcome)
 
         scheduler.update_from_output = update_from_output  # type: ignore[method-assign]
@@ -106,6 +110,7 @@ class StepLog:
     def restart(self, start_s: float) -> None:
         """Forget what was logged (warm-up) and measure times from ``start_s``."""
         self.records.clear()
+        self.progress.clear()
         self.start_s = start_s
 
 
@@ -215,13 +220,13 @@ def run_system(
     objectives_s: Sequence[float],
     config: ReplayConfig,
     desc: str = "",
-) -> tuple[list[RequestOutcome], list[StepRecord]]:
+) -> tuple[list[RequestOutcome], StepLog]:
     """A fresh engine of ``spec`` (fresh predictor, empty cache), warmed up, replaying the trace;
     returns the outcomes and the log of executed steps."""
     engine = build_engine(bundle, spec, config)
     log = StepLog(engine)
     try:
         warm_up(engine, requests)
-        return replay(engine, requests, objectives_s, config, desc, log), log.records
+        return replay(engine, requests, objectives_s, config, desc, log), log
     finally:
         engine.stop()

@@ -26,6 +26,8 @@ from patchedserve.scheduler import Entry
 
 StepRecord = tuple[float, float, list[Entry]]
 """One executed step: (start s from the trace start, latency s, its requests as (width, height, CFG))."""
+StepProgress = list[tuple[int, int]]
+"""The requests of one executed step as (request id, step index taken), in ``StepRecord`` order."""
 
 
 def make_run(
@@ -65,24 +67,45 @@ def load_outcomes(path: Path) -> list[RequestOutcome]:
     return [RequestOutcome(**json.loads(line)) for line in lines if line.strip()]
 
 
-def save_steps(out_dir: Path, run: dict[str, Any], steps: Sequence[StepRecord]) -> Path:
-    """One JSON line per step: ``[start_s, latency_s, [[w, h, cfg], ...]]``."""
+def save_steps(
+    out_dir: Path,
+    run: dict[str, Any],
+    steps: Sequence[StepRecord],
+    progress: Sequence[StepProgress] | None = None,
+) -> Path:
+    """One JSON line per step: ``[start_s, latency_s, [[w, h, cfg], ...], [[id, step], ...]]``
+    (the last only with ``progress``)."""
     path = run_file(out_dir, "steps", run["system"], run["replicas"], run["qps"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (
-        json.dumps([round(t, 4), round(lat, 5), [list(e) for e in entries]]) for t, lat, entries in steps
-    )
-    path.write_text("".join(line + "\n" for line in lines))
+    rows: list[list[Any]] = [
+        [round(t, 4), round(lat, 5), [list(e) for e in entries]] for t, lat, entries in steps
+    ]
+    if progress is not None:
+        for row, taken in zip(rows, progress, strict=True):
+            row.append([list(p) for p in taken])
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
 def load_steps(path: Path) -> list[StepRecord]:
     records: list[StepRecord] = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            t, latency, entries = json.loads(line)
-            records.append((float(t), float(latency), [(int(w), int(h), bool(c)) for w, h, c in entries]))
+    for row in _rows(path):
+        t, latency, entries = row[:3]
+        records.append((float(t), float(latency), [(int(w), int(h), bool(c)) for w, h, c in entries]))
     return records
+
+
+def load_step_progress(path: Path) -> list[StepProgress] | None:
+    """Each logged step's (request id, step index) per request; None for logs written without
+    them (before session 17)."""
+    rows = _rows(path)
+    if not rows or any(len(row) < 4 for row in rows):
+        return None
+    return [[(int(i), int(k)) for i, k in row[3]] for row in rows]
+
+
+def _rows(path: Path) -> list[list[Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def machine_info() -> dict[str, Any]:

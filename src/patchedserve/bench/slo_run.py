@@ -117,12 +117,12 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
     for qps, scale, requests, duration_s, _ in traces:
         objectives = objectives_s(requests, predictor)
         for spec in systems:
-            outcomes, steps = run_system(
+            outcomes, log = run_system(
                 bundle, spec, requests, objectives, config, desc=f"{spec.name} @ {qps:g} qps"
             )
             run = make_run(spec.name, qps, scale, outcomes, duration_s)
             save_outcomes(out_dir, run, outcomes)
-            save_steps(out_dir, run, steps)
+            save_steps(out_dir, run, log.records, log.progress)
             runs.append(run)
             print(table_lines([run])[1], file=sys.stderr)
             meta["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -319,7 +319,7 @@ def _speed_reader(
     real_dir: Path, profile: Any, costs: Any, bucket_s: float, trajectories: dict[float, int | None]
 ) -> Callable[[Any, float], Any]:
     """(system spec, qps) -> the ``SpeedTrace`` of that real run's step log, or None without one."""
-    from patchedserve.bench.results import load_steps, run_file
+    from patchedserve.bench.results import load_step_progress, load_steps, run_file
     from patchedserve.cluster.costs import cost_model
     from patchedserve.cluster.speed import SpeedTrace, infer_progress
 
@@ -328,11 +328,17 @@ def _speed_reader(
         if not path.exists():
             return None
         cost = cost_model(spec.execution, profile, costs, patch_cache=spec.patch_cache)
-        steps = load_steps(path)
+        steps, logged = load_steps(path), load_step_progress(path)
         trajectory = trajectories.get(qps)
-        progress = infer_progress(steps, trajectory) if cost.cache_steps and trajectory else None
+        progress = None
+        if cost.cache_steps and trajectory:
+            if logged is not None:
+                progress = [[(k, trajectory) for _, k in taken] for taken in logged]
+            else:
+                progress = infer_progress(steps, trajectory)
         if cost.cache_steps and progress is None:
             print(f"warning: {path}: no step indices; speed from the flat cache factor", file=sys.stderr)
-        return SpeedTrace.from_steps(steps, cost, bucket_s, progress)
+        ids = None if logged is None else [[i for i, _ in taken] for taken in logged]
+        return SpeedTrace.from_steps(steps, cost, bucket_s, progress, ids)
 
     return speed_for

@@ -64,18 +64,20 @@ class SpeedTrace:
         cost: CostModel,
         bucket_s: float = 5.0,
         progress: Sequence[Sequence[tuple[int, int]]] | None = None,
+        ids: Sequence[Sequence[int]] | None = None,
     ) -> SpeedTrace:
         """Factors of ``steps`` against ``cost`` (taken at factor 1, with its patch cache: what the
         simulator charges for the same step at speed 1), bucketed by start time. ``progress``: per
-        step, each entry's (step index, steps) (``infer_progress``), which the patch cache's
-        per-step profile needs."""
+        step, each entry's (step index, steps) (logged, or ``infer_progress``), which the patch
+        cache's per-step profile needs; ``ids``: per step, its requests' ids, where logged
+        (``admission_gap_s``)."""
         buckets: dict[int, list[tuple[float, float]]] = {}  # bucket -> [(observed s, modelled s)]
         for i, (start_s, latency_s, entries) in enumerate(steps):
             cache = cost.cache_multiplier(entries, progress[i] if progress is not None else None)
             modelled_s = cost.base_step_s(entries) * cost.scale * cache
             if modelled_s > 0.0 and latency_s > 0.0:
                 buckets.setdefault(max(int(start_s // bucket_s), 0), []).append((latency_s, modelled_s))
-        admission_s = admission_gap_s(steps)
+        admission_s = admission_gap_s(steps, ids)
         if not buckets:
             return cls(bucket_s, (), admission_s=admission_s)
         factors: list[float | None] = [None] * (max(buckets) + 1)
@@ -98,20 +100,31 @@ ADMISSION_GAP_LIMIT_S = 0.5
 """Longer gaps between steps are not admission work: the loop idled or decoded inline."""
 
 
-def admission_gap_s(steps: Sequence[StepRecord]) -> float | None:
+def admission_gap_s(steps: Sequence[StepRecord], ids: Sequence[Sequence[int]] | None = None) -> float | None:
     """Median gap per newcomer before the steps that only added requests to the previous step's.
 
     The loop admits (encodes prompts, prepares noise) between two steps, and a step log's gaps
-    show it: ``start - (previous start + latency)``. Only steps whose active set is the previous
-    one plus newcomers count, so no retirement (latent copy, inline decode) is in the gap; a
-    request that left while another of its size joined hides in the sizes, hence the median.
+    show it: ``start - (previous start + latency)``. Only steps whose requests are the previous
+    step's plus others count, so no retirement (latent copy, inline decode) is in the gap. With
+    ``ids`` (each step's request ids) a newcomer is a request never seen before, so one that
+    returns from a pause (``SchedulerOutput.paused``) is not; without them newcomers are read off
+    the sizes, and a request that left while another of its size joined hides there (hence the
+    median).
     """
     per_request = []
-    for (start_a, latency_a, entries_a), (start_b, _, entries_b) in itertools.pairwise(steps):
-        before, after = Counter(entries_a), Counter(entries_b)
-        joined = sum((after - before).values())
+    seen: set[int] = set()
+    for i, ((start_a, latency_a, entries_a), (start_b, _, entries_b)) in enumerate(itertools.pairwise(steps)):
+        if ids is not None:
+            seen.update(ids[i])
+            before_ids, after_ids = set(ids[i]), set(ids[i + 1])
+            joined = len(after_ids - seen)
+            pure = before_ids <= after_ids
+        else:
+            before, after = Counter(entries_a), Counter(entries_b)
+            joined = sum((after - before).values())
+            pure = not before - after
         gap_s = start_b - (start_a + latency_a)
-        if joined and not before - after and 0.0 <= gap_s < ADMISSION_GAP_LIMIT_S:
+        if joined and pure and 0.0 <= gap_s < ADMISSION_GAP_LIMIT_S:
             per_request.append(gap_s / joined)
     return statistics.median(per_request) if per_request else None
 
@@ -135,7 +148,8 @@ def infer_progress(steps: Sequence[StepRecord], trajectory: int) -> list[list[tu
     A step log lists the running requests in admission order: a request runs every step from its
     admission to its last, so each step's list is the previous one without the requests that just
     took their last step, followed by the newcomers. Requests that start mid-trajectory (a NIRVANA
-    hit) or a log that starts mid-run break the pattern, which is checked entry by entry.
+    hit), pauses, or a log that starts mid-run break the pattern, which is checked entry by entry.
+    Logs since session 17 carry each request's step index (``load_step_progress``) instead.
     """
     out: list[list[tuple[int, int]]] = []
     previous: list[tuple[Entry, int]] = []
