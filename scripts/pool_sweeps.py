@@ -33,8 +33,10 @@ from patchedserve.bench.results import (
 )
 
 
-def pool(folders: list[Path], reference: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """The pooled runs, and a line for each (system, load) left out."""
+def pool(folders: list[Path], reference: str, rerun: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """The pooled runs, and a line for each (system, load) left out. A system that replayed one
+    trace in two folders is an error, unless ``rerun``: then the later folder counts (a rerun of
+    that system on newer code)."""
     # (system, qps) -> {trace hash: (outcomes, duration_s, slo_scale)}
     seen: dict[tuple[str, float], dict[str, tuple[list[RequestOutcome], float, float]]] = defaultdict(dict)
     for folder in folders:
@@ -49,7 +51,7 @@ def pool(folders: list[Path], reference: str) -> tuple[list[dict[str, Any]], lis
             digest, duration_s = traces[qps]
             path = run_file(folder, "outcomes", run["system"], 1, qps)
             outcomes = load_outcomes(path)
-            if digest in seen[(run["system"], qps)]:
+            if digest in seen[(run["system"], qps)] and not rerun:
                 raise ValueError(f"{run['system']} replayed the {qps:g} req/s trace of {folder} twice")
             seen[(run["system"], qps)][digest] = (outcomes, duration_s, float(run["slo_scale"]))
     runs, left_out = [], []
@@ -75,9 +77,19 @@ def main() -> None:
     ap.add_argument("sweeps", nargs="+", type=Path, help="bench slo output folders")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--reference", default="patchedserve", help="whose traces each load compares on")
+    ap.add_argument(
+        "--rerun",
+        action="store_true",
+        help="a system's run of a trace in a later folder replaces its run in an earlier one",
+    )
     args = ap.parse_args()
-    runs, left_out = pool(args.sweeps, args.reference)
-    meta = {"kind": "pooled", "sweeps": [str(f) for f in args.sweeps], "reference": args.reference}
+    runs, left_out = pool(args.sweeps, args.reference, args.rerun)
+    meta = {
+        "kind": "pooled",
+        "sweeps": [str(f) for f in args.sweeps],
+        "reference": args.reference,
+        "rerun": args.rerun,
+    }
     path = write_results(args.out, runs, {**meta, "left_out": left_out})
     for line in left_out:
         print("left out:", line)

@@ -78,3 +78,14 @@ def test_one_trace_twice_for_a_system_is_an_error(tmp_path: Path) -> None:
     ]
     with pytest.raises(ValueError, match="twice"):
         script.pool(folders, "ref")
+
+
+def test_a_rerun_in_a_later_folder_replaces_the_earlier_run(tmp_path: Path) -> None:
+    script = load_script("pool_sweeps")
+    folders = [
+        write_sweep(tmp_path / "old", "one\n", {"ref": [outcome(0, 9.0)], "other": [outcome(0, 1.0)]}),
+        write_sweep(tmp_path / "new", "one\n", {"ref": [outcome(0, 1.0)]}),
+    ]
+    runs, left_out = script.pool(folders, "ref", rerun=True)
+    assert not left_out
+    assert {r["system"]: r["slo_satisfaction"] for r in runs} == {"ref": 1.0, "other": 1.0}

@@ -63,3 +63,5 @@ def test_a_system_replaying_one_trace_twice_is_an_error(tmp_path: Path) -> None:
     ]
     with pytest.raises(ValueError, match="twice"):
         script.compare(folders, "ref")
+    rows = {r["system"]: r for r in script.compare(folders, "ref", rerun=True)}
+    assert rows["ref"]["satisfaction"] == {"a": 0.7}  # the later folder's run counts
