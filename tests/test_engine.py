@@ -124,6 +124,34 @@ def test_paused_requests_resume_where_they_left_off(execution: str) -> None:
     assert sum(paused) >= len(MIXED)
 
 
+@pytest.mark.parametrize("execution", ["patched", "image"])
+def test_a_paused_request_outlives_a_failed_step(execution: str) -> None:
+    # B sits out the step that fails: that step's batch is lost with A, B's latents are not.
+    engine = Engine.from_model(
+        "tiny-sdxl", patch_size=64, execution=execution, policy="fcfs", decode_in_thread=False
+    )
+    calls = itertools.count()
+
+    def fail(self: object) -> None:
+        raise RuntimeError("device lost")
+
+    def pause_b_once(self: QueueScheduler, now_s: float, out: SchedulerOutput) -> list[Request]:
+        if next(calls) != 1:
+            return out.running
+        engine.batch.step = types.MethodType(fail, engine.batch)  # type: ignore[method-assign]
+        return out.running[:1]
+
+    engine.scheduler._step_set = types.MethodType(pause_b_once, engine.scheduler)  # type: ignore[method-assign]
+    a = GenerationRequest("a", width=64, height=64, steps=3, seed=1)
+    b = GenerationRequest("b", width=128, height=64, steps=4, seed=2, sampler="dpmpp_2m")
+    try:
+        result_a, result_b = engine.generate([a, b])
+    finally:
+        engine.stop()
+    assert result_a.status == RequestStatus.FAILED and "device lost" in (result_a.error or "")
+    assert_matches_reference("tiny-sdxl", b, result_b)
+
+
 def test_cancellation_frees_the_request_and_the_rest_go_on(sdxl_engine: Engine) -> None:
     keep = GenerationRequest("stay", width=64, height=64, steps=4, seed=1)
     drop = GenerationRequest("leave", width=128, height=64, steps=6, seed=2)

@@ -39,14 +39,25 @@ class ImageBatch:
         self.history: dict[int, torch.Tensor] = {}  # request_id -> [C, h, w]
 
     def sync(self, running: Sequence[Request], paused: Sequence[Request] = ()) -> None:
-        """Step ``running`` next; ``paused`` requests keep their latents meanwhile."""
-        ids = {r.request_id for r in (*running, *paused)}
+        """Step ``running`` next: joiners start from their initial noise, or where they left off;
+        ``paused`` requests that leave keep their latents in their ``state`` (as ``DenoiseBatch``
+        does, so a rebuilt batch finds them too)."""
+        for r in paused:
+            if r.request_id in self.latents:
+                r.state["parked"] = (self.latents[r.request_id], self.history.get(r.request_id))
+        ids = {r.request_id for r in running}
         for rid in [i for i in self.latents if i not in ids]:
             self.latents.pop(rid)
             self.history.pop(rid, None)
         for r in running:
             if r.request_id not in self.latents:
-                self.latents[r.request_id] = initial_latents(r).clone()
+                parked = r.state.pop("parked", None)
+                if parked is None:
+                    self.latents[r.request_id] = initial_latents(r).clone()
+                    continue
+                self.latents[r.request_id] = parked[0]
+                if parked[1] is not None:
+                    self.history[r.request_id] = parked[1]
         self.requests = list(running)
 
     @torch.inference_mode()
