@@ -55,8 +55,14 @@ def _affords(r: Request, budget_s: float, lost_s: float, full_step_s: float) -> 
 def at_risk(predictor: LatencyPredictor, active: Sequence[Request], budget: Budget) -> list[Request]:
     """Active requests that would miss their deadlines stepping with the whole active set but
     could still make them: budget below the set's step, not below their own step alone."""
-    full_s = set_step_s(predictor, active)
-    return [r for r in active if predictor.solo_step_s(entry_of(r)) <= budget(r) < full_s]
+    budgets = {r.request_id: budget(r) for r in active}
+    return _at_risk(predictor, active, budgets, set_step_s(predictor, active))
+
+
+def _at_risk(
+    predictor: LatencyPredictor, active: Sequence[Request], budgets: dict[int, float], full_s: float
+) -> list[Request]:
+    return [r for r in active if predictor.solo_step_s(entry_of(r)) <= budgets[r.request_id] < full_s]
 
 
 def step_set(
@@ -73,11 +79,13 @@ def step_set(
         ``active`` without the paused requests, in the same order; never empty when ``active``
         is not.
     """
-    risky = at_risk(predictor, active, budget) if len(active) > 1 else []
-    if not risky:
+    if len(active) < 2:
         return list(active)
     full_s = set_step_s(predictor, active)
     budgets = {r.request_id: budget(r) for r in active}
+    risky = _at_risk(predictor, active, budgets, full_s)
+    if not risky:
+        return list(active)
     target_s = min(budgets[r.request_id] for r in risky)
     must_step = {r.request_id for r in risky} | fixed
     stepping, step_s = list(active), full_s
