@@ -43,7 +43,7 @@ Budget = Callable[[Request], float]
 
 def set_step_s(predictor: LatencyPredictor, requests: Sequence[Request]) -> float:
     """Predicted latency of one step of ``requests`` (with the online correction; 0 for none)."""
-    return predictor.step_s(predictor.mix([entry_of(r) for r in requests]))
+    return predictor.predict_step([entry_of(r) for r in requests])
 
 
 def _affords(r: Request, budget_s: float, lost_s: float, full_step_s: float) -> bool:
