@@ -37,3 +37,29 @@ def test_shutdown_runs_what_is_queued_then_refuses_more() -> None:
     with pytest.raises(RuntimeError, match="shut down"):
         worker.submit(0.0, lambda: None)
     worker.shutdown()  # idempotent
+
+
+def test_ahead_lists_the_running_job_and_the_queued_ones_that_go_first() -> None:
+    now = {"s": 10.0}
+    worker: DecodeWorker[str] = DecodeWorker(threads=1, clock=lambda: now["s"])
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait()
+
+    try:
+        assert worker.ahead(1.0) == []  # idle
+        worker.submit(5.0, hold, "running")
+        assert started.wait(10.0)
+        worker.submit(1.0, lambda: None, "urgent")
+        worker.submit(3.0, lambda: None, "later")
+        worker.submit(0.0, lambda: None)  # untagged: not reported
+        now["s"] = 10.25
+        assert sorted(worker.ahead(1.0)) == [("running", 0.25), ("urgent", 0.0)]  # ties go first too
+        assert sorted(worker.ahead(4.0)) == [("later", 0.0), ("running", 0.25), ("urgent", 0.0)]
+        assert worker.ahead(0.5) == [("running", 0.25)]
+    finally:
+        gate.set()
+        worker.shutdown()
+    assert worker.ahead(10.0) == []  # all done

@@ -205,7 +205,7 @@ def test_the_policy_chooses_between_the_decode_worker_and_the_loop(
     monkeypatch.setattr(engine_module, "decode_latents", recorded)
     engine = Engine.from_model("tiny-sdxl", patch_size=64)  # decodes on its worker by default
     try:
-        monkeypatch.setattr(engine.scheduler, "decode_inline", lambda r, now_s: inline)
+        monkeypatch.setattr(engine.scheduler, "decode_inline", lambda r, now_s, ahead=(): inline)
         [result] = engine.generate([GenerationRequest("p", width=64, height=64, steps=2, seed=1)])
     finally:
         engine.stop()

@@ -439,6 +439,23 @@ def test_slo_policy_decodes_in_the_loop_only_a_deadline_that_needs_full_speed() 
     assert not fcfs.decode_inline(r, 1.0 - 1.5 * decode_s)
 
 
+def test_slo_policy_decodes_in_the_loop_a_request_the_worker_would_make_late() -> None:
+    p = LatencyPredictor(coef=COEF, patch_size=PATCH, overhead=Overhead(decode_base_s=0.05))
+    s = make_scheduler("slo", p, SchedulerConfig(inline_decode=2.0))
+    decode_s = p.decode_s(512, 512)
+    r, other = request(1, slo_ms=1000.0), request(2, slo_ms=5000.0)
+    for x in (r, other):
+        s.add_request(x, 0.0)
+    now_s = 1.0 - 3 * decode_s  # room for its own slow decode on an idle worker
+    assert not s.decode_inline(r, now_s)
+    # Queued behind another decode of its size, the worker needs 2 x 2 of its decodes: too late.
+    assert s.decode_inline(r, now_s, [(other, 0.0)])
+    # That decode has already run 1.5 of its decodes' time on the worker: 2.5 left, it fits.
+    assert not s.decode_inline(r, now_s, [(other, 1.5 * decode_s)])
+    # Late even at full speed: no pause for it, however long the queue.
+    assert not s.decode_inline(r, 1.0 - 0.5 * decode_s, [(other, 0.0)])
+
+
 def test_inline_decode_must_not_be_negative() -> None:
     with pytest.raises(InvalidRequestError, match="inline_decode"):
         SchedulerConfig(inline_decode=-1.0)

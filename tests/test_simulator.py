@@ -444,6 +444,26 @@ def test_a_decode_in_the_loop_holds_the_next_step_back() -> None:
         assert outcomes[1].denoised_s == pytest.approx(short_end_s + pause_s + 4 * solo_s - 1.0)
 
 
+def test_a_request_the_busy_worker_would_make_late_is_decoded_in_the_loop() -> None:
+    p = profile()
+    costs = MachineCosts(image=p, decode_slowdown=2.0)
+    system = replace(SYSTEMS["patchedserve"], reserve=False)
+    big = req(0.0, size=1024, steps=1)
+    [alone] = simulate([big], [60.0], system, p, costs)
+    # Two requests arrive as the large image's decode starts on the worker; the short one ends its
+    # denoising 0.2 s before its deadline, with most of that decode still ahead of it.
+    short, long = req(alone.denoised_s, steps=1), req(alone.denoised_s, steps=10)
+    denoised_s = simulate([big, short, long], [60.0] * 3, system, p, costs)[1].denoised_s
+    decode_s = p.overhead.decode_s(512, 512)
+    assert 2 * decode_s < 0.2  # an idle worker, even slowed beside the steps, would make it
+    outcomes = simulate([big, short, long], [60.0, denoised_s + 0.2, 60.0], system, p, costs)
+    assert outcomes[1].denoised_s == pytest.approx(denoised_s)
+    assert outcomes[1].latency_s == pytest.approx(denoised_s + decode_s)  # in the loop, at full speed
+    # Queued behind the large decode, it would have ended too late.
+    worker_end_s = alone.latency_s + 2 * decode_s
+    assert worker_end_s > denoised_s + 0.2
+
+
 def test_a_worker_decode_beside_running_steps_takes_the_measured_slowdown() -> None:
     p = profile()
     # The short request's decode runs on the worker while the long one still has steps to run;

@@ -96,6 +96,8 @@ class SimReplica:
         self.next_s: float | None = None
         self.decoder_free_s = 0.0
         """When the decode worker finishes what it has started."""
+        self._decoding: tuple[Request, float] | None = None
+        """The request the decode worker started last, and when (it runs until ``decoder_free_s``)."""
         self._decodes: list[tuple[float, int, Request]] = []
         """Decodes waiting for the worker: (priority, order, request), a heap."""
         self._order = itertools.count()
@@ -179,13 +181,24 @@ class SimReplica:
         for r in done:
             r.timings.denoised_s = now_s
             r.status = RequestStatus.FINISHED
-            if self.scheduler.decode_inline(r, now_s):
+            priority = self.scheduler.decode_priority(r, now_s)
+            if self.scheduler.decode_inline(r, now_s, self._ahead(priority, now_s)):
                 now_s += self.cost.decode_s(r.params.width, r.params.height, now_s)
                 self._end(r, now_s)
                 continue
-            heapq.heappush(self._decodes, (self.scheduler.decode_priority(r, now_s), next(self._order), r))
+            heapq.heappush(self._decodes, (priority, next(self._order), r))
         self._start_decodes(now_s, strict=False)
         return now_s
+
+    def _ahead(self, priority: float, now_s: float) -> list[tuple[Request, float]]:
+        """The decodes a request of ``priority`` would wait for on the worker, as
+        ``DecodeWorker.ahead`` reports them: the queued ones that go first, and the one running
+        with the seconds it has run."""
+        waits = [(r, 0.0) for p, _, r in self._decodes if p <= priority]
+        if self._decoding is not None and self.decoder_free_s > now_s:
+            r, start_s = self._decoding
+            waits.append((r, max(now_s - start_s, 0.0)))
+        return waits
 
     def _start_decodes(self, until_s: float, strict: bool) -> None:
         """Start queued decodes, best priority first, while the worker is free before ``until_s``
@@ -195,6 +208,7 @@ class SimReplica:
         ):
             _, _, r = heapq.heappop(self._decodes)
             start_s = max(self.decoder_free_s, r.timings.denoised_s or 0.0)
+            self._decoding = (r, start_s)
             self.decoder_free_s = start_s + self._worker_decode_s(r, start_s)
             self._end(r, self.decoder_free_s)
 

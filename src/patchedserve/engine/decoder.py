@@ -4,6 +4,10 @@ The engine hands each request that finished denoising to this worker with a prio
 scheduling policy (``Scheduler.decode_priority``): lower values go first, equal values in the
 order they came. FCFS policies give every request the same value, so decodes run first come,
 first served; the ``slo`` policy gives the earliest deadline that can still be met.
+
+Each job may carry a tag (the engine's: its request). ``ahead`` lists the tags of the jobs a new
+job of a given priority would wait for, and how long the one running has run, so that the policy
+can tell whether a request would still make its deadline on the worker (``decode_inline``).
 """
 
 from __future__ import annotations
@@ -11,30 +15,50 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import torch
 
+T = TypeVar("T")
 
-class DecodeWorker:
-    """A single worker thread with a priority queue of jobs."""
 
-    def __init__(self, threads: int, name: str = "decode") -> None:
+class DecodeWorker(Generic[T]):
+    """A single worker thread with a priority queue of jobs, each with an optional tag."""
+
+    def __init__(
+        self, threads: int, name: str = "decode", clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._threads = threads
-        self._jobs: list[tuple[float, int, Callable[[], None]]] = []
+        self._clock = clock
+        self._jobs: list[tuple[float, int, Callable[[], None], T | None]] = []
+        self._running: tuple[float, T | None] | None = None
+        """(start time, tag) of the job the thread runs now."""
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, priority: float, job: Callable[[], None]) -> None:
-        """Queue ``job``; it runs after every queued job of a lower priority value."""
+    def submit(self, priority: float, job: Callable[[], None], tag: T | None = None) -> None:
+        """Queue ``job``; it runs after every queued job of a lower or equal priority value."""
         with self._cond:
             if self._closing:
                 raise RuntimeError("the decode worker is shut down")
-            heapq.heappush(self._jobs, (priority, next(self._order), job))
+            heapq.heappush(self._jobs, (priority, next(self._order), job, tag))
             self._cond.notify()
+
+    def ahead(self, priority: float) -> list[tuple[T, float]]:
+        """What a job of ``priority`` submitted now would wait for: the tagged job running (with
+        the seconds it has run) and the tagged queued jobs that go before it (0 s each)."""
+        with self._cond:
+            waits = [(tag, 0.0) for p, _, _, tag in self._jobs if p <= priority and tag is not None]
+            if self._running is not None:
+                start_s, running = self._running
+                if running is not None:
+                    waits.append((running, max(self._clock() - start_s, 0.0)))
+            return waits
 
     def pending(self) -> int:
         """Jobs queued and not started yet."""
@@ -57,5 +81,10 @@ class DecodeWorker:
                     self._cond.wait()
                 if not self._jobs:
                     return
-                _, _, job = heapq.heappop(self._jobs)
-            job()  # the engine's job catches its own errors
+                _, _, job, tag = heapq.heappop(self._jobs)
+                self._running = (self._clock(), tag)
+            try:
+                job()  # the engine's job catches its own errors
+            finally:
+                with self._cond:
+                    self._running = None

@@ -81,7 +81,9 @@ class Engine:
         """The creator's torch thread count, which the loop and decode threads set for themselves:
         a new thread otherwise takes the count last set anywhere in the process (stream workers set
         theirs to a share)."""
-        self._decoder = DecodeWorker(self._threads) if self.config.decode_in_thread else None
+        self._decoder: DecodeWorker[Request] | None = (
+            DecodeWorker(self._threads, clock=lambda: self.clock()) if self.config.decode_in_thread else None
+        )
         self._wake = threading.Event()
         self._submit_lock = threading.Lock()
         self._stop = threading.Event()
@@ -217,11 +219,14 @@ class Engine:
         latents = self.batch.final_latents(r).clone()  # [C, h, w]
         now = r.timings.denoised_s = self.clock()
         r.state.clear()
-        if self._decoder is None or self.scheduler.decode_inline(r, now):
+        if self._decoder is None:
+            self._decode(r, latents)
+            return
+        priority = self.scheduler.decode_priority(r, now)
+        if self.scheduler.decode_inline(r, now, self._decoder.ahead(priority)):
             self._decode(r, latents)
         else:
-            priority = self.scheduler.decode_priority(r, now)
-            self._decoder.submit(priority, lambda: self._decode(r, latents))
+            self._decoder.submit(priority, lambda: self._decode(r, latents), r)
 
     def _decode(self, r: Request, latents: torch.Tensor) -> None:
         try:

@@ -53,12 +53,13 @@ class SchedulerConfig:
     reserve_window: int = 32
     """Arrivals the ``reserve`` rule looks back over for the tightest class."""
     inline_decode: float = 2.0
-    """``slo`` policy: decode a request in the denoising loop, pausing the steps, when at the end of
-    its denoising it can still make its deadline but has less than this many of its predicted
-    decode times left. On the worker thread a decode shares the CPU with the steps (and waits for
-    the decodes ahead of it): on this project's 2-core test machine, the end of a 512x512
-    request's denoising to its image took a median 1.7x and a 90th percentile 3x the decode's
-    time alone (session 12). 0 turns it off."""
+    """``slo`` policy: how much longer a decode takes on the worker thread than alone. A request
+    that can still make its deadline at the end of its denoising, but not on the worker (this
+    factor x its predicted decode and those of the decodes it would wait for there, less what
+    the running one has done), is decoded in the denoising loop instead, pausing the steps. On
+    the worker a decode shares the CPU with the steps: on this project's 2-core test machine,
+    the end of a 512x512 request's denoising to its image took a median 1.7x and a 90th
+    percentile 3x the decode's time alone (session 12). 0 turns it off."""
     observe_steps: bool = True
     """Feed every executed step's latency to the predictor's online update."""
 

@@ -9,7 +9,7 @@ the simulator drives the very same objects on a virtual clock.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from patchedserve.request import Request, RequestStatus
@@ -95,11 +95,15 @@ class Scheduler(ABC):
         decodes run first come, first served; a policy that knows deadlines may order them."""
         return 0.0
 
-    def decode_inline(self, request: Request, now_s: float) -> bool:
+    def decode_inline(
+        self, request: Request, now_s: float, ahead: Sequence[tuple[Request, float]] = ()
+    ) -> bool:
         """Whether a request that finished denoising at ``now_s`` is decoded at once in the
         denoising loop (which waits for it) instead of queueing for the decode worker, where it
-        would share the CPU with the steps. Never here; a policy that knows deadlines may say so
-        for a request whose deadline only a decode at full speed can still make."""
+        would share the CPU with the steps and wait for ``ahead``: the decodes that would go
+        before it, each with the seconds it has already run (0 while queued). Never here; a
+        policy that knows deadlines may say so for a request whose deadline only a decode at
+        full speed can still make."""
         return False
 
     @property

@@ -52,8 +52,9 @@ Each ``schedule`` call, with A the active set and L(X) the predicted step latenc
 Finished requests queue for the decode worker earliest deadline first (``decode_priority``);
 one that would miss its deadline even if decoded at once goes after those that can still make
 theirs. One that can still make it, but with less than ``inline_decode`` of its predicted decode
-times left, is decoded at once in the denoising loop instead (``decode_inline``): the steps wait
-for it, so it runs at full speed rather than sharing the CPU with them.
+times left, counting the decodes it would wait for on the worker, is decoded at once in the
+denoising loop instead (``decode_inline``): the steps wait for it, so it runs at full speed
+rather than sharing the CPU with them and queueing behind other decodes.
 
 No preemption: a request stays in the active set until its last step once admitted (a pause
 only skips steps). ``SchedulerOutput.preempted`` is where a preempting variant would report
@@ -64,7 +65,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -180,12 +181,19 @@ class SLOScheduler(QueueScheduler):
         need_s = self.model.decode_s(request.params.width, request.params.height)
         return request.deadline_s if now_s + need_s <= request.deadline_s else math.inf
 
-    def decode_inline(self, request: Request, now_s: float) -> bool:
+    def decode_inline(
+        self, request: Request, now_s: float, ahead: Sequence[tuple[Request, float]] = ()
+    ) -> bool:
         if request.deadline_s is None or request.request_id in self.best_effort:
             return False
         need_s = self.model.decode_s(request.params.width, request.params.height)
         left_s = request.deadline_s - now_s
-        return need_s <= left_s < self.config.inline_decode * need_s
+        # On the worker every decode runs inline_decode times as long as alone; the one there now
+        # has done part of its work.
+        queued_s = sum(self.model.decode_s(a.params.width, a.params.height) for a, _ in ahead)
+        started_s = sum(run_s for _, run_s in ahead)
+        worker_s = self.config.inline_decode * (queued_s + need_s) - started_s
+        return need_s <= left_s < worker_s
 
     # ------------------------------------------------------------------ admission
     def _admit(self, now_s: float, out: SchedulerOutput) -> None:
