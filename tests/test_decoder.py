@@ -17,13 +17,15 @@ def test_jobs_run_lowest_priority_value_first_and_ties_in_submission_order() -> 
         started.set()
         gate.wait()
 
-    worker.submit(0.0, hold)
-    assert started.wait(10.0)
-    for name, priority in [("c", 3.0), ("a1", 1.0), ("b", 2.0), ("a2", 1.0), ("late", float("inf"))]:
-        worker.submit(priority, lambda name=name: ran.append(name))
-    assert worker.pending() == 5
-    gate.set()
-    worker.shutdown()
+    try:
+        worker.submit(0.0, hold)
+        assert started.wait(10.0)
+        for name, priority in [("c", 3.0), ("a1", 1.0), ("b", 2.0), ("a2", 1.0), ("late", float("inf"))]:
+            worker.submit(priority, lambda name=name: ran.append(name))
+        assert worker.pending() == 5
+    finally:  # never leave the thread held
+        gate.set()
+        worker.shutdown()
     assert ran == ["a1", "a2", "b", "c", "late"]
 
 
@@ -63,3 +65,14 @@ def test_ahead_lists_the_running_job_and_the_queued_ones_that_go_first() -> None
         gate.set()
         worker.shutdown()
     assert worker.ahead(10.0) == []  # all done
+
+
+def test_a_job_that_raises_does_not_stop_the_worker() -> None:
+    worker = DecodeWorker(threads=1)
+    ran: list[str] = []
+    try:
+        worker.submit(0.0, lambda: 1 / 0)
+        worker.submit(1.0, lambda: ran.append("after"))
+    finally:
+        worker.shutdown()
+    assert ran == ["after"] and worker.closed

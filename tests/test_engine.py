@@ -380,12 +380,15 @@ def test_cancelling_the_awaiting_task_cancels_the_request() -> None:
         task = asyncio.ensure_future(
             engine.agenerate(GenerationRequest("long", width=64, height=64, steps=400))
         )
-        while engine.scheduler.num_running == 0:
+        for _ in range(6000):  # at most a minute for the request to start
+            if engine.scheduler.num_running or task.done():
+                break
             await asyncio.sleep(0.01)
+        assert engine.scheduler.num_running == 1, "the request never started"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(500):
+        for _ in range(6000):
             if engine.scheduler.num_running == 0:
                 return
             await asyncio.sleep(0.01)
@@ -395,3 +398,101 @@ def test_cancelling_the_awaiting_task_cancels_the_request() -> None:
         asyncio.run(scenario())
     finally:
         engine.stop()
+
+
+def test_stop_answers_every_request_it_holds_and_start_serves_again() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=64)
+    queued = engine.submit(GenerationRequest("never run", width=64, height=64, steps=2, seed=1))
+    engine.stop()  # the loop never ran: the request is still in the inbox
+    result = queued.result(timeout=0)
+    assert result.status == RequestStatus.CANCELLED and result.error == "engine stopped"
+    engine.start()  # a fresh decode worker replaces the one stop shut down
+    try:
+        later = GenerationRequest("after a restart", width=64, height=64, steps=2, seed=2)
+        assert_matches_reference("tiny-sdxl", later, engine.submit(later).result(timeout=120))
+    finally:
+        engine.stop()
+
+
+def test_a_request_cancelled_while_it_waits_for_the_decode_worker_is_not_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import patchedserve.engine.engine as engine_module
+
+    decoded: list[int] = []
+    real = engine_module.decode_latents
+
+    def recorded(bundle, latents):  # type: ignore[no-untyped-def]
+        decoded.append(latents.shape[-1])
+        return real(bundle, latents)
+
+    monkeypatch.setattr(engine_module, "decode_latents", recorded)
+    engine = Engine.from_model("tiny-sdxl", patch_size=64)  # FCFS: every decode on the worker
+    gate, busy = threading.Event(), threading.Event()
+    try:
+        assert engine._decoder is not None
+        engine._decoder.submit(0.0, lambda: (busy.set(), gate.wait(60)))  # hold the worker
+        assert busy.wait(10)
+        future = engine.submit(GenerationRequest("p", width=64, height=64, steps=1, seed=1))
+        while engine.has_work():
+            engine.step()  # denoised: now queued behind the held job
+        assert not future.done()
+        engine.cancel(future.request_id)  # type: ignore[attr-defined]
+    finally:
+        gate.set()
+        engine.stop()
+    result = future.result(timeout=0)
+    assert result.status == RequestStatus.CANCELLED and result.image is None
+    assert decoded == []
+
+
+def test_a_raising_observer_or_decode_job_loses_no_request() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=64)
+
+    class Broken:
+        def on_step(self, *args: object) -> None:
+            raise RuntimeError("observer bug")
+
+        def on_result(self, *args: object) -> None:
+            raise RuntimeError("observer bug")
+
+    engine.observers.append(Broken())  # type: ignore[arg-type]
+    try:
+        assert engine._decoder is not None
+        engine._decoder.submit(0.0, lambda: 1 / 0)  # a job that raises must not end the worker
+        g = GenerationRequest("p", width=64, height=64, steps=2, seed=3)
+        [result] = engine.generate([g])
+    finally:
+        engine.stop()
+    assert_matches_reference("tiny-sdxl", g, result)
+
+
+def test_a_group_is_queued_whole_or_not_at_all() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=64, max_waiting=3)
+    g = GenerationRequest("a", width=64, height=64, steps=1)
+    try:
+        with pytest.raises(InvalidRequestError) as err:
+            engine.submit_many([g] * 4)  # can never fit: not a retry-later
+        assert err.value.field == "n"
+        engine.submit_many([g, g])
+        with pytest.raises(QueueFullError):
+            engine.submit_many([g, g])  # fits in an empty queue, not beside the two queued
+        assert engine.scheduler.num_waiting + engine._inbox.qsize() == 2  # nothing of it was queued
+        with pytest.raises(InvalidRequestError) as err:
+            engine.submit_many([g, GenerationRequest("b", width=96, height=64)])
+        assert err.value.field == "size" and engine._inbox.qsize() == 2
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:7", "meta"])
+def test_a_device_this_machine_lacks_is_refused_by_name(device: str) -> None:
+    import torch
+
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has an eighth GPU")
+    with pytest.raises(InvalidRequestError) as err:
+        Engine.from_model("tiny-sdxl", device=device)
+    assert err.value.field == "device" and device in str(err.value)

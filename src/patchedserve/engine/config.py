@@ -87,10 +87,29 @@ class EngineConfig:
             )
         if self.on_infeasible not in ("drop", "best-effort"):
             raise InvalidRequestError("on_infeasible must be drop or best-effort", field="on_infeasible")
+        check_device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def check_device(name: str) -> None:
+    """Refuse a device torch cannot parse or this machine does not have, naming what is wrong."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise InvalidRequestError(
+            f"device {name!r} is not a torch device (cpu, cuda, cuda:1): {err}", "device"
+        ) from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count()  # 0 on a CPU-only build or a machine without a GPU
+        if (device.index or 0) >= count:
+            raise InvalidRequestError(
+                f"device {name!r} is not available here ({count} CUDA devices)", "device"
+            )
+    elif device.type != "cpu":
+        raise InvalidRequestError(f"device {name!r}: only cpu and cuda are supported", "device")
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from typing import Generic, TypeVar
 import torch
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class DecodeWorker(Generic[T]):
@@ -60,6 +63,11 @@ class DecodeWorker(Generic[T]):
                     waits.append((running, max(self._clock() - start_s, 0.0)))
             return waits
 
+    @property
+    def closed(self) -> bool:
+        """True once ``shutdown`` was called: the worker takes no more jobs."""
+        return self._closing
+
     def pending(self) -> int:
         """Jobs queued and not started yet."""
         with self._cond:
@@ -84,7 +92,9 @@ class DecodeWorker(Generic[T]):
                 _, _, job, tag = heapq.heappop(self._jobs)
                 self._running = (self._clock(), tag)
             try:
-                job()  # the engine's job catches its own errors
+                job()
+            except Exception:  # a failing job must not take the thread, and every later job, with it
+                log.exception("decode job failed")
             finally:
                 with self._cond:
                     self._running = None

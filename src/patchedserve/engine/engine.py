@@ -6,19 +6,21 @@ denoising step for all running requests, report the step to the scheduler, and h
 latents to the decode worker (``decoder.py``, in the order the policy gives). Results arrive as
 ``concurrent.futures.Future`` objects, so the same engine serves blocking callers (``generate``),
 a background loop (``start``) and asyncio (``agenerate``). A failing request fails alone; nothing
-a request does stops the loop.
+a request does stops the loop. Every accepted request is answered: ``stop`` cancels what it
+still holds, and ``start`` after ``stop`` serves again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 import torch
 
@@ -81,9 +83,12 @@ class Engine:
         """The creator's torch thread count, which the loop and decode threads set for themselves:
         a new thread otherwise takes the count last set anywhere in the process (stream workers set
         theirs to a share)."""
-        self._decoder: DecodeWorker[Request] | None = (
-            DecodeWorker(self._threads, clock=lambda: self.clock()) if self.config.decode_in_thread else None
-        )
+        self._decoder: DecodeWorker[Request] | None = self._new_decoder()
+        self._decode_lock = threading.Lock()
+        self._decoding: set[int] = set()
+        """Requests queued on the decode worker and not started there yet."""
+        self._decode_cancels: set[int] = set()
+        """Those of them cancelled: the worker resolves them without decoding."""
         self._wake = threading.Event()
         self._submit_lock = threading.Lock()
         self._stop = threading.Event()
@@ -94,6 +99,11 @@ class Engine:
         """An engine for a built-in name or local folder; keyword arguments go to ``EngineConfig``."""
         bundle = model if isinstance(model, ModelBundle) else load_model(model)
         return cls(bundle, EngineConfig(**config))  # type: ignore[arg-type]
+
+    def _new_decoder(self) -> DecodeWorker[Request] | None:
+        if not self.config.decode_in_thread:
+            return None
+        return DecodeWorker(self._threads, clock=lambda: self.clock())
 
     def _new_batch(self) -> DenoiseBatch | ImageBatch:
         if self.config.execution == "image":
@@ -108,6 +118,23 @@ class Engine:
             InvalidRequestError: a field is out of range (message names it).
             QueueFullError: ``max_waiting`` requests are already queued.
         """
+        return self.submit_many([gen])[0]
+
+    def submit_many(self, gens: Sequence[GenerationRequest]) -> list[Future[GenerationResult]]:
+        """Validate and queue requests all together or none (same errors as ``submit``; a group
+        larger than ``max_waiting`` is an ``InvalidRequestError`` on field ``n``)."""
+        params = [self._validate(g) for g in gens]
+        limit = self.config.max_waiting
+        if len(gens) > limit:
+            raise InvalidRequestError(
+                f"{len(gens)} images at once exceed this server's queue of {limit}", field="n"
+            )
+        with self._submit_lock:  # check and enqueue together, so concurrent submits cannot overshoot
+            if self.scheduler.num_waiting + self._inbox.qsize() + len(gens) > limit:
+                raise QueueFullError(f"the queue is full ({limit} waiting); retry later")
+            return [self._enqueue(g, p) for g, p in zip(gens, params, strict=True)]
+
+    def _validate(self, gen: GenerationRequest) -> GenerationParams:
         params = validate_generation(
             self.bundle, gen.width, gen.height, gen.steps, gen.guidance_scale, gen.sampler, gen.seed
         )
@@ -118,10 +145,7 @@ class Engine:
                 f"allowed sizes are multiples of {lp} in both width and height",
                 field="size",
             )
-        with self._submit_lock:  # check and enqueue together, so concurrent submits cannot overshoot
-            if self.scheduler.num_waiting + self._inbox.qsize() >= self.config.max_waiting:
-                raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting); retry later")
-            return self._enqueue(gen, params)
+        return params
 
     def _enqueue(self, gen: GenerationRequest, params: GenerationParams) -> Future[GenerationResult]:
         lp = self.model.patch_size
@@ -142,9 +166,16 @@ class Engine:
         return future
 
     def cancel(self, request_id: int) -> None:
-        """Remove a request at the next step boundary (no-op when it already ended)."""
+        """Cancel a request: a queued or running one leaves at the next step boundary, one waiting
+        on the decode worker is not decoded (no-op when it already ended or its decode began)."""
+        self._cancel_decode(request_id)
         self._cancels.put(request_id)
         self._wake.set()
+
+    def _cancel_decode(self, request_id: int) -> None:
+        with self._decode_lock:
+            if request_id in self._decoding:
+                self._decode_cancels.add(request_id)
 
     # ------------------------------------------------------------------ the loop
     def has_work(self) -> bool:
@@ -153,6 +184,8 @@ class Engine:
 
     def step(self) -> None:
         """One iteration: admit, prepare, denoise one step, retire finished requests."""
+        if self._decoder is not None and self._decoder.closed:  # driven again after ``stop``
+            self._decoder = self._new_decoder()
         now = self.clock()
         self._drain_inbox(now)
         out = self.scheduler.schedule(now)
@@ -181,10 +214,18 @@ class Engine:
                 if self.approx_cache.wants(r):
                     self.approx_cache.record(r, self.batch.final_latents(r))
         for done in self.scheduler.update_from_output(StepOutcome(running, end - start, end)):
-            self._retire(done)
+            try:
+                self._retire(done)
+            except Exception as err:  # the scheduler let it go already: answer it here
+                log.exception("retiring request %d failed", done.request_id)
+                done.status, done.error = RequestStatus.FAILED, f"finishing failed: {err}"
+                self._resolve(done)
         num_patches = sum(r.num_patches * r.num_entries for r in running)
         for o in self.observers:
-            o.on_step(end - start, num_patches, len(running), self.scheduler.num_waiting)
+            try:
+                o.on_step(end - start, num_patches, len(running), self.scheduler.num_waiting)
+            except Exception:
+                log.exception("observer %r failed on a step", o)
 
     def _drain_inbox(self, now: float) -> None:
         while not self._inbox.empty():
@@ -192,8 +233,11 @@ class Engine:
         cancels = []
         while not self._cancels.empty():
             cancels.append(self._cancels.get())
-        for r in self.scheduler.finish_requests(cancels, RequestStatus.CANCELLED):
-            r.error = "cancelled"
+        self._cancel_held(cancels, "cancelled")
+
+    def _cancel_held(self, ids: Sequence[int], message: str) -> None:
+        for r in self.scheduler.finish_requests(ids, RequestStatus.CANCELLED):
+            r.error = message
             self._resolve(r)
 
     def _prepare(self, admitted: list[Request]) -> None:
@@ -225,8 +269,22 @@ class Engine:
         priority = self.scheduler.decode_priority(r, now)
         if self.scheduler.decode_inline(r, now, self._decoder.ahead(priority)):
             self._decode(r, latents)
+            return
+        with self._decode_lock:
+            self._decoding.add(r.request_id)
+        self._decoder.submit(priority, lambda: self._decode_queued(r, latents), r)
+
+    def _decode_queued(self, r: Request, latents: torch.Tensor) -> None:
+        """The worker's job: decode ``r`` unless it was cancelled while it waited."""
+        with self._decode_lock:
+            self._decoding.discard(r.request_id)
+            cancelled = r.request_id in self._decode_cancels
+            self._decode_cancels.discard(r.request_id)
+        if cancelled:
+            r.status, r.error = RequestStatus.CANCELLED, "cancelled"
+            self._resolve(r)
         else:
-            self._decoder.submit(priority, lambda: self._decode(r, latents), r)
+            self._decode(r, latents)
 
     def _decode(self, r: Request, latents: torch.Tensor) -> None:
         try:
@@ -243,11 +301,15 @@ class Engine:
         r.timings.finished_s = self.clock()
         r.state.clear()
         result = GenerationResult.of(r, image)  # type: ignore[arg-type]
-        for o in self.observers:
-            o.on_result(r, result)
+        for o in self.observers:  # before the future, so a caller woken by it sees the observers' view
+            try:
+                o.on_result(r, result)
+            except Exception:
+                log.exception("observer %r failed on request %d", o, r.request_id)
         future = self._futures.pop(r.request_id, None)
-        if future is not None and not future.done():
-            future.set_result(result)
+        if future is not None:
+            with contextlib.suppress(InvalidStateError):  # its caller cancelled it: nobody waits
+                future.set_result(result)
 
     # ------------------------------------------------------------------ front ends
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -272,7 +334,7 @@ class Engine:
             raise
 
     def start(self) -> None:
-        """Run the loop on a background thread (for servers)."""
+        """Run the loop on a background thread (for servers); again after ``stop``."""
         if self._loop is not None:
             return
         self._stop.clear()
@@ -280,11 +342,17 @@ class Engine:
         self._loop.start()
 
     def stop(self) -> None:
+        """Stop the loop, cancel the requests still queued or denoising ("engine stopped"), finish
+        the decodes already queued, and stop the decode worker."""
         self._stop.set()
         self._wake.set()
         if self._loop is not None:
             self._loop.join()
             self._loop = None
+        now = self.clock()
+        while not self._inbox.empty():
+            self.scheduler.add_request(self._inbox.get(), now)
+        self._cancel_held(list(self._futures), "engine stopped")  # those on the decode worker are not held
         if self._decoder is not None:
             self._decoder.shutdown()
 

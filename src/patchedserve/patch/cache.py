@@ -128,10 +128,13 @@ class PatchCache:
 
     def nbytes(self) -> int:
         """Memory the cache holds: one step's block inputs, outputs and operator inputs."""
-        tensors = [t for st in self.blocks.values() for t in (*st.inputs, *st.outputs) if t is not None]
+        # list() snapshots each dict in one call: /metrics reads this while the engine thread fills
+        # or clears the cache, and iterating a dict that changes size raises
+        blocks, sites = list(self.blocks.values()), list(self.sites.values())
+        tensors = [t for st in blocks for t in (*st.inputs, *st.outputs) if t is not None]
         storages = {  # buffers are often shared (a block's output is the next block's input)
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in (*tensors, *(t for t, _ in self.sites.values()))
+            for t in (*tensors, *(t for t, _ in sites))
         }
         return sum(storages.values())
 
