@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from patchedserve.cli import main
+from patchedserve.errors import InvalidRequestError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest: one thread is faster for tiny models
 
@@ -22,10 +23,19 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
     )
 
 
-def run(args: list[str], cwd: Path) -> tuple[int, str, str]:
-    proc = start(args, cwd)
-    out, err = proc.communicate(timeout=300)
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """Waits for ``proc``; kills it rather than leave it running when it takes too long."""
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     return proc.returncode, out, err
+
+
+def run(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    return finish(start(args, cwd))
 
 
 def test_generate_writes_the_image_and_reports_timings(tmp_path: Path) -> None:
@@ -75,10 +85,13 @@ def bad_input_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tup
         case: start(["generate", "--prompt", "a cat", *args, "--out", "never.png"], cwd)
         for case, (args, _) in BAD_INPUTS.items()
     }
-    results = {}
-    for case, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        results[case] = (proc.returncode, out, err)
+    try:
+        results = {case: finish(proc) for case, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     assert not (cwd / "never.png").exists()
     return results
 
@@ -107,6 +120,9 @@ def test_serve_flags_reach_the_engine_config() -> None:
     assert engine_config(build_parser().parse_args(["serve", "--reserve", "off"])).reserve is False
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--reserve", "maybe"])
+    with pytest.raises(InvalidRequestError) as err:  # main prints it as one error line, exit code 2
+        engine_config(build_parser().parse_args(["serve", "--device", "gpu"]))
+    assert err.value.field == "device"
 
 
 def test_commands_other_than_serve_load_no_http_stack() -> None:

@@ -55,16 +55,17 @@ def serving(app: FastAPI) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
     try:
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.started, "uvicorn did not start"
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=30)
         sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,7 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "size-not-unit": ({"size": "100x64"}, "size"),
     "size-not-patch": ({"size": "96x64"}, "size"),
     "size-too-big": ({"size": "4096x64"}, "size"),
+    "size-thousands-of-digits": ({"size": "1" * 5000 + "x64"}, "size"),  # int() refuses > 4300 digits
     "steps-zero": ({"num_inference_steps": 0}, "num_inference_steps"),
     "steps-too-many": ({"num_inference_steps": 501}, "num_inference_steps"),
     "steps-float": ({"num_inference_steps": 2.5}, "num_inference_steps"),
@@ -197,6 +199,31 @@ def test_malformed_body_is_400(http: httpx.Client, raw: str) -> None:
     resp = http.post("/v1/images/generations", content=raw, headers={"Content-Type": "application/json"})
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert "Content-Type" not in resp.json()["error"]["message"]  # it was sent as JSON
+
+
+def test_a_body_sent_without_the_json_content_type_is_told_so(http: httpx.Client) -> None:
+    # what `curl -d '{...}'` sends when -H 'Content-Type: application/json' is forgotten
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    resp = http.post("/v1/images/generations", content=b'{"prompt": "a cat"}', headers=form)
+    assert resp.status_code == 400, resp.text
+    assert "Content-Type: application/json" in resp.json()["error"]["message"]
+
+
+def test_more_images_than_the_queue_holds_is_400_and_a_group_is_queued_whole() -> None:
+    stalled = Engine.from_model(MODEL, patch_size=64, max_waiting=3)  # its loop never runs
+    try:
+        stalled.submit(GenerationRequest(prompt="first", width=64, height=64, steps=2))
+        body = {"prompt": "a cat", "size": "64x64"}
+        with serving(create_app(stalled)) as base:
+            too_many = httpx.post(f"{base}/v1/images/generations", json={**body, "n": 4})
+            no_room = httpx.post(f"{base}/v1/images/generations", json={**body, "n": 3})
+        assert too_many.status_code == 400, too_many.text
+        assert too_many.json()["error"]["param"] == "n"
+        assert no_room.status_code == 429, no_room.text
+        assert stalled.scheduler.num_waiting + stalled._inbox.qsize() == 1  # neither left a part behind
+    finally:
+        stalled.stop()
 
 
 def test_full_queue_is_429_with_retry_after() -> None:
@@ -238,10 +265,14 @@ def test_metrics_count_steps_and_results(http: httpx.Client) -> None:
 def test_client_disconnect_cancels_the_engine_request(engine: Engine, http: httpx.Client, url: str) -> None:
     cancelled = 'patchedserve_requests_total{status="cancelled"}'
     before = metric(http.get("/metrics").text, cancelled)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/images/generations", json={"prompt": "a slow cat", **LONG}, timeout=1.0)
-    assert wait_for(lambda: metric(http.get("/metrics").text, cancelled) == before + 1)
-    assert wait_for(lambda: engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0)
+    with pytest.raises(httpx.ReadTimeout):  # connecting may take long on a busy machine; reading may not
+        httpx.post(
+            f"{url}/v1/images/generations",
+            json={"prompt": "a slow cat", **LONG},
+            timeout=httpx.Timeout(60, read=1.0),
+        )
+    assert wait_for(lambda: metric(http.get("/metrics").text, cancelled) == before + 1, timeout_s=60)
+    assert wait_for(lambda: engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0, 60)
 
 
 def test_cancel_endpoint_ends_a_running_generation(http: httpx.Client) -> None:
@@ -253,10 +284,11 @@ def test_cancel_endpoint_ends_a_running_generation(http: httpx.Client) -> None:
             json={"prompt": "a cat", **LONG},
             headers={"X-Request-ID": "job-1"},
         )
-        assert wait_for(lambda: http.post("/v1/images/generations/job-1/cancel").status_code == 200)
-        resp = pending.result(timeout=30)
+        assert wait_for(lambda: http.post("/v1/images/generations/job-1/cancel").status_code == 200, 60)
+        resp = pending.result(timeout=60)
     assert resp.status_code == 409, resp.text
     assert resp.json()["error"]["code"] == "request_cancelled"
+    assert resp.headers["x-should-retry"] == "false"  # the openai client would resend it otherwise
 
 
 def test_slo_policy_drop_is_503_and_deadlines_are_counted() -> None:
@@ -293,6 +325,7 @@ def test_a_failed_result_is_500_with_the_reason(engine: Engine) -> None:
         "generation_failed",
     )
     assert "decode failed: boom" in err.body.error.message
+    assert err.headers == {"x-should-retry": "false"}
 
 
 def test_serve_command_prints_a_request_ready_to_paste(tmp_path: Path) -> None:
@@ -321,6 +354,11 @@ def test_serve_command_prints_a_request_ready_to_paste(tmp_path: Path) -> None:
         assert httpx.get(f"{match.group(1)}/health", timeout=10).json()["status"] == "ok"
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never leave the server holding its port
+            proc.communicate()
+            raise
     assert proc.returncode == 0, err
     assert "Traceback" not in err

@@ -26,7 +26,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "patchedserve.reference.commands",  # generate, run
     "patchedserve.models.commands",  # models
     "patchedserve.scheduler.commands",  # profile
-    "patchedserve.bench.commands",  # bench step, bench slo
+    "patchedserve.bench.commands",  # bench step, burst, slo, calibrate, report
     "patchedserve.server.commands",  # serve
     "patchedserve.cluster.commands",  # simulate
 )

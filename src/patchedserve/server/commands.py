@@ -74,8 +74,9 @@ def add_parser(subparsers: Any) -> None:
         type=float,
         default=None,
         metavar="THRESHOLD",
-        help="turn on the patch-level block cache (approximate): reuse a block per patch when its input "
-        "changed by less than THRESHOLD (relative squared change; 0.1 is the default setting)",
+        help="turn on the patch-level block cache (approximate): reuse a block's last output for "
+        "an image whose input to it changed by less than THRESHOLD (relative squared change; 0.1 "
+        "is the default setting)",
     )
     serve.set_defaults(handler=run_serve)
 

@@ -71,6 +71,9 @@ def validation_error(errors: Sequence[Any]) -> APIError:
         detail = first.get("ctx", {}).get("error", "")
         return APIError(400, f"the request body is not valid JSON ({detail})", code="invalid_json")
     param = loc[0] if loc else None
+    if param is None and isinstance(first.get("input"), bytes):  # not parsed as JSON: a form or text
+        message = "the request body must be JSON: send it with Content-Type: application/json"
+        return APIError(400, message, code="invalid_body")
     if param is None:
         return APIError(400, "the request body must be a JSON object with a prompt", code="invalid_body")
     if kind == "extra_forbidden":

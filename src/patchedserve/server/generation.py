@@ -37,6 +37,11 @@ CLIENT_GONE_STATUS = 499
 """Status logged for a request whose client disconnected (nginx's convention; nobody reads it)."""
 
 
+NO_RETRY = {"x-should-retry": "false"}
+"""Tells the OpenAI clients, which retry 409 and 5xx by default, not to: a retry would undo a
+cancel, or fail again the same way."""
+
+
 class ClientDisconnected(Exception):
     """The client closed the connection before its images were ready."""
 
@@ -67,8 +72,7 @@ class ImageService:
         futures: list[Future[GenerationResult]] = []
         self.inflight[gen_id] = futures
         try:
-            for gen in self._engine_requests(body):
-                futures.append(self._submit(gen))
+            futures.extend(self._submit(self._engine_requests(body)))
             results = await wait_results(futures, wait_for_disconnect(http))
             if results is None:
                 raise ClientDisconnected
@@ -123,9 +127,9 @@ class ImageService:
             for i in range(body.n)
         ]
 
-    def _submit(self, gen: GenerationRequest) -> Future[GenerationResult]:
+    def _submit(self, gens: list[GenerationRequest]) -> list[Future[GenerationResult]]:
         try:
-            return self.engine.submit(gen)
+            return self.engine.submit_many(gens)  # all n images or none: no half-admitted request
         except InvalidRequestError as err:
             raise APIError.invalid(err) from err
         except QueueFullError as err:
@@ -142,8 +146,16 @@ class ImageService:
             )
         if result.status == RequestStatus.CANCELLED:
             by = "by a cancel call" if gen_id in self.cancelled else "by the server"
-            return APIError(409, f"generation {gen_id!r} was cancelled {by}", code="request_cancelled")
-        return APIError(500, f"generation failed: {reason}", type="server_error", code="generation_failed")
+            return APIError(
+                409, f"generation {gen_id!r} was cancelled {by}", code="request_cancelled", headers=NO_RETRY
+            )
+        return APIError(
+            500,
+            f"generation failed: {reason}",
+            type="server_error",
+            code="generation_failed",
+            headers=NO_RETRY,
+        )
 
     async def _response(self, gen_id: str, results: list[GenerationResult]) -> ImagesResponse:
         images = await asyncio.gather(*(asyncio.to_thread(encode_png, r.image) for r in results))

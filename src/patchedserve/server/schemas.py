@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_IMAGES = 10
 """Most images one request may ask for (``n``), as in the OpenAI API."""
 
-SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
-"""``WIDTHxHEIGHT`` in pixels, e.g. ``768x512``."""
+SIZE_PATTERN = re.compile(r"(\d{1,6})x(\d{1,6})")
+"""``WIDTHxHEIGHT`` in pixels, e.g. ``768x512`` (at most six digits a side: ``int`` refuses a
+string of thousands of digits, and no model takes a side of a million pixels)."""
 
 
 class ImageGenerationRequest(BaseModel):
