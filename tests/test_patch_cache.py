@@ -93,7 +93,9 @@ def test_cache_follows_the_batch_when_requests_join_and_leave(name: str, granula
     pm.forward_batch(batch_of(pm, reqs[:3], [0, 1, 2]))  # partial calls, in the first layout
     # request 0 leaves, 3 joins (new rows must compute everything), 1 and 2 move in the layout
     batch = batch_of(pm, reqs[1:], [1, 2, 3])
+    before = pm.cache.stats.reused
     out = pm.forward_batch(batch)
+    assert pm.cache.stats.reused > before  # the stayers' cache carried over into the new layout
     merged = merge_patches(out, batch.layout)
     for eid, got in zip(batch.layout.entry_ids, merged, strict=True):
         assert rel_err(got, run_full(pm, reqs[eid])) <= REL_TOL
@@ -169,8 +171,8 @@ def test_served_cache_factor_runs_staggered_trajectories() -> None:
     bundle = load_model("tiny-sdxl")
     preparer = Preparer(bundle, bundle.device, bundle.dtype)
     config = Calibration(sizes=((64, 64), (128, 64)), batch_sizes=(3,), patch_size=64, steps=3, cache_mixes=1)
-    factor, reuse = measure_patch_cache_factor(bundle, preparer, config, PatchCacheConfig(threshold=0.0))
-    assert reuse == 0.0 and 0.0 < factor < float("inf")
+    _, reuse = measure_patch_cache_factor(bundle, preparer, config, PatchCacheConfig(threshold=0.0))
+    assert reuse == 0.0
     _, reuse = measure_patch_cache_factor(
         bundle, preparer, config, PatchCacheConfig(threshold=1e9, max_reuse=9)
     )
@@ -202,7 +204,8 @@ def test_a_served_cache_reports_reuse_and_frees_its_memory_when_idle(streams: in
     assert len(caches) == streams and all(c.blocks for c in caches)  # CFG branches: one per stream
     engine.step()  # an idle iteration
     assert not any(c.blocks for c in caches) and engine.model.cache_nbytes() == 0
-    assert "patchedserve_patch_cache" not in ServerMetrics(Engine.from_model("tiny-sdxl")).render().decode()
+    uncached = Engine.from_model("tiny-sdxl", decode_in_thread=False)
+    assert "patchedserve_patch_cache" not in ServerMetrics(uncached).render().decode()
 
 
 def test_per_step_cache_profile_follows_the_trajectorys_reuse() -> None:

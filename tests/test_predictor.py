@@ -45,7 +45,6 @@ def test_fit_recovers_a_known_cost_function() -> None:
     p = LatencyPredictor.fit(samples(150, seed=0), PATCH)
     assert error_on(p, samples(50, seed=1)) < 1.0
     for name, got, want in zip(FEATURE_NAMES, p.coef, TRUE_COEF, strict=True):
-        assert got >= 0.0
         if name in ("total_patches", "attention"):  # the dominant terms are identified well
             assert got == pytest.approx(want, rel=0.1)
 

@@ -534,8 +534,8 @@ def test_calibration_times_the_two_executions_in_alternation(monkeypatch: pytest
     assert order[:8] == ["image", "patched"] * 4
     assert set(order[8:]) == {"patched"}
     assert {c.meta["execution"] for c in costs.values()} == {"image", "patched"}
-    assert len(costs["image"].meta["samples"]) == 4 and "decode_interference" in costs["patched"].meta
-    assert costs["patched"].meta["decode_slowdown"] >= 1.0
+    assert len(costs["image"].meta["samples"]) == 4
+    assert {"decode_interference", "decode_slowdown"} <= costs["patched"].meta.keys()
 
 
 def test_model_embedder_encodes_a_trace_in_batches_as_one_at_a_time() -> None:
