@@ -137,7 +137,7 @@ def test_admitted_requests_meet_their_deadlines_when_the_predictor_is_right(
     assert trace.dropped, "the workload should overload the machine"
     by_id = {r.request_id: r for r in requests}
     assert set(trace.admitted) == set(trace.finished_s)
-    assert len(trace.finished_s) >= len(requests) // 4, "dropping everything would pass vacuously"
+    assert len(trace.finished_s) >= 10, "with few finished requests the deadline check says little"
     for rid, done_s in trace.finished_s.items():
         deadline = by_id[rid].deadline_s
         assert deadline is not None and done_s <= deadline + 1e-9
