@@ -463,7 +463,10 @@ def test_a_raising_observer_or_decode_job_loses_no_request() -> None:
         assert engine._decoder is not None
         engine._decoder.submit(0.0, lambda: 1 / 0)  # a job that raises must not end the worker
         g = GenerationRequest("p", width=64, height=64, steps=2, seed=3)
-        [result] = engine.generate([g])
+        future = engine.submit(g)
+        while engine.has_work():
+            engine.step()
+        result = future.result(timeout=60)  # decoded on the worker
     finally:
         engine.stop()
     assert_matches_reference("tiny-sdxl", g, result)
