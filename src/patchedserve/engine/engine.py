@@ -85,10 +85,9 @@ class Engine:
         theirs to a share)."""
         self._decoder: DecodeWorker[Request] | None = self._new_decoder()
         self._decode_lock = threading.Lock()
-        self._decoding: set[int] = set()
-        """Requests queued on the decode worker and not started there yet."""
-        self._decode_cancels: set[int] = set()
-        """Those of them cancelled: the worker resolves them without decoding."""
+        self._queued_decodes: dict[int, bool] = {}
+        """Requests queued on the decode worker and not started there yet -> cancelled since (the
+        worker then resolves them without decoding)."""
         self._wake = threading.Event()
         self._submit_lock = threading.Lock()
         self._stop = threading.Event()
@@ -174,8 +173,8 @@ class Engine:
 
     def _cancel_decode(self, request_id: int) -> None:
         with self._decode_lock:
-            if request_id in self._decoding:
-                self._decode_cancels.add(request_id)
+            if request_id in self._queued_decodes:
+                self._queued_decodes[request_id] = True
 
     # ------------------------------------------------------------------ the loop
     def has_work(self) -> bool:
@@ -271,15 +270,13 @@ class Engine:
             self._decode(r, latents)
             return
         with self._decode_lock:
-            self._decoding.add(r.request_id)
+            self._queued_decodes[r.request_id] = False
         self._decoder.submit(priority, lambda: self._decode_queued(r, latents), r)
 
     def _decode_queued(self, r: Request, latents: torch.Tensor) -> None:
         """The worker's job: decode ``r`` unless it was cancelled while it waited."""
         with self._decode_lock:
-            self._decoding.discard(r.request_id)
-            cancelled = r.request_id in self._decode_cancels
-            self._decode_cancels.discard(r.request_id)
+            cancelled = self._queued_decodes.pop(r.request_id, False)
         if cancelled:
             r.status, r.error = RequestStatus.CANCELLED, "cancelled"
             self._resolve(r)
