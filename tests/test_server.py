@@ -284,8 +284,20 @@ def test_cancel_endpoint_ends_a_running_generation(http: httpx.Client) -> None:
             json={"prompt": "a cat", **LONG},
             headers={"X-Request-ID": "job-1"},
         )
-        assert wait_for(lambda: http.post("/v1/images/generations/job-1/cancel").status_code == 200, 60)
+        answers: list[httpx.Response] = []
+
+        def cancel() -> bool:
+            answers.append(http.post("/v1/images/generations/job-1/cancel"))
+            return answers[-1].status_code == 200
+
+        assert wait_for(cancel, 60)
         resp = pending.result(timeout=60)
+    assert answers[-1].json() == {
+        "id": "job-1",
+        "object": "image.generation.cancel",
+        "cancelled": True,
+        "num_open": 1,
+    }
     assert resp.status_code == 409, resp.text
     assert resp.json()["error"]["code"] == "request_cancelled"
     assert resp.headers["x-should-retry"] == "false"  # the openai client would resend it otherwise

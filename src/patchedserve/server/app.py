@@ -4,7 +4,8 @@ Routes:
 
 * ``POST /v1/images/generations`` - the OpenAI Images API (plus diffusion extension fields);
   an optional ``X-Request-ID`` header names the generation so it can be cancelled.
-* ``POST /v1/images/generations/{id}/cancel`` - cancel a running generation.
+* ``POST /v1/images/generations/{id}/cancel`` - cancel a running generation; ``cancelled`` says
+  whether any of its images was still open (``num_open``: how many) to cancel.
 * ``GET /v1/models``, ``GET /v1/models/{id}`` - the served model, in OpenAI list format.
 * ``GET /health`` - liveness and queue sizes.
 * ``GET /metrics`` - Prometheus text.
@@ -78,8 +79,14 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.post("/v1/images/generations/{gen_id}/cancel", responses=ERROR_RESPONSES)
     async def cancel_generation(gen_id: str) -> dict[str, Any]:
-        num_open = service.cancel(gen_id)
-        return {"id": gen_id, "object": "image.generation.cancel", "cancelled": True, "num_open": num_open}
+        num_open = service.cancel(gen_id)  # images not yet finished, each sent a cancel
+        # False when every image had already finished: the response is on its way, uncancelled.
+        return {
+            "id": gen_id,
+            "object": "image.generation.cancel",
+            "cancelled": num_open > 0,
+            "num_open": num_open,
+        }
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
