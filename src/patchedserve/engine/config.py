@@ -8,7 +8,7 @@ import torch
 
 from patchedserve.errors import InvalidRequestError
 from patchedserve.patch import PatchCacheConfig
-from patchedserve.scheduler.config import ADMISSIONS
+from patchedserve.scheduler.config import RES_FCFS, SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,10 @@ class EngineConfig:
     inline_decode: float = 2.0
     """``slo`` policy: decode in the denoising loop a request left with less than this many decode
     times to its deadline (``SchedulerConfig.inline_decode``; 0: always on the worker)."""
+    decode_quantile: float | None = 0.9
+    """``slo`` policy: once the worker has decoded enough, price its decodes at this quantile of
+    how long its recent ones took over their predictions (``SchedulerConfig.decode_quantile``;
+    None: at ``inline_decode`` always)."""
     device: str = "cpu"
     """Torch device of the denoiser (``cpu``, ``cuda``, ``cuda:1``)."""
     dtype: str = "float32"
@@ -81,13 +85,22 @@ class EngineConfig:
             raise InvalidRequestError("streams must be at least 1", field="streams")
         if self.approx_cache_similarity not in ("model", "exact"):
             raise InvalidRequestError("approx_cache_similarity must be model or exact", field="approx_cache")
-        if self.admission not in ADMISSIONS:
-            raise InvalidRequestError(
-                f"admission must be one of {', '.join(ADMISSIONS)}; got {self.admission!r}", field="admission"
-            )
-        if self.on_infeasible not in ("drop", "best-effort"):
-            raise InvalidRequestError("on_infeasible must be drop or best-effort", field="on_infeasible")
+        self.scheduler_config()  # checks the policy's knobs
         check_device(self.device)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        """The scheduling policy's knobs (``res-fcfs`` runs on FCFS's)."""
+        return SchedulerConfig(
+            policy="fcfs" if self.policy == RES_FCFS else self.policy,
+            max_running=self.max_running,
+            slo_scale=self.slo_scale,
+            on_infeasible=self.on_infeasible,
+            admission=self.admission,
+            reserve=self.reserve,
+            pause=self.pause,
+            inline_decode=self.inline_decode,
+            decode_quantile=self.decode_quantile,
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:

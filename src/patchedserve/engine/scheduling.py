@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from patchedserve.engine.config import EngineConfig
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import ModelBundle
 from patchedserve.patch import PatchedModel
-from patchedserve.scheduler import LatencyPredictor, QueueScheduler, SchedulerConfig, make_scheduler
+from patchedserve.scheduler import LatencyPredictor, QueueScheduler, make_scheduler
 from patchedserve.scheduler.profile import profile_quick
 from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
 
@@ -32,17 +30,8 @@ def build_predictor(
 
 
 def build_scheduler(config: EngineConfig, bundle: ModelBundle, model: PatchedModel) -> QueueScheduler:
-    policy_config = SchedulerConfig(
-        policy="fcfs" if config.policy == ResolutionBatchScheduler.policy else config.policy,
-        max_running=config.max_running,
-        slo_scale=config.slo_scale,
-        on_infeasible=config.on_infeasible,
-        admission=config.admission,
-        reserve=config.reserve,
-        pause=config.pause,
-        inline_decode=config.inline_decode,
-    )
+    policy_config = config.scheduler_config()
     predictor = build_predictor(config, bundle, model)
     if config.policy == ResolutionBatchScheduler.policy:
-        return ResolutionBatchScheduler(config.max_running, predictor, replace(policy_config, policy="fcfs"))
+        return ResolutionBatchScheduler(config.max_running, predictor, policy_config)
     return make_scheduler(config.policy, predictor, policy_config)

@@ -8,11 +8,12 @@ of the active resolution join at step boundaries in arrival order, up to ``max_r
 from __future__ import annotations
 
 from patchedserve.scheduler.base import QueueScheduler
+from patchedserve.scheduler.config import RES_FCFS
 from patchedserve.scheduler.interface import SchedulerOutput
 
 
 class ResolutionBatchScheduler(QueueScheduler):
-    policy = "res-fcfs"
+    policy = RES_FCFS
 
     def _admit(self, now_s: float, out: SchedulerOutput) -> None:
         if not self.waiting or len(self.running) >= self.max_running:
