@@ -107,9 +107,6 @@ def test_bad_input_is_one_error_line_and_exit_code_2(
     assert "Traceback" not in err and out == ""
 
 
-QUANTILES: list[list[str]] = [[], ["--decode-quantile", "0.5"], ["--decode-quantile", "off"]]
-
-
 def test_serve_flags_reach_the_engine_config() -> None:
     from patchedserve.cli import build_parser
     from patchedserve.server.commands import engine_config
@@ -123,16 +120,14 @@ def test_serve_flags_reach_the_engine_config() -> None:
     assert engine_config(build_parser().parse_args(["serve", "--reserve", "off"])).reserve is False
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--reserve", "maybe"])
-    quantile = [engine_config(build_parser().parse_args(["serve", *a])).decode_quantile for a in QUANTILES]
-    assert quantile == [0.9, 0.5, None]
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--decode-quantile", "most"])
-    with pytest.raises(InvalidRequestError) as err:
-        engine_config(build_parser().parse_args(["serve", "--decode-quantile", "1.5"]))
-    assert err.value.field == "decode_quantile"
     with pytest.raises(InvalidRequestError) as err:  # main prints it as one error line, exit code 2
         engine_config(build_parser().parse_args(["serve", "--device", "gpu"]))
     assert err.value.field == "device"
+    # The policy's knobs are checked when the engine config is made, before any model loads.
+    for flag, value in (("--policy", "lifo"), ("--inline-decode", "-1"), ("--slo-scale", "0")):
+        with pytest.raises(InvalidRequestError) as err:
+            engine_config(build_parser().parse_args(["serve", flag, value]))
+        assert err.value.field == flag[2:].replace("-", "_")
 
 
 def test_commands_other_than_serve_load_no_http_stack() -> None:

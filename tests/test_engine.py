@@ -213,25 +213,6 @@ def test_the_policy_chooses_between_the_decode_worker_and_the_loop(
     assert threads == [threading.current_thread().name if inline else "decode"]  # generate runs the loop here
 
 
-def test_the_policy_learns_how_long_each_decode_took_on_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = Engine.from_model("tiny-sdxl", patch_size=64)  # decodes on its worker by default
-    seen: list[tuple[Request, float]] = []
-    monkeypatch.setattr(engine.scheduler, "observe_decode", lambda r, seconds: seen.append((r, seconds)))
-    try:
-        [first] = engine.generate([GenerationRequest("a", width=64, height=64, steps=2, seed=1)])
-        # The loop hands the scheduler what the worker finished at its next step.
-        monkeypatch.setattr(engine.scheduler, "decode_inline", lambda r, now_s, ahead=(): True)
-        [second] = engine.generate([GenerationRequest("b", width=64, height=64, steps=2, seed=2)])
-        [third] = engine.generate([GenerationRequest("c", width=64, height=64, steps=2, seed=3)])
-    finally:
-        engine.stop()
-    assert all(r.status == RequestStatus.FINISHED for r in (first, second, third))
-    [(r, seconds)] = seen  # the first one's; the others were decoded in the loop
-    assert r.request_id == first.request_id
-    assert r.timings.denoised_s is not None and r.timings.finished_s is not None
-    assert 0.0 < seconds <= r.timings.finished_s - r.timings.denoised_s  # its decode, not its queue
-
-
 def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(
     sdxl_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,7 +26,6 @@ from patchedserve.scheduler import (
     make_scheduler,
     standalone_s,
 )
-from patchedserve.scheduler.config import MIN_DECODE_SAMPLES
 
 PATCH = 256
 COEF = (0.010, 0.004, 0.0005, 0.001, 0.0005, 0.0005, 0.002, 0.001)
@@ -456,48 +455,6 @@ def test_slo_policy_decodes_in_the_loop_a_request_the_worker_would_make_late() -
     assert not s.decode_inline(r, now_s, [(other, 1.5 * decode_s)])
     # Late even at full speed: no pause for it, however long the queue.
     assert not s.decode_inline(r, 1.0 - 0.5 * decode_s, [(other, 0.0)])
-
-
-def test_slo_policy_prices_the_worker_from_its_measured_decodes() -> None:
-    p = LatencyPredictor(coef=COEF, patch_size=PATCH, overhead=Overhead(decode_base_s=0.05))
-    decode_s = p.decode_s(512, 512)
-    r = request(1, slo_ms=1000.0)  # deadline at 1.0 s
-    now_s = 1.0 - 2.5 * decode_s  # on a worker that takes 2 decode times it fits, at 3 it does not
-    measured = make_scheduler("slo", p, SchedulerConfig(inline_decode=2.0, decode_quantile=0.9))
-    fixed = make_scheduler("slo", p, SchedulerConfig(inline_decode=2.0, decode_quantile=None))
-    for s in (measured, fixed):
-        s.add_request(r, 0.0)
-        for _ in range(MIN_DECODE_SAMPLES - 1):
-            s.observe_decode(r, 3.0 * decode_s)
-    # Until the worker has done enough decodes, its factor is inline_decode's.
-    assert measured.worker_factor() == 2.0 and not measured.decode_inline(r, now_s)
-    for s in (measured, fixed):
-        s.observe_decode(r, 3.0 * decode_s)
-    assert measured.worker_factor() == pytest.approx(3.0)
-    assert measured.decode_inline(r, now_s)  # the worker is slower than assumed: in the loop
-    assert fixed.worker_factor() == 2.0 and not fixed.decode_inline(r, now_s)
-    # The quantile: one slow decode in ten moves the 0.9 quantile only part of the way.
-    s = make_scheduler("slo", p, SchedulerConfig(decode_quantile=0.9, decode_window=10))
-    for k in range(10):
-        s.observe_decode(r, (5.0 if k == 0 else 1.5) * decode_s)
-    assert 1.5 < s.worker_factor() < 5.0
-    # The window forgets: ten more at 1.5 push the slow one out.
-    for _ in range(10):
-        s.observe_decode(r, 1.5 * decode_s)
-    assert s.worker_factor() == pytest.approx(1.5)
-    off = make_scheduler("slo", p, SchedulerConfig(inline_decode=0.0))
-    for _ in range(MIN_DECODE_SAMPLES):
-        off.observe_decode(r, 3.0 * decode_s)
-    off.add_request(r, 0.0)
-    assert off.worker_factor() == 0.0 and not off.decode_inline(r, 1.0 - 1.5 * decode_s)
-
-
-def test_decode_quantile_must_be_a_quantile() -> None:
-    for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(InvalidRequestError, match="decode_quantile"):
-            SchedulerConfig(decode_quantile=bad)
-    with pytest.raises(InvalidRequestError, match="decode_window"):
-        SchedulerConfig(decode_window=0)
 
 
 def test_inline_decode_must_not_be_negative() -> None:

@@ -21,7 +21,7 @@ from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
 from patchedserve.cluster.simulator import ModelEmbedder, SimConfig, build_replicas, exact_embedder, simulate
 from patchedserve.cluster.speed import SpeedTrace, admission_gap_s
-from patchedserve.request import Request, RequestStatus
+from patchedserve.request import RequestStatus
 from patchedserve.scheduler import FCFSScheduler, LatencyPredictor, Overhead, SLOScheduler
 from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
 
@@ -479,35 +479,6 @@ def test_a_worker_decode_beside_running_steps_takes_the_measured_slowdown() -> N
     # Measured as not slowed (1, the default), the worker decodes at its time alone.
     plain = simulate([short, long], [60.0, 60.0], worker, p, MachineCosts(image=p))
     assert plain[0].latency_s - plain[0].denoised_s == pytest.approx(decode_s)
-
-
-def test_the_simulated_policy_learns_a_worker_decode_only_once_it_has_ended(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from patchedserve.cluster.replica import SimReplica
-
-    p = profile()
-    now = {"s": 0.0}
-    seen: list[tuple[float, float | None, float]] = []  # (when learnt, when the decode ended, its time)
-    real_iterate = SimReplica.iterate
-
-    def iterate(self: SimReplica, now_s: float) -> None:
-        now["s"] = now_s
-        real_iterate(self, now_s)
-
-    def observe(self: SLOScheduler, r: Request, seconds: float) -> None:
-        seen.append((now["s"], r.timings.finished_s, seconds))
-
-    monkeypatch.setattr(SimReplica, "iterate", iterate)
-    monkeypatch.setattr(SLOScheduler, "observe_decode", observe)
-    # The short request's decode runs on the worker beside the long one's steps and ends before
-    # the long one's last step; the long one's decode ends with the loop idle: nobody learns it.
-    short, long = req(1.0, size=512, steps=2), req(1.0, size=512, steps=12)
-    worker = replace(SYSTEMS["patchedserve"], reserve=False, inline_decode=0.0)
-    simulate([short, long], [60.0, 60.0], worker, p, MachineCosts(image=p, decode_slowdown=2.0))
-    [(learnt_s, ended_s, seconds)] = seen
-    assert seconds == pytest.approx(2.0 * p.overhead.decode_s(512, 512))
-    assert ended_s is not None and learnt_s >= ended_s
 
 
 def test_cost_files_bring_their_measured_decode_contention(tmp_path: Path) -> None:

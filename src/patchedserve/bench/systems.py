@@ -13,19 +13,14 @@
 | patchedserve-cache | patched | slo    | 12        | patch-level blocks                     |
 | patchedserve-no-reserve | patched | slo (without the reserve) | 12 | -                    |
 | patchedserve-no-pause | patched | slo (without pauses) | 12 | -                            |
-| patchedserve-worker-decode | patched | slo (never decodes in the loop) | 12 | -             |
-| patchedserve-fixed-decode | patched | slo (worker priced at 2x, not measured) | 12 | -       |
 
 Both caches are approximate; the systems without one produce exact images. ``patchedserve`` is
 exact; ``patchedserve-cache`` adds the paper's third part, the patch-level cache (``patch.cache``,
 default settings). ``patchedserve-least-slack`` is ``patchedserve`` with the paper's rule: its admission
 (``SchedulerConfig.admission``) and no reserve for the tightest class (``SchedulerConfig.reserve``);
 ``patchedserve-no-reserve`` drops only the reserve, ``patchedserve-no-pause`` only the pauses
-(``SchedulerConfig.pause``), ``patchedserve-worker-decode`` the decodes in the loop
-(``SchedulerConfig.inline_decode``), and ``patchedserve-fixed-decode`` prices the decode
-worker at a fixed 2x instead of from its measured decodes (``SchedulerConfig.decode_quantile``).
-``mixed-cache``, ``nirvana-exact``, the ``no-`` variants and the last two are not in the default
-sweep.
+(``SchedulerConfig.pause``). ``mixed-cache``, ``nirvana-exact`` and the ``no-`` variants are not
+in the default sweep.
 
 Read by the real replay (``bench.replay``) and by the simulator (``cluster``), so both build the
 same policy for a name, and both give every system the same deadlines (``objectives_s``).
@@ -68,9 +63,6 @@ class SystemSpec:
     """Pause requests with time to spare for urgent ones (``SchedulerConfig.pause``)."""
     inline_decode: float = 2.0
     """Decode urgent requests in the denoising loop (``SchedulerConfig.inline_decode``; 0: off)."""
-    decode_quantile: float | None = 0.9
-    """Price the worker's decodes from their measured times (``SchedulerConfig.decode_quantile``;
-    None: at ``inline_decode`` always)."""
 
 
 SYSTEMS: dict[str, SystemSpec] = {
@@ -88,7 +80,6 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("patchedserve-no-reserve", "patched", "slo", reserve=False),
         SystemSpec("patchedserve-no-pause", "patched", "slo", pause=False),
         SystemSpec("patchedserve-worker-decode", "patched", "slo", inline_decode=0.0),
-        SystemSpec("patchedserve-fixed-decode", "patched", "slo", decode_quantile=None),
     )
 }
 """Every system by name, in the order results list them."""
@@ -124,7 +115,6 @@ def engine_config(
         reserve=spec.reserve,
         pause=spec.pause,
         inline_decode=spec.inline_decode,
-        decode_quantile=spec.decode_quantile,
         profile=profile,
         device=device,
         dtype=dtype,

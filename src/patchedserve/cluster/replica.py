@@ -17,7 +17,6 @@ import heapq
 import itertools
 import math
 import random
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,7 +62,6 @@ def make_policy(
         reserve=spec.reserve,
         pause=spec.pause,
         inline_decode=spec.inline_decode,
-        decode_quantile=spec.decode_quantile,
     )
     return make_scheduler(spec.policy, predictor, config)
 
@@ -102,9 +100,6 @@ class SimReplica:
         """The request the decode worker started last, and when (it runs until ``decoder_free_s``)."""
         self._decodes: list[tuple[float, int, Request]] = []
         """Decodes waiting for the worker: (priority, order, request), a heap."""
-        self._decode_times: deque[tuple[float, Request, float]] = deque()
-        """(end, request, seconds) of each worker decode, in end order: the scheduler learns of
-        one at the first step after it ends (``Scheduler.observe_decode``), as in the engine."""
         self._order = itertools.count()
         self._work_of: WorkOf | None = None
         self._queued_work: dict[int, float] = {}
@@ -142,9 +137,6 @@ class SimReplica:
 
     def iterate(self, now_s: float) -> None:
         """One ``Engine.step`` at ``now_s``; sets ``next_s`` to its end, or None when idle."""
-        while self._decode_times and self._decode_times[0][0] <= now_s:
-            _, done, seconds = self._decode_times.popleft()
-            self.scheduler.observe_decode(done, seconds)
         for r in self.inbox:
             self.scheduler.add_request(r, now_s)
         self.inbox.clear()
@@ -217,9 +209,7 @@ class SimReplica:
             _, _, r = heapq.heappop(self._decodes)
             start_s = max(self.decoder_free_s, r.timings.denoised_s or 0.0)
             self._decoding = (r, start_s)
-            seconds = self._worker_decode_s(r, start_s)
-            self.decoder_free_s = start_s + seconds
-            self._decode_times.append((self.decoder_free_s, r, seconds))
+            self.decoder_free_s = start_s + self._worker_decode_s(r, start_s)
             self._end(r, self.decoder_free_s)
 
     def _worker_decode_s(self, r: Request, start_s: float) -> float:

@@ -38,10 +38,6 @@ class EngineConfig:
     inline_decode: float = 2.0
     """``slo`` policy: decode in the denoising loop a request left with less than this many decode
     times to its deadline (``SchedulerConfig.inline_decode``; 0: always on the worker)."""
-    decode_quantile: float | None = 0.9
-    """``slo`` policy: once the worker has decoded enough, price its decodes at this quantile of
-    how long its recent ones took over their predictions (``SchedulerConfig.decode_quantile``;
-    None: at ``inline_decode`` always)."""
     device: str = "cpu"
     """Torch device of the denoiser (``cpu``, ``cuda``, ``cuda:1``)."""
     dtype: str = "float32"
@@ -99,7 +95,6 @@ class EngineConfig:
             reserve=self.reserve,
             pause=self.pause,
             inline_decode=self.inline_decode,
-            decode_quantile=self.decode_quantile,
         )
 
     @property

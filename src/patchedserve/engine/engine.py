@@ -88,9 +88,6 @@ class Engine:
         self._queued_decodes: dict[int, bool] = {}
         """Requests queued on the decode worker and not started there yet -> cancelled since (the
         worker then resolves them without decoding)."""
-        self._decode_times: queue.SimpleQueue[tuple[Request, float]] = queue.SimpleQueue()
-        """(request, seconds) of each decode the worker finished; the loop hands them to the
-        scheduler (``Scheduler.observe_decode``), which only the loop thread touches."""
         self._wake = threading.Event()
         self._submit_lock = threading.Lock()
         self._stop = threading.Event()
@@ -232,8 +229,6 @@ class Engine:
     def _drain_inbox(self, now: float) -> None:
         while not self._inbox.empty():
             self.scheduler.add_request(self._inbox.get(), now)
-        while not self._decode_times.empty():
-            self.scheduler.observe_decode(*self._decode_times.get())
         cancels = []
         while not self._cancels.empty():
             cancels.append(self._cancels.get())
@@ -285,11 +280,8 @@ class Engine:
         if cancelled:
             r.status, r.error = RequestStatus.CANCELLED, "cancelled"
             self._resolve(r)
-            return
-        start = self.clock()
-        self._decode(r, latents)
-        if r.status == RequestStatus.FINISHED and r.timings.finished_s is not None:
-            self._decode_times.put((r, r.timings.finished_s - start))  # start to image
+        else:
+            self._decode(r, latents)
 
     def _decode(self, r: Request, latents: torch.Tensor) -> None:
         try:

@@ -10,12 +10,10 @@ from dataclasses import dataclass
 
 from patchedserve.errors import InvalidRequestError
 
-MIN_DECODE_SAMPLES = 8
-"""Worker decodes the ``slo`` policy needs before ``decode_quantile`` replaces ``inline_decode``."""
 POLICIES: tuple[str, ...] = ("fcfs", "slo")
+"""Policy names ``make_scheduler`` knows."""
 RES_FCFS = "res-fcfs"
 """Same-resolution FCFS batches (``ResolutionBatchScheduler``), a baseline built on ``fcfs``'s config."""
-"""Policy names ``make_scheduler`` knows."""
 ON_INFEASIBLE: tuple[str, ...] = ("drop", "best-effort")
 """What the ``slo`` policy does with a request that cannot make its deadline."""
 ADMISSIONS: tuple[str, ...] = ("throughput", "least-slack")
@@ -63,15 +61,7 @@ class SchedulerConfig:
     the running one has done), is decoded in the denoising loop instead, pausing the steps. On
     the worker a decode shares the CPU with the steps: on this project's 2-core test machine,
     the end of a 512x512 request's denoising to its image took a median 1.7x and a 90th
-    percentile 3x the decode's time alone (session 12). 0 turns it off. With ``decode_quantile``
-    this is the factor until the worker has finished ``MIN_DECODE_SAMPLES`` decodes."""
-    decode_quantile: float | None = 0.9
-    """``slo`` policy: the worker's factor for ``inline_decode`` decisions is this quantile of
-    the worker's decodes over the last ``decode_window`` (each one's time from its start on the
-    worker to its image, over its predicted time alone), so that how much the worker is slowed on
-    this machine under this load is measured, not assumed. None keeps ``inline_decode`` fixed."""
-    decode_window: int = 32
-    """Worker decodes that ``decode_quantile`` looks back over."""
+    percentile 3x the decode's time alone (session 12). 0 turns it off."""
     observe_steps: bool = True
     """Feed every executed step's latency to the predictor's online update."""
 
@@ -102,14 +92,6 @@ class SchedulerConfig:
         if self.inline_decode < 0.0:
             raise InvalidRequestError(
                 f"inline_decode must be >= 0; got {self.inline_decode}", field="inline_decode"
-            )
-        if self.decode_quantile is not None and not 0.0 < self.decode_quantile <= 1.0:
-            raise InvalidRequestError(
-                f"decode_quantile must be in (0, 1]; got {self.decode_quantile}", field="decode_quantile"
-            )
-        if self.decode_window < 1:
-            raise InvalidRequestError(
-                f"decode_window must be at least 1; got {self.decode_window}", field="decode_window"
             )
         if self.relaxed_slack < 0.0:
             raise InvalidRequestError(

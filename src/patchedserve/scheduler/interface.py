@@ -106,12 +106,6 @@ class Scheduler(ABC):
         full speed can still make."""
         return False
 
-    def observe_decode(self, request: Request, seconds: float) -> None:
-        """Feeds the time one decode took on the decode worker (from its start there to its
-        image), so that a policy can learn how much the worker's decodes are slowed. Ignored
-        here."""
-        return None
-
     @property
     @abstractmethod
     def num_waiting(self) -> int: ...

@@ -51,12 +51,10 @@ Each ``schedule`` call, with A the active set and L(X) the predicted step latenc
 
 Finished requests queue for the decode worker earliest deadline first (``decode_priority``);
 one that would miss its deadline even if decoded at once goes after those that can still make
-theirs. One that can still make it, but not on the worker, is decoded at once in the denoising loop
-instead (``decode_inline``): the steps wait for it, so it runs at full speed rather than sharing
-the CPU with them and queueing behind other decodes. On the worker a decode is priced at the
-worker's factor times its predicted time alone, and so is each decode it would wait for there:
-``inline_decode`` at first, then the ``decode_quantile`` (0.9) of how long the worker's recent
-decodes took over their predictions (``observe_decode``).
+theirs. One that can still make it, but with less than ``inline_decode`` of its predicted decode
+times left, counting the decodes it would wait for on the worker, is decoded at once in the
+denoising loop instead (``decode_inline``): the steps wait for it, so it runs at full speed
+rather than sharing the CPU with them and queueing behind other decodes.
 
 No preemption: a request stays in the active set until its last step once admitted (a pause
 only skips steps). ``SchedulerOutput.preempted`` is where a preempting variant would report
@@ -75,7 +73,7 @@ import numpy as np
 from patchedserve.request import Request, RequestStatus
 from patchedserve.scheduler.admission import QueueView, RequestCosts, request_costs
 from patchedserve.scheduler.base import QueueScheduler
-from patchedserve.scheduler.config import MIN_DECODE_SAMPLES, SchedulerConfig
+from patchedserve.scheduler.config import SchedulerConfig
 from patchedserve.scheduler.deadline import entry_of
 from patchedserve.scheduler.features import Entry, MixSums
 from patchedserve.scheduler.interface import SchedulerOutput, StepOutcome
@@ -116,8 +114,6 @@ class SLOScheduler(QueueScheduler):
         """The latest arrivals that the reserve may hold room for (``reserve`` only)."""
         self._reserve: tuple[float, Entry, int] | None = None
         """(step budget, entry, how many) of the tightest class the reserve holds room for."""
-        self._worker_ratios: deque[float] = deque(maxlen=self.config.decode_window)
-        """Recent worker decodes' time over their predicted time alone (``observe_decode``)."""
 
     # ------------------------------------------------------------------ bookkeeping
     def add_request(self, request: Request, now_s: float) -> None:
@@ -196,22 +192,8 @@ class SLOScheduler(QueueScheduler):
         # has done part of its work.
         queued_s = sum(self.model.decode_s(a.params.width, a.params.height) for a, _ in ahead)
         started_s = sum(run_s for _, run_s in ahead)
-        worker_s = self.worker_factor() * (queued_s + need_s) - started_s
+        worker_s = self.config.inline_decode * (queued_s + need_s) - started_s
         return need_s <= left_s < worker_s
-
-    def observe_decode(self, request: Request, seconds: float) -> None:
-        alone_s = self.model.decode_s(request.params.width, request.params.height)
-        if alone_s > 0.0 and seconds > 0.0:
-            self._worker_ratios.append(seconds / alone_s)
-
-    def worker_factor(self) -> float:
-        """How many times its predicted time alone a decode takes on the worker: the configured
-        ``inline_decode``, or once the worker has done enough decodes, the ``decode_quantile`` of
-        what it took lately (0 while ``inline_decode`` is 0: never decode in the loop)."""
-        q, ratios = self.config.decode_quantile, self._worker_ratios
-        if self.config.inline_decode == 0.0 or q is None or len(ratios) < MIN_DECODE_SAMPLES:
-            return self.config.inline_decode
-        return float(np.quantile(np.fromiter(ratios, float, len(ratios)), q))
 
     # ------------------------------------------------------------------ admission
     def _admit(self, now_s: float, out: SchedulerOutput) -> None:

@@ -27,17 +27,6 @@ def on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
-def quantile_or_off(text: str) -> float | str:
-    """A quantile in (0, 1], or ``off`` (kept as the string until ``engine_config`` makes it None,
-    since None means "not given" among the engine options)."""
-    if text.strip().lower() == "off":
-        return "off"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a quantile in (0, 1] or off, got {text!r}") from None
-
-
 ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("patch_size", int, "patch side in pixels; image sides must be multiples of it"),
     ("policy", str, "scheduling policy: fcfs or slo"),
@@ -53,12 +42,6 @@ ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
         float,
         "slo policy: decode at once, pausing the steps, a request left with "
         "fewer than this many decode times to its deadline (0: off)",
-    ),
-    (
-        "decode_quantile",
-        quantile_or_off,
-        "slo policy: price the decode worker at this quantile of its measured slowdown, "
-        "or off to keep --inline-decode's factor",
     ),
     ("device", str, "torch device: cpu, cuda, cuda:1"),
     ("dtype", str, "float32, float16 or bfloat16"),
@@ -104,8 +87,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     given = {name: getattr(args, name) for name, _, _ in ENGINE_OPTIONS if getattr(args, name) is not None}
     for name in given.keys() - known:
         raise InvalidRequestError(f"--{name.replace('_', '-')} is not supported by this engine yet", name)
-    if given.get("decode_quantile") == "off":
-        given["decode_quantile"] = None
     if getattr(args, "patch_cache", None) is not None:
         given["patch_cache"] = PatchCacheConfig(threshold=args.patch_cache)
     return EngineConfig(**given)
