@@ -1,6 +1,7 @@
 """Pool several real sweeps into one results.json: each load's figures over all of its traces.
 
 Usage: .venv/bin/python scripts/pool_sweeps.py SWEEP [SWEEP ...] --out DIR [--reference patchedserve]
+       [--rerun] [--alias OLD=NEW ...]
 
 One sweep is one trace per load, and at a close load how one trace falls decides the point. This
 reads the per-request outcomes of several ``bench slo`` folders (``outcomes/``) and, per system
@@ -12,7 +13,10 @@ per second of all their arrivals, the percentiles are over all finished requests
 Traces are told apart by their file's content, so one trace replayed in two folders (later
 invocations for other systems) counts once. At each load the compared set is the reference
 system's traces: a system that did not run exactly those there is left out at that load (and
-said so), as its pooled figure would come from other requests. A benchmark report, not a test.
+said so), as its pooled figure would come from other requests. ``--alias OLD=NEW`` counts a run
+under the name OLD as a run of NEW, for a configuration that ran under another name (a side-by-side
+variant that is today's default): in a folder with a run of OLD, that folder's own run of NEW is
+set aside. A benchmark report, not a test.
 """
 
 from __future__ import annotations
@@ -27,33 +31,37 @@ from patchedserve.bench.results import (
     load_outcomes,
     load_results,
     make_run,
+    parse_aliases,
     run_file,
+    single_replica_runs,
     trace_digests,
     write_results,
 )
 
+ALIAS_HELP = "count runs named OLD as NEW (that folder's own NEW run is set aside); repeatable"
 
-def pool(folders: list[Path], reference: str, rerun: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+
+def pool(
+    folders: list[Path], reference: str, rerun: bool = False, aliases: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The pooled runs, and a line for each (system, load) left out. A system that replayed one
     trace in two folders is an error, unless ``rerun``: then the later folder counts (a rerun of
-    that system on newer code)."""
+    that system on newer code). ``aliases`` maps a run's name to the system it counts for."""
     # (system, qps) -> {trace hash: (outcomes, duration_s, slo_scale)}
     seen: dict[tuple[str, float], dict[str, tuple[list[RequestOutcome], float, float]]] = defaultdict(dict)
     for folder in folders:
         data = load_results(folder / "results.json")
         traces = trace_digests(folder)
-        for run in data["runs"]:
-            if run.get("replicas", 1) != 1:
-                continue
+        for system, run in single_replica_runs(data["runs"], aliases):
             qps = float(run["qps"])
             if qps not in traces:
                 raise ValueError(f"{folder}: the {qps:g} req/s trace file is missing")
             digest, duration_s = traces[qps]
             path = run_file(folder, "outcomes", run["system"], 1, qps)
             outcomes = load_outcomes(path)
-            if digest in seen[(run["system"], qps)] and not rerun:
-                raise ValueError(f"{run['system']} replayed the {qps:g} req/s trace of {folder} twice")
-            seen[(run["system"], qps)][digest] = (outcomes, duration_s, float(run["slo_scale"]))
+            if digest in seen[(system, qps)] and not rerun:
+                raise ValueError(f"{system} replayed the {qps:g} req/s trace of {folder} twice")
+            seen[(system, qps)][digest] = (outcomes, duration_s, float(run["slo_scale"]))
     runs, left_out = [], []
     for (system, qps), by_trace in sorted(seen.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         wanted = set(seen.get((reference, qps), {}))
@@ -82,13 +90,19 @@ def main() -> None:
         action="store_true",
         help="a system's run of a trace in a later folder replaces its run in an earlier one",
     )
+    ap.add_argument("--alias", action="append", default=[], metavar="OLD=NEW", help=ALIAS_HELP)
     args = ap.parse_args()
-    runs, left_out = pool(args.sweeps, args.reference, args.rerun)
+    try:
+        aliases = parse_aliases(args.alias)
+    except ValueError as err:
+        ap.error(str(err))
+    runs, left_out = pool(args.sweeps, args.reference, args.rerun, aliases)
     meta = {
         "kind": "pooled",
         "sweeps": [str(f) for f in args.sweeps],
         "reference": args.reference,
         "rerun": args.rerun,
+        "aliases": aliases,
     }
     path = write_results(args.out, runs, {**meta, "left_out": left_out})
     for line in left_out:

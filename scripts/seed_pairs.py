@@ -13,6 +13,8 @@ reads the sweeps' results.json and prints, per load and system:
 
     .venv/bin/python scripts/seed_pairs.py outputs/slo7/seed1* --reference patchedserve
 
+``--alias OLD=NEW`` counts runs named OLD as NEW (``bench.results.single_replica_runs``).
+
 A benchmark report, not a test; nothing here is tuned to the outcome.
 """
 
@@ -28,7 +30,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from patchedserve.bench.results import load_results, trace_digests
+from patchedserve.bench.results import load_results, parse_aliases, single_replica_runs, trace_digests
+
+ALIAS_HELP = "count runs named OLD as NEW (that folder's own NEW run is set aside); repeatable"
 
 
 def _trace_names(folders: list[Path]) -> dict[tuple[Path, float], str]:
@@ -43,25 +47,28 @@ def _trace_names(folders: list[Path]) -> dict[tuple[Path, float], str]:
     return names
 
 
-def _points(folders: list[Path], rerun: bool = False) -> dict[tuple[str, float], dict[str, tuple[int, int]]]:
+def _points(
+    folders: list[Path], rerun: bool = False, aliases: dict[str, str] | None = None
+) -> dict[tuple[str, float], dict[str, tuple[int, int]]]:
     """(system, qps) -> {trace name: (met, requests)}. A system that replayed one trace in two
-    folders is an error, unless ``rerun``: then the later folder counts (a rerun on newer code)."""
+    folders is an error, unless ``rerun``: then the later folder counts (a rerun on newer code).
+    ``aliases``: as ``bench.results.single_replica_runs``."""
     names = _trace_names(folders)
     points: dict[tuple[str, float], dict[str, tuple[int, int]]] = defaultdict(dict)
     for folder in folders:
-        for run in load_results(folder / "results.json")["runs"]:
-            if run.get("replicas", 1) != 1:
-                continue
+        for system, run in single_replica_runs(load_results(folder / "results.json")["runs"], aliases):
             qps = float(run["qps"])
             trace = names.get((folder, qps), folder.name)
-            if trace in points[(run["system"], qps)] and not rerun:
-                raise ValueError(f"{run['system']} at {qps} req/s replayed the trace of {trace} twice")
-            points[(run["system"], qps)][trace] = (int(run["met"]), int(run["requests"]))
+            if trace in points[(system, qps)] and not rerun:
+                raise ValueError(f"{system} at {qps} req/s replayed the trace of {trace} twice")
+            points[(system, qps)][trace] = (int(run["met"]), int(run["requests"]))
     return points
 
 
-def compare(folders: list[Path], reference: str, rerun: bool = False) -> list[dict[str, Any]]:
-    points = _points(folders, rerun)
+def compare(
+    folders: list[Path], reference: str, rerun: bool = False, aliases: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    points = _points(folders, rerun, aliases)
     rows: list[dict[str, Any]] = []
     for system, qps in sorted(points, key=lambda k: (k[1], k[0])):
         own = points[(system, qps)]
@@ -105,8 +112,13 @@ def main() -> None:
         action="store_true",
         help="a system's run of a trace in a later folder replaces its run in an earlier one",
     )
+    ap.add_argument("--alias", action="append", default=[], metavar="OLD=NEW", help=ALIAS_HELP)
     args = ap.parse_args()
-    rows = compare(args.sweeps, args.reference, args.rerun)
+    try:
+        aliases = parse_aliases(args.alias)
+    except ValueError as err:
+        ap.error(str(err))
+    rows = compare(args.sweeps, args.reference, args.rerun, aliases)
     for row in rows:
         per_seed = " ".join(f"{v:.3f}" for v in row["satisfaction"].values())
         line = f"{row['qps']:>4} req/s  {row['system']:<22} pooled {row['pooled']:.3f}  seeds {per_seed}"

@@ -89,3 +89,18 @@ def test_a_rerun_in_a_later_folder_replaces_the_earlier_run(tmp_path: Path) -> N
     runs, left_out = script.pool(folders, "ref", rerun=True)
     assert not left_out
     assert {r["system"]: r["slo_satisfaction"] for r in runs} == {"ref": 1.0, "other": 1.0}
+
+
+def test_an_alias_counts_a_run_for_the_system_it_stands_for(tmp_path: Path) -> None:
+    script = load_script("pool_sweeps")
+    met, late = outcome(0, 1.0), outcome(1, 3.0)
+    folders = [
+        write_sweep(tmp_path / "old", "one\n", {"ref": [late, late]}),
+        # A later invocation ran ref's configuration as "variant" beside a ref that is set aside.
+        write_sweep(tmp_path / "new", "one\n", {"ref": [late, late], "variant": [met, met]}),
+    ]
+    runs, left_out = script.pool(folders, "ref", rerun=True, aliases={"variant": "ref"})
+    assert left_out == [] and [r["system"] for r in runs] == ["ref"]
+    assert runs[0]["slo_satisfaction"] == 1.0  # the variant's outcomes, not either ref run's
+    plain, _ = script.pool(folders, "ref", rerun=True)
+    assert {r["system"]: r["slo_satisfaction"] for r in plain} == {"ref": 0.0, "variant": 1.0}

@@ -65,3 +65,24 @@ def test_a_system_replaying_one_trace_twice_is_an_error(tmp_path: Path) -> None:
         script.compare(folders, "ref")
     rows = {r["system"]: r for r in script.compare(folders, "ref", rerun=True)}
     assert rows["ref"]["satisfaction"] == {"a": 0.7}  # the later folder's run counts
+
+
+def test_an_alias_pairs_a_variant_as_the_system_it_stands_for(tmp_path: Path) -> None:
+    script = load_script("seed_pairs")
+    folders = [
+        # The variant ran the reference's configuration; the folder's own ref run is set aside.
+        write_sweep(tmp_path / "a", "trace one\n", {"ref": (1, 10), "variant": (9, 10), "other": (8, 10)}),
+    ]
+    rows = {r["system"]: r for r in script.compare(folders, "ref", aliases={"variant": "ref"})}
+    assert set(rows) == {"ref", "other"}
+    assert rows["ref"]["satisfaction"] == {"a": 0.9}
+    assert math.isclose(rows["other"]["reference_minus_pp"]["mean"], 10.0)
+
+
+def test_an_alias_must_name_both_sides() -> None:
+    from patchedserve.bench.results import parse_aliases
+
+    assert parse_aliases(["x=y", "p=q=r"]) == {"x": "y", "p": "q=r"}
+    for bad in (["x"], ["=y"], ["x="]):
+        with pytest.raises(ValueError, match="OLD=NEW"):
+            parse_aliases(bad)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,31 @@ def trace_digests(folder: Path) -> dict[float, tuple[str, float]]:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             out[float(trace["qps"])] = (digest, float(trace["duration_s"]))
     return out
+
+
+def single_replica_runs(
+    runs: Sequence[dict[str, Any]], aliases: Mapping[str, str] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """(system, run) for each one-replica run of one results.json, for pooling runs across
+    folders. ``aliases`` maps a run's name to the system it counts for (a side-by-side variant
+    that ran a configuration under another name); where a run of an alias is present, the
+    results' own run of the system it stands for is set aside."""
+    aliases = aliases or {}
+    names = {run["system"] for run in runs}
+    replaced = {new for old, new in aliases.items() if old in names}
+    return [
+        (aliases.get(run["system"], run["system"]), run)
+        for run in runs
+        if run.get("replicas", 1) == 1 and run["system"] not in replaced
+    ]
+
+
+def parse_aliases(texts: Sequence[str]) -> dict[str, str]:
+    """``["OLD=NEW", ...]`` -> {OLD: NEW}; raises ValueError on another form."""
+    pairs = [t.split("=", 1) for t in texts]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        raise ValueError(f"an alias is OLD=NEW; got {list(texts)}")
+    return {old: new for old, new in pairs}
 
 
 def load_results(path: Path) -> dict[str, Any]:
