@@ -28,6 +28,7 @@ from typing import Any
 
 from patchedserve.bench.metrics import RequestOutcome
 from patchedserve.bench.results import (
+    ALIAS_HELP,
     load_outcomes,
     load_results,
     make_run,
@@ -37,8 +38,6 @@ from patchedserve.bench.results import (
     trace_digests,
     write_results,
 )
-
-ALIAS_HELP = "count runs named OLD as NEW (that folder's own NEW run is set aside); repeatable"
 
 
 def pool(

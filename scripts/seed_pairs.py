@@ -30,9 +30,13 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from patchedserve.bench.results import load_results, parse_aliases, single_replica_runs, trace_digests
-
-ALIAS_HELP = "count runs named OLD as NEW (that folder's own NEW run is set aside); repeatable"
+from patchedserve.bench.results import (
+    ALIAS_HELP,
+    load_results,
+    parse_aliases,
+    single_replica_runs,
+    trace_digests,
+)
 
 
 def _trace_names(folders: list[Path]) -> dict[tuple[Path, float], str]:

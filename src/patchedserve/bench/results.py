@@ -161,6 +161,10 @@ def single_replica_runs(
     ]
 
 
+ALIAS_HELP = "count runs named OLD as NEW (that folder's own NEW run is set aside); repeatable"
+"""The ``--alias OLD=NEW`` option's help, for the scripts that pool or pair runs."""
+
+
 def parse_aliases(texts: Sequence[str]) -> dict[str, str]:
     """``["OLD=NEW", ...]`` -> {OLD: NEW}; raises ValueError on another form."""
     pairs = [t.split("=", 1) for t in texts]
