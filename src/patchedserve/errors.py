@@ -15,3 +15,7 @@ class InvalidRequestError(PatchedServeError, ValueError):
 
 class ModelLoadError(PatchedServeError):
     """A model name is unknown, or a model folder is missing or malformed."""
+
+
+class ReplicaLostError(PatchedServeError):
+    """An engine replica failed or could not be reached; its open requests are lost (retry them)."""

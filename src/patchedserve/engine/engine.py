@@ -32,6 +32,7 @@ from patchedserve.engine.image_batch import ImageBatch
 from patchedserve.engine.prepare import Preparer
 from patchedserve.engine.results import EngineObserver, GenerationResult
 from patchedserve.engine.scheduling import build_scheduler
+from patchedserve.engine.served import CacheUsage, ServedModel
 from patchedserve.errors import InvalidRequestError, PatchedServeError
 from patchedserve.models import GenerationParams, ModelBundle, decode_latents, load_model, validate_generation
 from patchedserve.patch import PatchedModel
@@ -108,6 +109,27 @@ class Engine:
         if self.config.execution == "image":
             return ImageBatch(self.bundle, self.preparer.samplers, self.device, self.config.streams)
         return DenoiseBatch(self.model, self.preparer.samplers, self.device)
+
+    # ------------------------------------------------------------------ what the server reads
+    @property
+    def served_model(self) -> ServedModel:
+        return ServedModel(self.bundle.name, self.bundle.defaults, self.model.patch_size)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def has_patch_cache(self) -> bool:
+        return self.model.cache is not None
+
+    def patch_cache_usage(self) -> CacheUsage:
+        stats = self.model.cache_stats()
+        return CacheUsage(stats.patch_blocks, stats.reused, self.model.cache_nbytes())
 
     # ------------------------------------------------------------------ submitting
     def submit(self, gen: GenerationRequest) -> Future[GenerationResult]:
@@ -300,7 +322,7 @@ class Engine:
         result = GenerationResult.of(r, image)  # type: ignore[arg-type]
         for o in self.observers:  # before the future, so a caller woken by it sees the observers' view
             try:
-                o.on_result(r, result)
+                o.on_result(result)
             except Exception:
                 log.exception("observer %r failed on request %d", o, r.request_id)
         future = self._futures.pop(r.request_id, None)

@@ -1,4 +1,6 @@
-"""`create_app`: the OpenAI-compatible HTTP front of one engine. Called by ``patchedserve serve`` and tests.
+"""`create_app`: the OpenAI-compatible HTTP front of a served engine (one engine, or a replica group).
+
+Called by ``patchedserve serve`` and tests.
 
 Routes:
 
@@ -25,7 +27,7 @@ from fastapi import FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from patchedserve.engine import Engine
+from patchedserve.engine.served import ServedEngine
 from patchedserve.server.errors import APIError, install_error_handlers
 from patchedserve.server.generation import CLIENT_GONE_STATUS, ClientDisconnected, ImageService
 from patchedserve.server.metrics import ServerMetrics
@@ -43,12 +45,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 """Documented error statuses (the OpenAPI page at /docs)."""
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: ServedEngine) -> FastAPI:
     """An app serving ``engine``'s model; start the engine (``engine.start()``) before serving."""
     metrics = ServerMetrics(engine)
     service = ImageService(engine)
     created = int(time.time())
-    card = ModelCard(id=engine.bundle.name, created=created)
+    card = ModelCard(id=engine.served_model.name, created=created)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -58,7 +60,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     app = FastAPI(
         title="patchedserve",
-        summary=f"OpenAI-compatible image generation with {engine.bundle.name}",
+        summary=f"OpenAI-compatible image generation with {engine.served_model.name}",
         lifespan=lifespan,
     )
     engine.observers.append(metrics)
@@ -109,8 +111,8 @@ def create_app(engine: Engine) -> FastAPI:
             {
                 "status": "ok",
                 "model": card.id,
-                "queue_length": engine.scheduler.num_waiting,
-                "active_requests": engine.scheduler.num_running,
+                "queue_length": engine.num_waiting,
+                "active_requests": engine.num_running,
             }
         )
 

@@ -3,6 +3,8 @@
 Registered by `patchedserve.cli`; ``make run`` runs it with the built-in default model. Engine
 options are passed through to `EngineConfig` only when given, so the engine's defaults stay in one
 place; once serving, it prints the URL and requests ready to paste (curl and the openai client).
+With ``--replicas N`` (or ``--ray-address``) it serves N engines on a Ray cluster instead
+(`cluster.ray_group.RayEngineGroup`), each request going to the least-loaded one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ def on_off(text: str) -> bool:
     if value in ("off", "false", "no", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
+def at_least_one(text: str) -> int:
+    """A whole number >= 1, for counts."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}")
+    return value
 
 
 ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
@@ -78,21 +91,65 @@ def add_parser(subparsers: Any) -> None:
         "an image whose input to it changed by less than THRESHOLD (relative squared change; 0.1 "
         "is the default setting)",
     )
+    scale = serve.add_argument_group("scale-out on Ray (pip install 'patchedserve[ray]')")
+    scale.add_argument(
+        "--replicas",
+        type=at_least_one,
+        default=None,
+        help="serve this many engines, each in its own Ray actor (one GPU each on CUDA); requests go "
+        "to the one with the least predicted work (default: one engine in this process)",
+    )
+    scale.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to place the replicas on (auto, ray://HOST:10001); default: the local one",
+    )
+    scale.add_argument(
+        "--cpus-per-replica",
+        type=at_least_one,
+        default=None,
+        help="CPUs Ray reserves per replica, also its torch threads on a CPU device "
+        "(default: 1 on CUDA, else the cluster's CPUs shared out)",
+    )
     serve.set_defaults(handler=run_serve)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """`EngineConfig` from the options given on the command line; the rest keep their defaults."""
+    return EngineConfig(**engine_options(args))
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `EngineConfig` fields given on the command line."""
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     given = {name: getattr(args, name) for name, _, _ in ENGINE_OPTIONS if getattr(args, name) is not None}
     for name in given.keys() - known:
         raise InvalidRequestError(f"--{name.replace('_', '-')} is not supported by this engine yet", name)
     if getattr(args, "patch_cache", None) is not None:
         given["patch_cache"] = PatchCacheConfig(threshold=args.patch_cache)
-    return EngineConfig(**given)
+    return given
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from patchedserve.server.http import serve  # the HTTP stack loads for this command alone
 
-    return serve(Engine(load_model(args.model), engine_config(args)), args.host, args.port, args.log_level)
+    if args.replicas is None and args.ray_address is None:
+        engine = Engine(load_model(args.model), engine_config(args))
+        return serve(engine, args.host, args.port, args.log_level)
+    try:
+        from patchedserve.cluster.ray_group import RayEngineGroup
+    except ImportError as err:
+        raise InvalidRequestError(
+            f"--replicas needs Ray ({err}); install it with pip install 'patchedserve[ray]'", "replicas"
+        ) from err
+    group = RayEngineGroup(
+        args.model,
+        engine_options(args),
+        1 if args.replicas is None else args.replicas,
+        address=args.ray_address,
+        cpus_per_replica=args.cpus_per_replica,
+    )
+    try:
+        return serve(group, args.host, args.port, args.log_level)
+    finally:
+        group.shutdown()

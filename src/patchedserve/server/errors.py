@@ -53,6 +53,11 @@ class APIError(Exception):
         return cls(400, message, param=param, code="invalid_value")
 
     @classmethod
+    def replica_lost(cls, err: Exception) -> APIError:
+        """503 for images an engine replica lost (it failed or could not be reached): retry."""
+        return cls(503, f"generation lost: {err}; retry it", type="server_error", code="replica_lost")
+
+    @classmethod
     def queue_full(cls, message: str) -> APIError:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         return cls(429, message, type="rate_limit_error", code="queue_full", headers=headers)

@@ -21,8 +21,9 @@ from typing import Any
 import PIL.Image
 from starlette.requests import Request
 
-from patchedserve.engine import Engine, GenerationResult, QueueFullError
-from patchedserve.errors import InvalidRequestError
+from patchedserve.engine import GenerationResult, QueueFullError
+from patchedserve.engine.served import ServedEngine
+from patchedserve.errors import InvalidRequestError, ReplicaLostError
 from patchedserve.request import GenerationRequest, RequestStatus
 from patchedserve.server.errors import APIError
 from patchedserve.server.schemas import (
@@ -49,7 +50,7 @@ class ClientDisconnected(Exception):
 class ImageService:
     """Turns images requests into engine requests and engine results into responses."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: ServedEngine) -> None:
         self.engine = engine
         self.inflight: dict[str, list[Future[GenerationResult]]] = {}
         """Generation id -> its engine futures, while the HTTP request is open."""
@@ -73,7 +74,10 @@ class ImageService:
         self.inflight[gen_id] = futures
         try:
             futures.extend(self._submit(self._engine_requests(body)))
-            results = await wait_results(futures, wait_for_disconnect(http))
+            try:
+                results = await wait_results(futures, wait_for_disconnect(http))
+            except ReplicaLostError as err:
+                raise APIError.replica_lost(err) from err
             if results is None:
                 raise ClientDisconnected
             failed = [r for r in results if r is not None and not r.ok]
@@ -100,7 +104,7 @@ class ImageService:
         return len(open_futures)
 
     def _check_model(self, model: str | None) -> None:
-        name = self.engine.bundle.name
+        name = self.engine.served_model.name
         if model is not None and model != name:
             raise APIError(
                 400,
@@ -134,6 +138,8 @@ class ImageService:
             raise APIError.invalid(err) from err
         except QueueFullError as err:
             raise APIError.queue_full(str(err)) from err
+        except ReplicaLostError as err:
+            raise APIError.replica_lost(err) from err
 
     def _result_error(self, result: GenerationResult, gen_id: str) -> APIError:
         reason = result.error or "no reason given"
@@ -178,7 +184,7 @@ class ImageService:
             created=int(time.time()),
             data=[ImageData(b64_json=b64) for b64 in images],
             size=f"{first.width}x{first.height}",
-            patchedserve=GenerationInfo(id=gen_id, model=self.engine.bundle.name, images=infos),
+            patchedserve=GenerationInfo(id=gen_id, model=self.engine.served_model.name, images=infos),
         )
 
 

@@ -11,14 +11,13 @@ import socket
 
 import uvicorn
 
-from patchedserve.engine import Engine
-from patchedserve.models import ModelBundle
+from patchedserve.engine.served import ServedEngine, ServedModel
 from patchedserve.server.app import create_app
 
 EXAMPLE_PROMPT = "a photo of a red cat on a city street at night"
 
 
-def serve(engine: Engine, host: str, port: int, log_level: str) -> int:
+def serve(engine: ServedEngine, host: str, port: int, log_level: str) -> int:
     """Serves ``engine`` over HTTP until Ctrl-C, starting and stopping it; returns the exit code."""
     server = AnnouncingServer(uvicorn.Config(create_app(engine), host, port, log_level=log_level), engine)
     engine.start()
@@ -35,7 +34,7 @@ def serve(engine: Engine, host: str, port: int, log_level: str) -> int:
 class AnnouncingServer(uvicorn.Server):
     """A uvicorn server that prints how to call it once its socket is bound (so ``--port 0`` shows)."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: ServedEngine) -> None:
         super().__init__(config)
         self.engine = engine
 
@@ -43,25 +42,24 @@ class AnnouncingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self.servers and self.servers[0].sockets:
             port = self.servers[0].sockets[0].getsockname()[1]
-            patch_size = self.engine.config.patch_size
-            print(banner(self.config.host, port, self.engine.bundle, patch_size), flush=True)
+            print(banner(self.config.host, port, self.engine.served_model), flush=True)
 
 
-def banner(host: str, port: int, bundle: ModelBundle, patch_size: int) -> str:
+def banner(host: str, port: int, model: ServedModel) -> str:
     """The URL and two requests ready to paste, at a size this engine accepts."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{shown}:{port}"
-    d = bundle.defaults
+    d, patch_size = model.defaults, model.patch_size
     width, height = (max(patch_size, side // patch_size * patch_size) for side in (d.width, d.height))
     size = f"{width}x{height}"
-    body = json.dumps({"model": bundle.name, "prompt": EXAMPLE_PROMPT, "size": size})
+    body = json.dumps({"model": model.name, "prompt": EXAMPLE_PROMPT, "size": size})
     save = (
         "import base64, json, sys; "
         'open("cat.png", "wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))'
     )
     return "\n".join(
         [
-            f"patchedserve: serving {bundle.name} at {url} (OpenAI Images API)",
+            f"patchedserve: serving {model.name} at {url} (OpenAI Images API)",
             f"  docs {url}/docs, metrics {url}/metrics, health {url}/health",
             "",
             "Try it with curl (writes cat.png):",
@@ -74,7 +72,7 @@ def banner(host: str, port: int, bundle: ModelBundle, patch_size: int) -> str:
             "  from openai import OpenAI",
             f'  client = OpenAI(base_url="{url}/v1", api_key="unused")',
             "  resp = client.images.generate(",
-            f"      model={json.dumps(bundle.name)}, size={json.dumps(size)},",
+            f"      model={json.dumps(model.name)}, size={json.dumps(size)},",
             f"      prompt={json.dumps(EXAMPLE_PROMPT)},",
             f'      response_format="b64_json", extra_body={{"num_inference_steps": {d.steps}}},',
             "  )",

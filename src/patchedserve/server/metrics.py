@@ -1,17 +1,18 @@
 """Prometheus metrics of one served engine, on the app's own registry (so tests can build many apps).
 
 `ServerMetrics` is an `EngineObserver`: the engine loop calls ``on_step`` after every denoising step
-and ``on_result`` when a request ends; the queue gauges read the scheduler when scraped, so they
-are right even while the engine idles. `server.app` creates one per app and serves ``render()`` at
-``GET /metrics``.
+and ``on_result`` when a request ends (a replica group relays its replicas' steps and results); the
+queue gauges read the served engine when scraped, so they are right even while it idles.
+`server.app` creates one per app and serves ``render()`` at ``GET /metrics``.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from patchedserve.engine import Engine, GenerationResult
-from patchedserve.request import Request, RequestStatus
+from patchedserve.engine import GenerationResult
+from patchedserve.engine.served import ServedEngine
+from patchedserve.request import RequestStatus
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 """Request latency buckets: tiny models on CPU up to large images on a busy GPU."""
@@ -26,18 +27,17 @@ FINAL_STATES = (RequestStatus.FINISHED, RequestStatus.DROPPED, RequestStatus.CAN
 class ServerMetrics:
     """The server's metrics; register with ``engine.observers.append(metrics)``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: ServedEngine) -> None:
         self.registry = CollectorRegistry()
-        scheduler = engine.scheduler
         r = self.registry
         self.queue_length = Gauge(
             "patchedserve_queue_length", "Requests waiting to join the denoising batch.", registry=r
         )
-        self.queue_length.set_function(lambda: scheduler.num_waiting)
+        self.queue_length.set_function(lambda: engine.num_waiting)
         self.active_requests = Gauge(
             "patchedserve_active_requests", "Requests in the denoising batch.", registry=r
         )
-        self.active_requests.set_function(lambda: scheduler.num_running)
+        self.active_requests.set_function(lambda: engine.num_running)
         self.step_patches = Histogram(
             "patchedserve_step_patches", "Patches denoised per step.", buckets=PATCH_BUCKETS, registry=r
         )
@@ -67,24 +67,23 @@ class ServerMetrics:
         )
         for outcome in ("met", "missed"):
             self.slo.labels(outcome)
-        model = engine.model
-        if model.cache is not None:  # the patch-level block cache, when the engine runs one
+        if engine.has_patch_cache:  # the patch-level block cache, when the engine runs one
             self.cache_reuse = Gauge(
                 "patchedserve_patch_cache_reuse_ratio",
                 "Share of patch-block computations served from the patch cache since start.",
                 registry=r,
             )
-            self.cache_reuse.set_function(lambda: model.cache_stats().reuse_fraction)
+            self.cache_reuse.set_function(lambda: engine.patch_cache_usage().reuse_fraction)
             self.cache_bytes = Gauge(
                 "patchedserve_patch_cache_bytes", "Memory the patch cache holds now.", registry=r
             )
-            self.cache_bytes.set_function(model.cache_nbytes)
+            self.cache_bytes.set_function(lambda: engine.patch_cache_usage().nbytes)
 
     def on_step(self, latency_s: float, num_patches: int, num_running: int, num_waiting: int) -> None:
         self.step_latency.observe(latency_s)
         self.step_patches.observe(num_patches)
 
-    def on_result(self, request: Request, result: GenerationResult) -> None:
+    def on_result(self, result: GenerationResult) -> None:
         self.requests.labels(result.status.name.lower()).inc()
         latency_s = result.timings.get("latency_s")
         if result.ok and latency_s is not None:

@@ -1,0 +1,122 @@
+"""``EngineReplica``: one ``Engine`` in its own process, as a Ray actor of ``RayEngineGroup``.
+
+The class is plain Python (``ray.remote`` is applied by the group), so it runs and tests without
+Ray too. It builds its engine on the machine Ray placed it on (the device is checked there),
+starts the engine's loop and answers the group's calls: queue requests (``submit_many``), await one
+result (``result``), cancel, report its predicted outstanding work for dispatch (``load``), and
+hand over the steps it ran and its cache counts since the last call (``report``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from patchedserve.cluster.dispatch import remaining_work_s
+from patchedserve.engine import Engine, EngineConfig, GenerationResult
+from patchedserve.engine.served import CacheUsage, ServedModel
+from patchedserve.models import load_model
+from patchedserve.request import GenerationRequest, Request
+
+StepRecord = tuple[float, int, int, int]
+"""One denoising step as ``EngineObserver.on_step`` gets it: latency_s, patches, running, waiting."""
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """Where a replica runs and what it serves; the group reads it once, at start."""
+
+    served: ServedModel
+    node: str
+    """Host name of the machine."""
+    device: str
+    """Torch device of its denoiser there."""
+    threads: int
+    """Torch threads of its engine loop."""
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What a replica did since the group last asked, and what it holds now."""
+
+    num_waiting: int
+    num_running: int
+    steps: list[StepRecord] = field(default_factory=list)
+    cache: CacheUsage = field(default_factory=CacheUsage)
+
+
+def outstanding_work(engine: Engine) -> float:
+    """Work of the requests ``engine`` holds, queued or denoising: predicted seconds alone
+    (``cluster.dispatch.remaining_work_s``) under a latency predictor, else patch-steps (each
+    request's patches x its steps left), which ranks replicas of one config the same way."""
+    scheduler = engine.scheduler
+    held: list[Request] = [*scheduler.waiting, *scheduler.running]  # type: ignore[attr-defined]
+    predictor = getattr(scheduler, "predictor", None)
+    if predictor is not None:
+        return sum(remaining_work_s(r, predictor) for r in held)
+    return float(sum(r.num_patches * r.num_entries * r.steps_left for r in held))
+
+
+class EngineReplica:
+    """One engine replica; its methods are what the group calls remotely."""
+
+    def __init__(self, model: str, options: dict[str, Any], threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)  # before the engine reads the count for its threads
+        self.engine = Engine(load_model(model), EngineConfig(**options))
+        self.engine.observers.append(self)
+        self._futures: dict[int, Future[GenerationResult]] = {}
+        self._steps: list[StepRecord] = []
+        self.engine.start()
+
+    # -- EngineObserver: the loop's steps are kept for the next ``report``
+    def on_step(self, latency_s: float, num_patches: int, num_running: int, num_waiting: int) -> None:
+        self._steps.append((latency_s, num_patches, num_running, num_waiting))
+
+    def on_result(self, result: GenerationResult) -> None:
+        pass  # results reach the group through ``result``
+
+    # -- called by the group
+    def info(self) -> ReplicaInfo:
+        return ReplicaInfo(
+            self.engine.served_model, socket.gethostname(), str(self.engine.device), torch.get_num_threads()
+        )
+
+    def submit_many(self, gens: Sequence[GenerationRequest]) -> list[int]:
+        """Queue all or none (``Engine.submit_many``'s errors); the engine's request ids."""
+        ids = []
+        for f in self.engine.submit_many(gens):
+            request_id: int = f.request_id  # type: ignore[attr-defined]
+            self._futures[request_id] = f
+            ids.append(request_id)
+        return ids
+
+    async def result(self, request_id: int) -> GenerationResult:
+        """Waits for the request's final result."""
+        try:
+            return await asyncio.wrap_future(self._futures[request_id])
+        finally:
+            self._futures.pop(request_id, None)
+
+    def cancel(self, request_id: int) -> None:
+        self.engine.cancel(request_id)
+
+    def load(self) -> float:
+        return outstanding_work(self.engine)
+
+    def report(self) -> ReplicaReport:
+        steps, self._steps = self._steps, []
+        engine = self.engine
+        return ReplicaReport(engine.num_waiting, engine.num_running, steps, engine.patch_cache_usage())
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()

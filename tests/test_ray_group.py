@@ -1,0 +1,198 @@
+"""Scale-out on Ray: engine replicas in Ray actors behind one front, called as users call it.
+
+The module starts one local Ray instance (4 logical CPUs on this 2-core machine, so a second group
+fits beside the shared one) and one group of two tiny-sdxl replicas with one torch thread each.
+Images are 64-128 px with 2-3 steps; LONG requests are what the tests cancel or lose.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from openai import OpenAI
+
+from patchedserve.cluster.ray_group import RayEngineGroup
+from patchedserve.engine import GenerationResult
+from patchedserve.errors import InvalidRequestError, ReplicaLostError
+from patchedserve.reference import ReferencePipeline
+from patchedserve.request import GenerationRequest, RequestStatus
+from patchedserve.server import create_app
+from test_server import metric, png_size, serving, wait_for
+
+MODEL = "tiny-sdxl"
+OPTIONS = {"patch_size": 64, "max_running": 8, "max_waiting": 4}
+MAX_PIXEL_DIFF = 2  # out of 255, as the engine's own tests against the reference
+LONG = GenerationRequest("a long one", width=64, height=64, steps=500, seed=9)
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def group(local_ray: None) -> Iterator[RayEngineGroup]:
+    with RayEngineGroup(MODEL, OPTIONS, 2, cpus_per_replica=1, poll_s=0.1) as g:
+        yield g
+
+
+def results(futures: list[Future[GenerationResult]]) -> list[GenerationResult]:
+    return [f.result(timeout=120) for f in futures]
+
+
+def test_replicas_start_where_ray_put_them_and_serve_the_model(group: RayEngineGroup) -> None:
+    assert len(group.replicas) == 2
+    assert all(r.served == group.served_model for r in group.replicas)
+    assert [(r.device, r.threads) for r in group.replicas] == [("cpu", 1), ("cpu", 1)]
+    assert group.served_model.name == MODEL and group.served_model.patch_size == 64
+
+
+def test_every_replica_gives_the_reference_image(group: RayEngineGroup) -> None:
+    gens = [
+        GenerationRequest("a red fox", width=64, height=64, steps=3, seed=1),
+        GenerationRequest("a blue car", width=128, height=64, steps=3, seed=2),
+        GenerationRequest("a green hill", width=64, height=128, steps=2, seed=3),
+        GenerationRequest("a grey cat", width=128, height=128, steps=2, seed=4),
+    ]
+    start = len(group.assigned)
+    futures = [f for g in gens for f in group.submit_many([g])]
+    assert set(group.assigned[start:]) == {0, 1}  # the second goes where the first is not
+    reference = ReferencePipeline.from_model(MODEL)
+    for g, f, result in zip(gens, futures, results(futures), strict=True):
+        assert result.status == RequestStatus.FINISHED, result.error
+        assert result.request_id == f.request_id  # type: ignore[attr-defined]
+        assert result.image is not None and result.image.size == (g.width, g.height)
+        expected = np.asarray(reference.generate_request(g).image, dtype=np.int16)
+        assert np.abs(np.asarray(result.image, dtype=np.int16) - expected).max() <= MAX_PIXEL_DIFF
+    assert len({f.request_id for f in futures}) == len(futures)  # type: ignore[attr-defined]
+
+
+def test_new_requests_go_to_the_replica_with_less_work_and_cancel_reaches_its_replica(
+    group: RayEngineGroup,
+) -> None:
+    (long,) = group.submit_many([LONG])
+    busy = group.assigned[-1]
+    short = [GenerationRequest(f"short {i}", width=64, height=64, steps=2, seed=i) for i in range(3)]
+    futures = [f for g in short for f in group.submit_many([g])]
+    assert group.assigned[-3:] == [1 - busy] * 3  # 500 steps outweigh three of two
+    assert all(r.ok for r in results(futures))
+    assert not long.done()
+    group.cancel(long.request_id)  # type: ignore[attr-defined]
+    result = long.result(timeout=60)
+    assert result.status == RequestStatus.CANCELLED and result.request_id == long.request_id  # type: ignore[attr-defined]
+
+
+def test_a_replica_refuses_bad_input_with_the_engines_own_error(group: RayEngineGroup) -> None:
+    with pytest.raises(InvalidRequestError, match="multiple of 32") as bad_size:
+        group.submit_many([GenerationRequest("x", width=100, height=64)])
+    assert bad_size.value.field == "width"
+    with pytest.raises(InvalidRequestError) as too_many:
+        group.submit_many([GenerationRequest("x", width=64, height=64)] * 5)  # max_waiting 4
+    assert too_many.value.field == "n"
+
+
+def test_the_http_server_serves_the_group_and_counts_its_steps(group: RayEngineGroup) -> None:
+    with serving(create_app(group)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        resp = client.images.generate(
+            model=MODEL, prompt="two boats", size="128x64", n=2, extra_body={"num_inference_steps": 2}
+        )
+        assert [png_size(d.b64_json or "") for d in resp.data] == [(128, 64), (128, 64)]
+        health = http.get("/health").json()
+        assert health["status"] == "ok" and health["model"] == MODEL
+        steps = "patchedserve_step_latency_seconds_count"
+        assert wait_for(lambda: metric(http.get("/metrics").text, steps) > 0)
+        text = http.get("/metrics").text
+        assert metric(text, "patchedserve_requests_total", status="finished") >= 2
+
+
+def test_a_lost_replica_is_a_503_the_other_serves_and_ray_brings_it_back(local_ray: None) -> None:
+    short = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 2}
+    with RayEngineGroup(MODEL, OPTIONS, 2, cpus_per_replica=1, poll_s=0.1) as pair:
+        with serving(create_app(pair)) as url, httpx.Client(base_url=url, timeout=120) as http:
+            answer: list[httpx.Response] = []
+            body = {"prompt": LONG.prompt, "size": "64x64", "num_inference_steps": LONG.steps}
+            post = lambda: answer.append(http.post("/v1/images/generations", json=body))  # noqa: E731
+            sender = threading.Thread(target=post)
+            sender.start()
+            assert wait_for(lambda: pair.num_running == 1, timeout_s=60)
+            lost = pair.assigned[-1]
+            ray.kill(pair._actors[lost], no_restart=False)  # a crash: Ray restarts the actor
+            sender.join(timeout=60)
+            assert answer and answer[0].status_code == 503
+            error = answer[0].json()["error"]
+            assert error["code"] == "replica_lost" and f"replica {lost} failed" in error["message"]
+            assert http.post("/v1/images/generations", json=short).status_code == 200
+            assert wait_for(lambda: pair.up == [True, True], timeout_s=120)
+        start = len(pair.assigned)
+        gens = [GenerationRequest(f"after {i}", width=64, height=64, steps=3) for i in range(2)]
+        futures = [f for g in gens for f in pair.submit_many([g])]
+        assert pair.assigned[start:] == [0, 1]  # both take work again: the restarted one too
+        assert all(r.ok for r in results(futures))
+        for actor in pair._actors:
+            ray.kill(actor)  # for good this time
+        with pytest.raises(ReplicaLostError, match="no replica is up"):
+            pair.submit_many(gens[:1])
+
+
+def test_too_many_replicas_for_the_cluster_are_refused_at_once(local_ray: None) -> None:
+    with pytest.raises(InvalidRequestError, match="need 10 CPUs") as err:
+        RayEngineGroup(MODEL, OPTIONS, 5, cpus_per_replica=2)
+    assert err.value.field == "replicas"
+    with pytest.raises(InvalidRequestError, match="max_running"):
+        RayEngineGroup(MODEL, {"max_running": 0}, 2)
+
+
+def test_serve_with_replicas_from_the_command_line(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "patchedserve.cli", "serve", "--port", "0", "--patch-size", "64"]
+    command += ["--replicas", "2", "--cpus-per-replica", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, **pipes)  # type: ignore[call-overload]
+    try:
+        url = ""
+        for line in proc.stdout or ():
+            if match := re.search(r"serving tiny-sdxl at (http://127\.0\.0\.1:\d+)", line):
+                url = match.group(1)
+                break
+        assert url, "the server did not start"
+        body = {"prompt": "a kite", "size": "64x128", "num_inference_steps": 2}
+        resp = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert png_size(resp.json()["data"][0]["b64_json"]) == (64, 128)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_replicas_below_one_are_refused_on_the_command_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "patchedserve.cli", "serve", "--replicas", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--replicas: must be a whole number >= 1; got '0'" in done.stderr
+    assert "Traceback" not in done.stderr
