@@ -23,6 +23,8 @@ import pytest
 import ray
 from openai import OpenAI
 
+from patchedserve.bench.replicas import run_replica_bench
+from patchedserve.cli import build_parser
 from patchedserve.cluster.ray_group import RayEngineGroup
 from patchedserve.engine import GenerationResult
 from patchedserve.errors import InvalidRequestError, ReplicaLostError
@@ -186,13 +188,16 @@ def test_serve_with_replicas_from_the_command_line(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-def test_replicas_below_one_are_refused_on_the_command_line() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "patchedserve.cli", "serve", "--replicas", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2
-    assert "--replicas: must be a whole number >= 1; got '0'" in done.stderr
-    assert "Traceback" not in done.stderr
+def test_replicas_below_one_are_refused_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--replicas", "0"])
+    assert exit_.value.code == 2
+    assert "--replicas: must be a whole number >= 1; got '0'" in capsys.readouterr().err
+
+
+def test_the_replica_bench_runs_each_system_on_the_same_burst(local_ray: None) -> None:
+    report = run_replica_bench(MODEL, [(64, 64), (64, 128)], 4, 2, 64, [1], rounds=2)
+    assert set(report["systems"]) == {"engine", "ray-1"}
+    for row in report["systems"].values():
+        assert row["finished_min"] == 4 and len(row["burst_s"]) == 2 and len(row["single_s"]) == 2
+        assert all(s > 0 for s in row["burst_s"] + row["single_s"])

@@ -1,5 +1,5 @@
-"""``patchedserve bench ...``: the benchmark command group (step, burst; slo, calibrate and
-report from ``bench.slo_commands``)."""
+"""``patchedserve bench ...``: the benchmark command group (step, burst, replicas; slo, calibrate
+and report from ``bench.slo_commands``)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,20 @@ def add_parser(subparsers: Any) -> None:
     burst.add_argument("--json", type=Path, default=None)
     burst.set_defaults(handler=run_burst)
 
+    replicas = group.add_parser(
+        "replicas", help="a burst through N Ray engine replicas vs one engine in-process (needs ray)"
+    )
+    replicas.add_argument("--model", default="tiny-sdxl")
+    replicas.add_argument("--sizes", default="256x256,512x256,512x512", help="WxH list, cycled")
+    replicas.add_argument("--count", type=int, default=24)
+    replicas.add_argument("--steps", type=int, default=8)
+    replicas.add_argument("--patch-size", type=int, default=256)
+    replicas.add_argument("--replicas", default="1,2", help="replica counts to compare, e.g. 1,2")
+    replicas.add_argument("--rounds", type=int, default=3, help="bursts per system, taken in turns")
+    replicas.add_argument("--device", default="cpu", help="cpu, or cuda: one GPU per replica")
+    replicas.add_argument("--json", type=Path, default=None)
+    replicas.set_defaults(handler=run_replicas)
+
     add_slo_parsers(group)  # slo, calibrate, report
 
 
@@ -111,4 +125,31 @@ def run_burst(args: argparse.Namespace) -> int:
         f"{report['count']} requests x {report['steps']} steps on {report['model']}: engine {engine}, "
         f"reference one at a time {reference}, x{report['speedup']:.2f}"
     )
+    return 0
+
+
+def run_replicas(args: argparse.Namespace) -> int:
+    from patchedserve.bench.replicas import run_replica_bench
+    from patchedserve.bench.step import write_report
+
+    if args.count < 1 or args.rounds < 1:
+        raise InvalidRequestError("--count and --rounds must be at least 1", field="count")
+    report = run_replica_bench(
+        args.model,
+        parse_sizes(args.sizes),
+        args.count,
+        args.steps,
+        args.patch_size,
+        parse_ints(args.replicas, "replicas"),
+        args.rounds,
+        args.device,
+    )
+    write_report(report, args.json)
+    print(f"{report['count']} requests x {report['steps']} steps on {report['model']}, {report['device']}:")
+    for name, row in report["systems"].items():
+        print(
+            f"  {name:>8}: burst {row['median_burst_s']:.2f} s ({row['images_per_min']:.1f} img/min, "
+            f"x{row['speedup_vs_engine']:.2f} the engine), "
+            f"one small request alone {row['median_single_s']:.3f} s"
+        )
     return 0
