@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from patchedserve.bench.replicas import run_replica_bench
 from patchedserve.cli import build_parser
 from patchedserve.cluster.ray_group import RayEngineGroup
 from patchedserve.engine import GenerationResult
-from patchedserve.errors import InvalidRequestError, ReplicaLostError
+from patchedserve.errors import InvalidRequestError, PatchedServeError, ReplicaLostError
 from patchedserve.reference import ReferencePipeline
 from patchedserve.request import GenerationRequest, RequestStatus
 from patchedserve.server import create_app
@@ -122,9 +122,13 @@ def test_the_http_server_serves_the_group_and_counts_its_steps(group: RayEngineG
         assert metric(text, "patchedserve_requests_total", status="finished") >= 2
 
 
-def test_a_lost_replica_is_a_503_the_other_serves_and_ray_brings_it_back(local_ray: None) -> None:
+def test_a_lost_replica_is_a_503_the_other_serves_and_ray_brings_it_back(
+    local_ray: None, saved_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = saved_model(MODEL)
+    monkeypatch.chdir(folder.parent)  # the replicas load the folder named relative to here
     short = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 2}
-    with RayEngineGroup(MODEL, OPTIONS, 2, cpus_per_replica=1, poll_s=0.1) as pair:
+    with RayEngineGroup(folder.name, OPTIONS, 2, cpus_per_replica=1, poll_s=0.1) as pair:
         with serving(create_app(pair)) as url, httpx.Client(base_url=url, timeout=120) as http:
             answer: list[httpx.Response] = []
             body = {"prompt": LONG.prompt, "size": "64x64", "num_inference_steps": LONG.steps}
@@ -157,6 +161,13 @@ def test_too_many_replicas_for_the_cluster_are_refused_at_once(local_ray: None) 
     assert err.value.field == "replicas"
     with pytest.raises(InvalidRequestError, match="max_running"):
         RayEngineGroup(MODEL, {"max_running": 0}, 2)
+
+
+def test_a_replica_that_cannot_start_is_one_line_naming_why(local_ray: None) -> None:
+    with pytest.raises(PatchedServeError) as err:
+        RayEngineGroup("/no/such/model", OPTIONS, 1, cpus_per_replica=1)
+    assert str(err.value).startswith("a replica failed to start: ModelLoadError: ")
+    assert "/no/such/model" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_serve_with_replicas_from_the_command_line(tmp_path: Path) -> None:

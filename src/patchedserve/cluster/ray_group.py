@@ -24,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -101,6 +103,8 @@ class RayEngineGroup:
             num_cpus=cpus_per_replica, num_gpus=1 if gpu else 0, max_restarts=-1
         )
         threads = None if gpu else cpus_per_replica
+        if Path(model).exists():  # a folder: the same path on every machine, whatever its cwd
+            model = str(Path(model).resolve())
         self._actors: list[Any] = [actor.remote(model, self.options, threads) for _ in range(replicas)]
         """Handles of the ``EngineReplica`` actors (Ray's stubs type them loosely)."""
         self.replicas: list[ReplicaInfo] = []
@@ -305,8 +309,10 @@ def start_error(err: Exception) -> PatchedServeError:
     """Why the replicas did not start, in one line."""
     if isinstance(err, GetTimeoutError):
         return PatchedServeError(f"the replicas did not start within {START_TIMEOUT_S:.0f} s")
-    cause = getattr(err, "cause", None)
-    return PatchedServeError(f"a replica failed to start: {first_line(cause or err)}")
+    # Ray gives the creation task's traceback as text; its last line is the error, module-qualified.
+    lines = str(getattr(err, "error_msg", err)).strip().splitlines() or [type(err).__name__]
+    why = re.sub(r"^(\w+\.)+(?=\w+: )", "", lines[-1])
+    return PatchedServeError(f"a replica failed to start: {why}")
 
 
 def first_line(err: BaseException) -> str:
