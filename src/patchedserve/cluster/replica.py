@@ -7,8 +7,9 @@ active set (every request's ``step_index`` advances; the step costs ``CostModel.
 cache points, ``update_from_output`` and send the finished to the decode worker (one at a time,
 in the policy's ``decode_priority`` order, as ``engine.decoder`` runs them, slowed by
 ``CostModel.decode_slowdown`` while the loop has steps to run). The
-policies are the engine's own objects (``make_scheduler``, ``ResolutionBatchScheduler``), built
-as ``engine.scheduling.build_scheduler`` builds them. Driven by ``cluster.simulator``.
+policies are the engine's own objects, built by its ``engine.scheduling.build_policy`` from the
+configuration a real replay gives the system (``bench.systems.engine_config``). Driven by
+``cluster.simulator``.
 """
 
 from __future__ import annotations
@@ -18,27 +19,21 @@ import itertools
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from patchedserve.bench.systems import SystemSpec
+from patchedserve.bench.systems import SystemSpec, engine_config
 from patchedserve.cluster.costs import CostModel
 from patchedserve.cluster.dispatch import WorkOf
 from patchedserve.engine.approx_cache import ApproxCache
+from patchedserve.engine.scheduling import build_policy
 from patchedserve.request import Request, RequestStatus
 from patchedserve.sampler.ddim import DDIMSampler
 from patchedserve.sampler.dpmpp import DPMPP2MSampler
 from patchedserve.sampler.euler import EulerSampler
 from patchedserve.sampler.flow import FlowEulerSampler
-from patchedserve.scheduler import (
-    LatencyPredictor,
-    QueueScheduler,
-    SchedulerConfig,
-    StepOutcome,
-    make_scheduler,
-)
-from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
+from patchedserve.scheduler import LatencyPredictor, QueueScheduler, StepOutcome
 
 SAMPLER_ORDER = {cls.name: cls.order for cls in (EulerSampler, DDIMSampler, DPMPP2MSampler, FlowEulerSampler)}
 """Order of each sampler; NIRVANA's cache resumes only single-step (order 1) samplers."""
@@ -50,20 +45,10 @@ Embedder = Callable[[str], torch.Tensor]
 def make_policy(
     spec: SystemSpec, predictor: LatencyPredictor, max_running: int, slo_scale: float = 5.0
 ) -> QueueScheduler:
-    """The system's scheduling policy, exactly as ``engine.scheduling.build_scheduler`` makes it."""
-    cap = spec.max_running or max_running
-    if spec.policy == ResolutionBatchScheduler.policy:
-        return ResolutionBatchScheduler(cap, predictor, SchedulerConfig("fcfs", cap, slo_scale))
-    config = SchedulerConfig(
-        spec.policy,
-        cap,
-        slo_scale,
-        admission=spec.admission,
-        reserve=spec.reserve,
-        pause=spec.pause,
-        inline_decode=spec.inline_decode,
-    )
-    return make_scheduler(spec.policy, predictor, config)
+    """The system's scheduling policy, built by the engine's own ``build_policy`` from the engine
+    configuration the real replay gives ``spec`` (its patch size does not reach the policy)."""
+    config = engine_config(spec, patch_size=64, profile=None, max_running=max_running)
+    return build_policy(replace(config, slo_scale=slo_scale), predictor)
 
 
 @dataclass

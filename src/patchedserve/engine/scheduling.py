@@ -1,4 +1,4 @@
-"""Builds the engine's scheduling policy (``fcfs`` or ``slo``) and its latency predictor."""
+"""Builds the engine's scheduling policy (``fcfs``, ``slo`` or ``res-fcfs``) and its latency predictor."""
 
 from __future__ import annotations
 
@@ -30,8 +30,12 @@ def build_predictor(
 
 
 def build_scheduler(config: EngineConfig, bundle: ModelBundle, model: PatchedModel) -> QueueScheduler:
+    return build_policy(config, build_predictor(config, bundle, model))
+
+
+def build_policy(config: EngineConfig, predictor: LatencyPredictor | None) -> QueueScheduler:
+    """The scheduling policy ``config`` names, on ``predictor`` (the simulator builds its own so)."""
     policy_config = config.scheduler_config()
-    predictor = build_predictor(config, bundle, model)
     if config.policy == ResolutionBatchScheduler.policy:
         return ResolutionBatchScheduler(config.max_running, predictor, policy_config)
     return make_scheduler(config.policy, predictor, policy_config)
