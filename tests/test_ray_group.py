@@ -115,7 +115,8 @@ def test_the_http_server_serves_the_group_and_counts_its_steps(group: RayEngineG
         )
         assert [png_size(d.b64_json or "") for d in resp.data] == [(128, 64), (128, 64)]
         health = http.get("/health").json()
-        assert health["status"] == "ok" and health["model"] == MODEL
+        fields = ("status", "model", "replicas", "replicas_up")
+        assert [health[k] for k in fields] == ["ok", MODEL, 2, 2]
         steps = "patchedserve_step_latency_seconds_count"
         assert wait_for(lambda: metric(http.get("/metrics").text, steps) > 0)
         text = http.get("/metrics").text
@@ -149,8 +150,13 @@ def test_a_lost_replica_is_a_503_the_other_serves_and_ray_brings_it_back(
         futures = [f for g in gens for f in pair.submit_many([g])]
         assert pair.assigned[start:] == [0, 1]  # both take work again: the restarted one too
         assert all(r.ok for r in results(futures))
-        for actor in pair._actors:
-            ray.kill(actor)  # for good this time
+        ray.kill(pair._actors[0])  # for good this time
+        with serving(create_app(pair)) as url, httpx.Client(base_url=url, timeout=60) as http:
+            assert wait_for(lambda: http.get("/health").json()["status"] == "degraded")
+            assert metric(http.get("/metrics").text, "patchedserve_replicas_up") == 1
+            ray.kill(pair._actors[1])
+            assert wait_for(lambda: http.get("/health").status_code == 503)
+            assert http.get("/health").json()["status"] == "down"
         with pytest.raises(ReplicaLostError, match="no replica is up"):
             pair.submit_many(gens[:1])
 

@@ -150,7 +150,12 @@ def test_models_and_health(url: str, http: httpx.Client) -> None:
     assert client.models.retrieve(MODEL).id == MODEL
     assert http.get(f"/v1/models/{MODEL}-nope").status_code == 404
     health = http.get("/health")
-    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.status_code == 200
+    assert {k: health.json()[k] for k in ("status", "replicas", "replicas_up")} == {
+        "status": "ok",
+        "replicas": 1,
+        "replicas_up": 1,
+    }
 
 
 BAD_INPUTS: dict[str, tuple[dict[str, Any], str | None]] = {

@@ -121,6 +121,7 @@ class RayEngineGroup:
         self._last = [ReplicaReport(0, 0) for _ in self._actors]
         self.up = [True for _ in self._actors]
         """Per replica: whether it answered its last call (dispatch passes over those that did not)."""
+        self._started = False
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -132,6 +133,10 @@ class RayEngineGroup:
     @property
     def num_running(self) -> int:
         return sum(r.num_running for r in self._last)
+
+    @property
+    def replicas_up(self) -> list[bool]:
+        return [self._started and up for up in self.up]
 
     @property
     def has_patch_cache(self) -> bool:
@@ -213,6 +218,7 @@ class RayEngineGroup:
     def start(self) -> None:
         """Run the replicas' loops (they start running at creation) and the poller."""
         call([a.start.remote() for a in self._actors])
+        self._started = True
         if self._poller is None:
             self._stop.clear()
             self._poller = threading.Thread(target=self._poll_loop, name="replica-poller", daemon=True)
@@ -220,6 +226,7 @@ class RayEngineGroup:
 
     def stop(self) -> None:
         """Stop every replica's loop (their held requests are answered, cancelled) and the poller."""
+        self._started = False
         self._stop.set()
         if self._poller is not None:
             self._poller.join()

@@ -124,6 +124,10 @@ class Engine:
         return self.scheduler.num_running
 
     @property
+    def replicas_up(self) -> list[bool]:
+        return [self._loop is not None]
+
+    @property
     def has_patch_cache(self) -> bool:
         return self.model.cache is not None
 

@@ -70,6 +70,11 @@ class ServedEngine(Protocol):
         ...
 
     @property
+    def replicas_up(self) -> list[bool]:
+        """Per engine replica (one for an in-process engine): whether it is up."""
+        ...
+
+    @property
     def has_patch_cache(self) -> bool: ...
 
     def patch_cache_usage(self) -> CacheUsage:

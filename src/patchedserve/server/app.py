@@ -9,7 +9,8 @@ Routes:
 * ``POST /v1/images/generations/{id}/cancel`` - cancel a running generation; ``cancelled`` says
   whether any of its images was still open (``num_open``: how many) to cancel.
 * ``GET /v1/models``, ``GET /v1/models/{id}`` - the served model, in OpenAI list format.
-* ``GET /health`` - liveness and queue sizes.
+* ``GET /health`` - status (``ok``; ``degraded`` while some replicas are down; ``down``, as a 503,
+  when none serves), replicas up, queue sizes.
 * ``GET /metrics`` - Prometheus text.
 
 The app does not own the engine's loop: the caller starts the engine before serving and stops it
@@ -107,13 +108,18 @@ def create_app(engine: ServedEngine) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        up = engine.replicas_up
+        status = "ok" if all(up) else "degraded" if any(up) else "down"
         return JSONResponse(
             {
-                "status": "ok",
+                "status": status,
                 "model": card.id,
+                "replicas": len(up),
+                "replicas_up": sum(up),
                 "queue_length": engine.num_waiting,
                 "active_requests": engine.num_running,
-            }
+            },
+            status_code=503 if status == "down" else 200,  # down: send nothing here
         )
 
     @app.get("/metrics")

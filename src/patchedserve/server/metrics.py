@@ -38,6 +38,10 @@ class ServerMetrics:
             "patchedserve_active_requests", "Requests in the denoising batch.", registry=r
         )
         self.active_requests.set_function(lambda: engine.num_running)
+        self.replicas_up = Gauge(
+            "patchedserve_replicas_up", "Engine replicas serving (1 for one engine in-process).", registry=r
+        )
+        self.replicas_up.set_function(lambda: sum(engine.replicas_up))
         self.step_patches = Histogram(
             "patchedserve_step_patches", "Patches denoised per step.", buckets=PATCH_BUCKETS, registry=r
         )
