@@ -36,6 +36,17 @@ USAGE_ERROR = 2
 """Exit code of bad input, as argparse uses."""
 
 
+def at_least_one(text: str) -> int:
+    """An option's value that counts something: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}")
+    return value
+
+
 class CommandParser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one ``error: ...`` line, like every other error."""
 

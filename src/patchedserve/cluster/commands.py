@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from patchedserve.bench.slo_commands import Trace, _ints, add_system_args, add_trace_args, make_traces
 from patchedserve.bench.traces import load_trace
+from patchedserve.cli import at_least_one
 from patchedserve.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--noise-seeds",
-        type=_seeds,
+        type=at_least_one,
         default=1,
         help="with step noise: replay each trace under this many jitter seeds and report the pooled "
         "(expected) figures; each seed's satisfaction is kept in results.json",
@@ -101,16 +102,6 @@ def _decode_overrides(costs: MachineCosts, args: argparse.Namespace) -> MachineC
     if args.decode_slowdown is not None:
         costs = replace(costs, decode_slowdown=args.decode_slowdown)
     return costs
-
-
-def _seeds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"noise seeds must be a whole number >= 1; got {text!r}")
-    return value
 
 
 def _noise(text: str) -> float | str:

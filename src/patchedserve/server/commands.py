@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from patchedserve.cli import at_least_one
 from patchedserve.engine import Engine, EngineConfig
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import DEFAULT_MODEL, load_model
@@ -27,17 +28,6 @@ def on_off(text: str) -> bool:
     if value in ("off", "false", "no", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
-
-
-def at_least_one(text: str) -> int:
-    """A whole number >= 1, for counts."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}")
-    return value
 
 
 ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
