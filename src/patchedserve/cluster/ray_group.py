@@ -86,8 +86,10 @@ class RayEngineGroup:
         self.options = {**options, "device": "cuda"} if gpu else dict(options)
         self.observers: list[EngineObserver] = []
         self.poll_s = poll_s
-        self.assigned: list[int] = []
-        """Replica index of each submit, in order."""
+        self.dispatched = [0 for _ in range(replicas)]
+        """Submits sent to each replica so far."""
+        self.last_replica: int | None = None
+        """Replica the latest submit went to."""
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=address, include_dashboard=False, configure_logging=False)
@@ -156,9 +158,15 @@ class RayEngineGroup:
                 except ReplicaLostError as err:  # it died since it told its load: try the next
                     self._mark(index, False, err)
                     continue
-                self.assigned.append(index)
+                self.dispatched[index] += 1
+                self.last_replica = index
                 return [self._track(index, local_id) for local_id in local_ids]
         raise ReplicaLostError("no replica is up to take the request; retry once one is back")
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate every request, each dispatched on its own (blocking); results in input order."""
+        futures = [f for g in requests for f in self.submit_many([g])]
+        return [f.result() for f in futures]
 
     def _loads(self) -> dict[int, float]:
         """Outstanding work of each replica that is up and answers."""
