@@ -183,6 +183,9 @@ def test_a_replica_that_cannot_start_is_one_line_naming_why(local_ray: None) -> 
     assert "/no/such/model" in str(err.value) and "\n" not in str(err.value)
 
 
+BANNER = r"serving tiny-sdxl at (http://127\.0\.0\.1:\d+) \(OpenAI Images API, 2 replicas on Ray\)"
+
+
 def test_serve_with_replicas_from_the_command_line(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "patchedserve.cli", "serve", "--port", "0", "--patch-size", "64"]
     command += ["--replicas", "2", "--cpus-per-replica", "1"]
@@ -192,7 +195,7 @@ def test_serve_with_replicas_from_the_command_line(tmp_path: Path) -> None:
     try:
         url = ""
         for line in proc.stdout or ():
-            if match := re.search(r"serving tiny-sdxl at (http://127\.0\.0\.1:\d+)", line):
+            if match := re.search(BANNER, line):
                 url = match.group(1)
                 break
         assert url, "the server did not start"

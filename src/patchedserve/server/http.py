@@ -42,10 +42,11 @@ class AnnouncingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self.servers and self.servers[0].sockets:
             port = self.servers[0].sockets[0].getsockname()[1]
-            print(banner(self.config.host, port, self.engine.served_model), flush=True)
+            replicas = len(self.engine.replicas_up)
+            print(banner(self.config.host, port, self.engine.served_model, replicas), flush=True)
 
 
-def banner(host: str, port: int, model: ServedModel) -> str:
+def banner(host: str, port: int, model: ServedModel, replicas: int = 1) -> str:
     """The URL and two requests ready to paste, at a size this engine accepts."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{shown}:{port}"
@@ -59,7 +60,8 @@ def banner(host: str, port: int, model: ServedModel) -> str:
     )
     return "\n".join(
         [
-            f"patchedserve: serving {model.name} at {url} (OpenAI Images API)",
+            f"patchedserve: serving {model.name} at {url} (OpenAI Images API"
+            + (f", {replicas} replicas on Ray)" if replicas > 1 else ")"),
             f"  docs {url}/docs, metrics {url}/metrics, health {url}/health",
             "",
             "Try it with curl (writes cat.png):",
