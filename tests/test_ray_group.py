@@ -1,7 +1,8 @@
 """Scale-out on Ray: engine replicas in Ray actors behind one front, called as users call it.
 
 The module starts one local Ray instance (4 logical CPUs on this 2-core machine, so a second group
-fits beside the shared one) and one group of two tiny-sdxl replicas with one torch thread each.
+fits beside the shared one) and one group of two tiny-sdxl replicas with one torch thread each
+and a patch cache that never reuses (its counts show in the metrics; its images stay exact).
 Images are 64-128 px with 2-3 steps; LONG requests are what the tests cancel or lose.
 """
 
@@ -16,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -28,13 +30,16 @@ from patchedserve.cli import build_parser
 from patchedserve.cluster.ray_group import RayEngineGroup
 from patchedserve.engine import GenerationResult
 from patchedserve.errors import InvalidRequestError, PatchedServeError, ReplicaLostError
+from patchedserve.patch import PatchCacheConfig
 from patchedserve.reference import ReferencePipeline
 from patchedserve.request import GenerationRequest, RequestStatus
 from patchedserve.server import create_app
 from test_server import metric, png_size, serving, wait_for
 
 MODEL = "tiny-sdxl"
-OPTIONS = {"patch_size": 64, "max_running": 8, "max_waiting": 4}
+OPTIONS: dict[str, Any] = {"patch_size": 64, "max_running": 8, "max_waiting": 4}
+NEVER_REUSE = PatchCacheConfig(threshold=0.0)
+"""The shared group's patch cache: counts every patch-block, reuses none, so images stay exact."""
 MAX_PIXEL_DIFF = 2  # out of 255, as the engine's own tests against the reference
 LONG = GenerationRequest("a long one", width=64, height=64, steps=500, seed=9)
 
@@ -48,7 +53,8 @@ def local_ray() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def group(local_ray: None) -> Iterator[RayEngineGroup]:
-    with RayEngineGroup(MODEL, OPTIONS, 2, cpus_per_replica=1, poll_s=0.1) as g:
+    options = {**OPTIONS, "patch_cache": NEVER_REUSE}
+    with RayEngineGroup(MODEL, options, 2, cpus_per_replica=1, poll_s=0.1) as g:
         yield g
 
 
@@ -129,6 +135,9 @@ def test_the_http_server_serves_the_group_and_counts_its_steps(group: RayEngineG
         assert wait_for(lambda: metric(http.get("/metrics").text, steps) > 0)
         text = http.get("/metrics").text
         assert metric(text, "patchedserve_requests_total", status="finished") >= 2
+        assert metric(text, "patchedserve_replicas_up") == 2
+        assert "patchedserve_patch_cache_reuse_ratio 0.0" in text  # threshold 0: asked, never reused
+    assert group.has_patch_cache and group.patch_cache_usage().patch_blocks > 0
 
 
 def test_a_lost_replica_is_a_503_the_other_serves_and_ray_brings_it_back(
