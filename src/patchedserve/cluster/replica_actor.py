@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -72,7 +73,8 @@ class EngineReplica:
         self.engine = Engine(load_model(model), EngineConfig(**options))
         self.engine.observers.append(self)
         self._futures: dict[int, Future[GenerationResult]] = {}
-        self._steps: list[StepRecord] = []
+        self._steps: deque[StepRecord] = deque()
+        """Steps the loop thread ran since the last ``report`` (a deque: appends and pops race)."""
         self.engine.start()
 
     # -- EngineObserver: the loop's steps are kept for the next ``report``
@@ -111,7 +113,7 @@ class EngineReplica:
         return outstanding_work(self.engine)
 
     def report(self) -> ReplicaReport:
-        steps, self._steps = self._steps, []
+        steps = [self._steps.popleft() for _ in range(len(self._steps))]
         engine = self.engine
         return ReplicaReport(engine.num_waiting, engine.num_running, steps, engine.patch_cache_usage())
 
