@@ -33,6 +33,8 @@ from patchedserve.errors import InvalidRequestError, PatchedServeError, ReplicaL
 from patchedserve.patch import PatchCacheConfig
 from patchedserve.reference import ReferencePipeline
 from patchedserve.request import GenerationRequest, RequestStatus
+from patchedserve.scheduler import LatencyPredictor
+from patchedserve.scheduler.features import FEATURE_NAMES
 from patchedserve.server import create_app
 from test_server import metric, png_size, serving, wait_for
 
@@ -144,9 +146,11 @@ def test_a_lost_replica_is_a_503_the_other_serves_and_ray_brings_it_back(
     local_ray: None, saved_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = saved_model(MODEL)
-    monkeypatch.chdir(folder.parent)  # the replicas load the folder named relative to here
+    monkeypatch.chdir(folder.parent)  # the replicas load the folder and profile named relative to here
+    LatencyPredictor(coef=(0.03,) * len(FEATURE_NAMES), patch_size=64).save("profile.json")
+    options = {**OPTIONS, "profile": "profile.json"}  # dispatch weighs predicted seconds
     short = {"prompt": "a boat", "size": "64x64", "num_inference_steps": 2}
-    with RayEngineGroup(folder.name, OPTIONS, 2, cpus_per_replica=1, poll_s=0.1) as pair:
+    with RayEngineGroup(folder.name, options, 2, cpus_per_replica=1, poll_s=0.1) as pair:
         with serving(create_app(pair)) as url, httpx.Client(base_url=url, timeout=120) as http:
             answer: list[httpx.Response] = []
             body = {"prompt": LONG.prompt, "size": "64x64", "num_inference_steps": LONG.steps}

@@ -57,7 +57,8 @@ class RayEngineGroup:
     """Serves ``model`` from ``replicas`` engine replicas; see the module docstring.
 
     Args:
-        model: built-in name or diffusers folder (a folder must exist on every machine).
+        model: built-in name or diffusers folder (a folder must exist on every machine, at the
+            same path; a relative one is taken from this process's directory, as is a profile).
         options: ``EngineConfig`` fields; checked here, the device on each replica's machine.
         replicas: how many engines.
         address: Ray cluster to join (``auto``, ``ray://host:10001``); None starts or joins the
@@ -84,6 +85,8 @@ class RayEngineGroup:
         EngineConfig(**{**options, "device": "cpu"})  # every other option is refused here, at once
         gpu = device_type(options.get("device", "cpu")) == "cuda"
         self.options = {**options, "device": "cuda"} if gpu else dict(options)
+        if self.options.get("profile") is not None:
+            self.options["profile"] = absolute_if_local(self.options["profile"])
         self.observers: list[EngineObserver] = []
         self.poll_s = poll_s
         self.dispatched = [0 for _ in range(replicas)]
@@ -105,8 +108,7 @@ class RayEngineGroup:
             num_cpus=cpus_per_replica, num_gpus=1 if gpu else 0, max_restarts=-1
         )
         threads = None if gpu else cpus_per_replica
-        if Path(model).exists():  # a folder: the same path on every machine, whatever its cwd
-            model = str(Path(model).resolve())
+        model = absolute_if_local(model)
         self._actors: list[Any] = [actor.remote(model, self.options, threads) for _ in range(replicas)]
         """Handles of the ``EngineReplica`` actors (Ray's stubs type them loosely)."""
         self.replicas: list[ReplicaInfo] = []
@@ -295,6 +297,12 @@ def call(value: Any) -> Any:
         raise ReplicaLostError(f"a replica failed: {first_line(err)}") from None
     except RayError as err:  # the actor died, is restarting, or did not answer in time
         raise ReplicaLostError(f"a replica could not be reached: {first_line(err)}") from None
+
+
+def absolute_if_local(path: str) -> str:
+    """A model folder or profile that exists here, made absolute: replicas do not share this cwd
+    (on other machines the file must be at the same path); anything else (a model name) as it is."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def device_type(name: str) -> str:
