@@ -28,7 +28,7 @@ from openai import OpenAI
 from patchedserve.bench.replicas import run_replica_bench
 from patchedserve.cli import build_parser
 from patchedserve.cluster.ray_group import RayEngineGroup
-from patchedserve.engine import GenerationResult
+from patchedserve.engine import GenerationResult, QueueFullError
 from patchedserve.errors import InvalidRequestError, PatchedServeError, ReplicaLostError
 from patchedserve.patch import PatchCacheConfig
 from patchedserve.reference import ReferencePipeline
@@ -112,6 +112,27 @@ def test_new_requests_go_to_the_replica_with_less_work_and_cancel_reaches_its_re
     group.cancel(long.request_id)  # type: ignore[attr-defined]
     result = long.result(timeout=60)
     assert result.status == RequestStatus.CANCELLED and result.request_id == long.request_id  # type: ignore[attr-defined]
+
+
+def test_a_full_replica_is_passed_over_and_a_429_comes_when_all_are_full(local_ray: None) -> None:
+    one_each = {**OPTIONS, "max_running": 1, "max_waiting": 1}
+    with RayEngineGroup(MODEL, one_each, 2, cpus_per_replica=1, poll_s=0.05) as pair:
+        (long,) = pair.submit_many([GenerationRequest("long", width=128, height=128, steps=500)])
+        busy = pair.last_replica
+        assert busy is not None
+        assert wait_for(lambda: pair.num_running == 1)  # out of the queue, into the batch
+        short = [GenerationRequest(f"short {i}", width=64, height=64, steps=30, seed=i) for i in range(3)]
+        futures = pair.submit_many(short[:1])
+        assert wait_for(lambda: pair.num_running == 2)
+        futures += pair.submit_many(short[1:2])  # waits behind the first: max_running 1
+        assert pair.dispatched[1 - busy] == 2
+        futures += pair.submit_many(short[2:])  # less work there, but no room: it goes to the long one
+        assert pair.dispatched[busy] == 2
+        with pytest.raises(QueueFullError):
+            pair.submit_many(short[:1])
+        pair.cancel(long.request_id)  # type: ignore[attr-defined]
+        assert all(r.ok for r in results(futures))
+        assert long.result(timeout=60).status == RequestStatus.CANCELLED
 
 
 def test_a_replica_refuses_bad_input_with_the_engines_own_error(group: RayEngineGroup) -> None:

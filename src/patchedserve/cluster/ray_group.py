@@ -38,7 +38,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from patchedserve.cluster.replica_actor import EngineReplica, ReplicaInfo, ReplicaReport
-from patchedserve.engine import EngineConfig, EngineObserver, GenerationResult
+from patchedserve.engine import EngineConfig, EngineObserver, GenerationResult, QueueFullError
 from patchedserve.engine.served import CacheUsage, ServedModel
 from patchedserve.errors import InvalidRequestError, PatchedServeError, ReplicaLostError
 from patchedserve.request import GenerationRequest
@@ -151,18 +151,25 @@ class RayEngineGroup:
 
     # ------------------------------------------------------------------ requests
     def submit_many(self, gens: Sequence[GenerationRequest]) -> list[Future[GenerationResult]]:
-        """Queue ``gens`` together on the least-loaded replica (errors as ``Engine.submit_many``)."""
+        """Queue ``gens`` together on the least-loaded replica that has room (errors as
+        ``Engine.submit_many``: ``QueueFullError`` once every replica's queue is full)."""
+        full: QueueFullError | None = None
         with self._lock:  # load, choose and queue as one, so concurrent submits see each other
             loads = self._loads()
             for index in sorted(loads, key=lambda i: (loads[i], i)):
                 try:
                     local_ids = call(self._actors[index].submit_many.remote(list(gens)))
+                except QueueFullError as err:  # the next has more work but may have room
+                    full = err
+                    continue
                 except ReplicaLostError as err:  # it died since it told its load: try the next
                     self._mark(index, False, err)
                     continue
                 self.dispatched[index] += 1
                 self.last_replica = index
                 return [self._track(index, local_id) for local_id in local_ids]
+        if full is not None:
+            raise full
         raise ReplicaLostError("no replica is up to take the request; retry once one is back")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
