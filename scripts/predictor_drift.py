@@ -31,7 +31,8 @@ import torch
 from patchedserve.models import load_model
 from patchedserve.patch import PatchedModel
 from patchedserve.scheduler import Entry, LatencyPredictor
-from patchedserve.scheduler.profile import DEFAULT_SIZES, BatchMaker
+from patchedserve.scheduler.config import DEFAULT_SIZES
+from patchedserve.scheduler.profile import BatchMaker
 
 BURN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 """A burner's program: spin until its time is up (so it ends even if this script is killed)."""

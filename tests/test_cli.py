@@ -130,11 +130,13 @@ def test_serve_flags_reach_the_engine_config() -> None:
         assert err.value.field == flag[2:].replace("-", "_")
 
 
-def test_commands_other_than_serve_load_no_http_stack() -> None:
-    """Profiling, benchmarks and the simulator run where fastapi and uvicorn are not installed."""
+def test_the_parser_loads_neither_the_model_stack_nor_the_http_stack() -> None:
+    """``--help`` and usage errors answer without torch, diffusers or transformers (seconds to
+    import), and the commands other than serve run where fastapi and uvicorn are not installed."""
+    heavy = ("fastapi", "uvicorn", "starlette", "torch", "diffusers", "transformers", "ray")
     code = (
         "import sys; from patchedserve.cli import build_parser; build_parser(); "
-        "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

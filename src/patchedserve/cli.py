@@ -20,7 +20,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # busy 2-core machine); passive waiting costs little when it is idle. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from patchedserve.errors import PatchedServeError
+from patchedserve.errors import InvalidRequestError, PatchedServeError
 
 SUBCOMMANDS: tuple[str, ...] = (
     "patchedserve.reference.commands",  # generate, run
@@ -45,6 +45,27 @@ def at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}")
     return value
+
+
+def add_streams_arg(parser: argparse.ArgumentParser) -> None:
+    """The ``--streams`` option of the commands that time or run the denoiser (`streams`)."""
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=None,
+        help="parts of each step denoised side by side, each on a share of the CPU threads "
+        "(default: 2 on a CPU with >= 2 threads, else 1)",
+    )
+
+
+def apply_streams_arg(args: argparse.Namespace) -> None:
+    """Make ``--streams`` the process default (None keeps the device rule)."""
+    from patchedserve.streams import set_default_streams  # torch loads with the command, not the parser
+
+    try:
+        set_default_streams(args.streams)
+    except ValueError as err:
+        raise InvalidRequestError(str(err), field="streams") from err
 
 
 class CommandParser(argparse.ArgumentParser):

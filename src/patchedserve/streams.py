@@ -10,21 +10,19 @@ size.
 
 ``resolve_streams`` picks the count (two on a CPU with at least two threads, one on CUDA, where
 kernels already fill the device; ``set_default_streams`` overrides that for the process, as the
-CLI's ``--streams`` does, like ``torch.set_num_threads`` for threads); ``run_parts`` runs the
-parts; ``balanced_cuts`` splits a run of entries into contiguous parts of about equal work.
+CLI's ``--streams`` does (``cli.apply_streams_arg``), like ``torch.set_num_threads`` for
+threads); ``run_parts`` runs the parts; ``balanced_cuts`` splits a run of entries into
+contiguous parts of about equal work.
 """
 
 from __future__ import annotations
 
-import argparse
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
-
-from patchedserve.errors import InvalidRequestError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -40,25 +38,6 @@ def set_default_streams(streams: int | None) -> None:
     if streams is not None and streams < 1:
         raise ValueError(f"streams must be at least 1; got {streams}")
     _default = streams
-
-
-def add_streams_arg(parser: argparse.ArgumentParser) -> None:
-    """The ``--streams`` option of the commands that time or run the denoiser."""
-    parser.add_argument(
-        "--streams",
-        type=int,
-        default=None,
-        help="parts of each step denoised side by side, each on a share of the CPU threads "
-        "(default: 2 on a CPU with >= 2 threads, else 1)",
-    )
-
-
-def apply_streams_arg(args: argparse.Namespace) -> None:
-    """Make ``--streams`` the process default (None keeps the device rule)."""
-    try:
-        set_default_streams(args.streams)
-    except ValueError as err:
-        raise InvalidRequestError(str(err), field="streams") from err
 
 
 def resolve_streams(streams: int | None, device: torch.device) -> int:

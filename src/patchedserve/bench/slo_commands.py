@@ -26,8 +26,8 @@ from patchedserve.bench.traces import (
     make_trace,
     save_trace,
 )
+from patchedserve.cli import add_streams_arg, apply_streams_arg
 from patchedserve.errors import InvalidRequestError
-from patchedserve.streams import add_streams_arg, apply_streams_arg
 
 Trace = tuple[float, float, list[TraceRequest], float, Path]
 """(qps, slo_scale, requests, duration_s, file) of one trace of a sweep."""

@@ -28,10 +28,11 @@ from patchedserve.bench.results import (
 )
 from patchedserve.bench.slo_commands import Trace, check_sizes, make_traces
 from patchedserve.bench.systems import objectives_s, parse_systems
+from patchedserve.cli import apply_streams_arg
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models import ModelBundle, load_model
 from patchedserve.scheduler import LatencyPredictor
-from patchedserve.streams import apply_streams_arg, resolve_streams
+from patchedserve.streams import resolve_streams
 
 
 def ensure_profile(args: argparse.Namespace, bundle: ModelBundle, out_dir: Path) -> Path:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from patchedserve.engine.config import EngineConfig
 from patchedserve.errors import InvalidRequestError
-from patchedserve.models import ModelBundle
-from patchedserve.patch import PatchedModel
 from patchedserve.scheduler import LatencyPredictor, QueueScheduler, make_scheduler
-from patchedserve.scheduler.profile import profile_quick
 from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
+
+if TYPE_CHECKING:  # the simulator builds policies without the model code
+    from patchedserve.models import ModelBundle
+    from patchedserve.patch import PatchedModel
 
 
 def build_predictor(
@@ -25,6 +28,8 @@ def build_predictor(
             )
         return predictor
     if config.policy == "slo":
+        from patchedserve.scheduler.profile import profile_quick
+
         return profile_quick(bundle, model)
     return None
 

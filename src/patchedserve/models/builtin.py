@@ -185,5 +185,3 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 """Built-in models by name; ``tiny-sdxl`` is the default. The ``-arch`` models (`models.fullsize`)
 are the published layouts at full width, for timing on a GPU."""
-
-DEFAULT_MODEL = "tiny-sdxl"

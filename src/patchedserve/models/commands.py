@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-
-from patchedserve.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL
+from patchedserve.models.names import DEFAULT_MODEL
 
 
 def add_parser(subparsers: Any) -> None:
@@ -20,6 +18,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from patchedserve.models.builtin import BUILTIN_MODELS
+
     print(f"{'name':<11} {'family':<6} {'size':>9} {'steps':>5} {'guidance':>8}  sampler     description")
     for name, entry in BUILTIN_MODELS.items():
         with torch.device("meta"):  # shapes and defaults only: the full-size models would take GBs

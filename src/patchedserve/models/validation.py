@@ -8,9 +8,12 @@ what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from patchedserve.errors import InvalidRequestError
-from patchedserve.models.bundle import Family, ModelBundle
+
+if TYPE_CHECKING:
+    from patchedserve.models.bundle import Family, ModelBundle
 
 MAX_STEPS = 500
 """Most denoising steps a request may ask for."""

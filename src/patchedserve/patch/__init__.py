@@ -1,7 +1,16 @@
 """Patched execution: exact operators over a CSP batch of mixed-resolution patches, and the
-optional (approximate) patch-level block cache."""
+optional (approximate) patch-level block cache. The names load on first use (`patchedserve._lazy`):
+code that needs only ``PatchCacheConfig`` does without diffusers."""
 
-from patchedserve.patch.cache import PatchCacheConfig
-from patchedserve.patch.model import PatchBatch, PatchedModel
+from typing import TYPE_CHECKING
 
-__all__ = ["PatchBatch", "PatchCacheConfig", "PatchedModel"]
+from patchedserve._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from patchedserve.patch.cache import PatchCacheConfig as PatchCacheConfig
+    from patchedserve.patch.model import PatchBatch as PatchBatch
+    from patchedserve.patch.model import PatchedModel as PatchedModel
+
+_MODULES = {"PatchBatch": "model", "PatchCacheConfig": "cache", "PatchedModel": "model"}
+__all__ = sorted(_MODULES)
+__getattr__ = lazy_exports(__name__, _MODULES)

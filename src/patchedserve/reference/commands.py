@@ -10,10 +10,12 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from patchedserve.models import DEFAULT_MODEL, load_model
-from patchedserve.reference.pipeline import ReferencePipeline, ReferenceResult
+from patchedserve.models.names import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from patchedserve.reference.pipeline import ReferencePipeline, ReferenceResult
 
 RUN_SIZES: tuple[tuple[int, int], ...] = ((512, 512), (768, 512), (512, 768))
 """(width, height) of the images ``patchedserve run`` makes."""
@@ -53,8 +55,16 @@ def add_parser(subparsers: Any) -> None:
     run.set_defaults(handler=run_main_job)
 
 
+def load_pipeline(model: str) -> ReferencePipeline:
+    """The reference pipeline of ``model``; torch and diffusers load here, not with the parser."""
+    from patchedserve.models import load_model
+    from patchedserve.reference.pipeline import ReferencePipeline
+
+    return ReferencePipeline.from_model(load_model(model))
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    pipeline = ReferencePipeline.from_model(load_model(args.model))
+    pipeline = load_pipeline(args.model)
     width, height = args.size if args.size is not None else (None, None)
     result = pipeline.generate(
         prompt=args.prompt,
@@ -74,7 +84,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_main_job(args: argparse.Namespace) -> int:
-    pipeline = ReferencePipeline.from_model(load_model(args.model))
+    pipeline = load_pipeline(args.model)
     print(f"generating {len(RUN_SIZES)} images with {pipeline.bundle.name}: {RUN_PROMPT!r}")
     for width, height in RUN_SIZES:
         result = pipeline.generate(

@@ -10,14 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from patchedserve.cli import add_streams_arg, apply_streams_arg
 from patchedserve.errors import InvalidRequestError
-from patchedserve.models import DEFAULT_MODEL, load_model
+from patchedserve.models.names import DEFAULT_MODEL
 from patchedserve.reference.commands import parse_size
-from patchedserve.scheduler.compare import compare_models
-from patchedserve.scheduler.profile import DEFAULT_PATCH_SIZE, DEFAULT_SIZES, ProfileConfig, run_profile
-from patchedserve.streams import add_streams_arg, apply_streams_arg
+from patchedserve.scheduler.config import DEFAULT_PATCH_SIZE, DEFAULT_SIZES, ProfileConfig
 
 
 def add_parser(subparsers: Any) -> None:
@@ -66,6 +63,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_profile_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from patchedserve.models import load_model
+    from patchedserve.scheduler.compare import compare_models
+    from patchedserve.scheduler.profile import run_profile
+
     try:
         config = ProfileConfig(
             patch_size=args.patch_size,

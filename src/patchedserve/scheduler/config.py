@@ -97,3 +97,52 @@ class SchedulerConfig:
             raise InvalidRequestError(
                 f"relaxed_slack must be >= 0; got {self.relaxed_slack}", field="relaxed_slack"
             )
+
+
+DEFAULT_PATCH_SIZE = 256
+"""Patch side in pixels profiled by default: the engine's default patch size."""
+DEFAULT_SIZES: tuple[tuple[int, int], ...] = (
+    (256, 256),
+    (512, 256),
+    (256, 512),
+    (512, 512),
+    (768, 512),
+    (512, 768),
+    (768, 768),
+)
+"""(width, height) drawn for the requests of a mix: 1 to 9 patches of 256 px, square and not."""
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What ``run_profile`` measures."""
+
+    patch_size: int = DEFAULT_PATCH_SIZE
+    """Patch side in pixels; must be the engine's."""
+    mixes: int = 200
+    """Random mixes to time."""
+    sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES
+    """(width, height) of the requests, drawn uniformly."""
+    max_requests: int = 12
+    """Requests per mix are drawn uniformly from 1..max_requests (the engine's active-set cap)."""
+    cfg_share: float = 0.5
+    """Probability that a request runs classifier-free guidance."""
+    repeats: int = 3
+    """Timed runs of each mix, one per round; the median is kept."""
+    clock: str = "auto"
+    """``thread`` (CPU time of the calling thread), ``wall``, or ``auto`` (thread on a CPU with one
+    intra-op thread, else wall); see the module docstring."""
+    drift_window: int = 10
+    """Runs on each side that estimate the machine's speed at a run (0: no drift correction)."""
+    test_fraction: float = 0.25
+    """Share of the mixes held out of the fit to measure the error."""
+    seed: int = 0
+    """Seed of the mix draw, the split and the inputs."""
+
+    def __post_init__(self) -> None:
+        if self.mixes < 4 or self.repeats < 1 or self.max_requests < 1 or not self.sizes:
+            raise ValueError("need mixes >= 4, repeats >= 1, max_requests >= 1 and at least one size")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.clock not in ("auto", "thread", "wall") or self.drift_window < 0:
+            raise ValueError(f"clock must be auto, thread or wall (got {self.clock!r}); drift_window >= 0")

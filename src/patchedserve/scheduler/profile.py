@@ -30,58 +30,10 @@ import torch
 
 from patchedserve.models import ModelBundle
 from patchedserve.patch import PatchBatch, PatchedModel
+from patchedserve.scheduler.config import DEFAULT_PATCH_SIZE, ProfileConfig
 from patchedserve.scheduler.features import FEATURE_NAMES, Entry
 from patchedserve.scheduler.fitting import TimedRun, error_report, fit_with_drift
 from patchedserve.scheduler.predictor import LatencyPredictor, Overhead, StepSample
-
-DEFAULT_PATCH_SIZE = 256
-"""Patch side in pixels profiled by default: the engine's default patch size."""
-DEFAULT_SIZES: tuple[tuple[int, int], ...] = (
-    (256, 256),
-    (512, 256),
-    (256, 512),
-    (512, 512),
-    (768, 512),
-    (512, 768),
-    (768, 768),
-)
-"""(width, height) drawn for the requests of a mix: 1 to 9 patches of 256 px, square and not."""
-
-
-@dataclass(frozen=True)
-class ProfileConfig:
-    """What ``run_profile`` measures."""
-
-    patch_size: int = DEFAULT_PATCH_SIZE
-    """Patch side in pixels; must be the engine's."""
-    mixes: int = 200
-    """Random mixes to time."""
-    sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES
-    """(width, height) of the requests, drawn uniformly."""
-    max_requests: int = 12
-    """Requests per mix are drawn uniformly from 1..max_requests (the engine's active-set cap)."""
-    cfg_share: float = 0.5
-    """Probability that a request runs classifier-free guidance."""
-    repeats: int = 3
-    """Timed runs of each mix, one per round; the median is kept."""
-    clock: str = "auto"
-    """``thread`` (CPU time of the calling thread), ``wall``, or ``auto`` (thread on a CPU with one
-    intra-op thread, else wall); see the module docstring."""
-    drift_window: int = 10
-    """Runs on each side that estimate the machine's speed at a run (0: no drift correction)."""
-    test_fraction: float = 0.25
-    """Share of the mixes held out of the fit to measure the error."""
-    seed: int = 0
-    """Seed of the mix draw, the split and the inputs."""
-
-    def __post_init__(self) -> None:
-        if self.mixes < 4 or self.repeats < 1 or self.max_requests < 1 or not self.sizes:
-            raise ValueError("need mixes >= 4, repeats >= 1, max_requests >= 1 and at least one size")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.clock not in ("auto", "thread", "wall") or self.drift_window < 0:
-            raise ValueError(f"clock must be auto, thread or wall (got {self.clock!r}); drift_window >= 0")
-
 
 QUICK = ProfileConfig(mixes=24, sizes=((256, 256), (512, 256), (512, 512)), max_requests=6, repeats=1)
 """The start-up profile: small mixes only, a few seconds for the tiny models on a CPU."""
@@ -222,7 +174,7 @@ def measure_overhead(
 
 def run_profile(
     bundle: ModelBundle,
-    config: ProfileConfig = ProfileConfig(),
+    config: ProfileConfig | None = None,
     pm: PatchedModel | None = None,
     with_overhead: bool = True,
 ) -> ProfileResult:
@@ -230,11 +182,12 @@ def run_profile(
 
     Args:
         bundle: the model, already on its device and dtype.
-        config: what to measure.
+        config: what to measure (default ``ProfileConfig()``).
         pm: the patched model to time (default: a new one over ``bundle.denoiser``).
         with_overhead: also measure prompt encoding and VAE decoding.
     """
     start_wall, start_cpu = time.perf_counter(), time.process_time()
+    config = ProfileConfig() if config is None else config
     if pm is None:
         pm = PatchedModel(
             bundle.denoiser, patch_size=config.patch_size, vae_scale_factor=bundle.vae_scale_factor

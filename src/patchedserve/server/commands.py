@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from patchedserve.cli import at_least_one
-from patchedserve.engine import Engine, EngineConfig
 from patchedserve.errors import InvalidRequestError
-from patchedserve.models import DEFAULT_MODEL, load_model
-from patchedserve.patch import PatchCacheConfig
+from patchedserve.models.names import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # torch and diffusers load with the command, not with the parser
+    from patchedserve.engine import EngineConfig
 
 
 def on_off(text: str) -> bool:
@@ -106,11 +107,16 @@ def add_parser(subparsers: Any) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """`EngineConfig` from the options given on the command line; the rest keep their defaults."""
+    from patchedserve.engine import EngineConfig
+
     return EngineConfig(**engine_options(args))
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The `EngineConfig` fields given on the command line."""
+    from patchedserve.engine import EngineConfig
+    from patchedserve.patch import PatchCacheConfig
+
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     given = {name: getattr(args, name) for name, _, _ in ENGINE_OPTIONS if getattr(args, name) is not None}
     for name in given.keys() - known:
@@ -124,6 +130,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from patchedserve.server.http import serve  # the HTTP stack loads for this command alone
 
     if args.replicas is None and args.ray_address is None:
+        from patchedserve.engine import Engine
+        from patchedserve.models import load_model
+
         engine = Engine(load_model(args.model), engine_config(args))
         return serve(engine, args.host, args.port, args.log_level)
     try:
