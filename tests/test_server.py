@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -32,12 +33,16 @@ from openai import OpenAI
 from PIL import Image
 
 from patchedserve.engine import Engine, EngineConfig, GenerationResult
+from patchedserve.engine.served import ServedModel
+from patchedserve.errors import InvalidRequestError
 from patchedserve.models import load_model, validate_generation
 from patchedserve.request import GenerationRequest, RequestStatus
 from patchedserve.scheduler import LatencyPredictor, SchedulerConfig, make_scheduler
 from patchedserve.scheduler.features import FEATURE_NAMES
 from patchedserve.server import create_app
+from patchedserve.server.auth import API_KEY_ENV, resolve_api_key
 from patchedserve.server.generation import ImageService
+from patchedserve.server.http import banner
 
 MODEL = "tiny-sdxl"
 FAST = {"num_inference_steps": 2}
@@ -156,6 +161,54 @@ def test_models_and_health(url: str, http: httpx.Client) -> None:
         "replicas": 1,
         "replicas_up": 1,
     }
+
+
+def test_an_api_key_guards_the_v1_routes_and_leaves_health_and_metrics_open(engine: Engine) -> None:
+    with serving(create_app(engine, api_key="s3cret")) as base, httpx.Client(base_url=base) as http:
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("GET", f"/v1/models/{MODEL}"),
+            ("POST", "/v1/images/generations"),
+            ("POST", "/v1/images/generations/abc/cancel"),
+        ):
+            for headers in ({}, {"Authorization": "Bearer s3cre"}, {"Authorization": "Basic s3cret"}):
+                resp = http.request(method, path, headers=headers, json={"prompt": 5})
+                assert resp.status_code == 401, (method, path, headers, resp.text)
+                assert resp.json()["error"]["code"] == "invalid_api_key"  # not the bad body's 400
+                assert resp.headers["www-authenticate"] == "Bearer"
+        for path in ("/health", "/metrics"):
+            assert http.get(path).status_code == 200
+        wrong = OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        client = OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == [MODEL]
+        resp = client.images.generate(model=MODEL, prompt="a key", size="64x64", extra_body=FAST)
+        assert png_size(resp.data[0].b64_json or "") == (64, 64)
+        bad = http.post(
+            "/v1/images/generations", headers={"Authorization": "Bearer s3cret"}, json={"prompt": 5}
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+
+
+def test_the_api_key_comes_from_the_flag_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert resolve_api_key(None) is None
+    monkeypatch.setenv(API_KEY_ENV, "")
+    assert resolve_api_key(None) is None  # set but empty: no key
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert resolve_api_key(None) == "from-env"
+    assert resolve_api_key("from-flag") == "from-flag"
+    with pytest.raises(InvalidRequestError) as err:
+        resolve_api_key(" ")
+    assert err.value.field == "api_key"
+
+
+def test_the_banner_without_a_key_sends_none() -> None:
+    defaults = load_model(MODEL).defaults
+    text = banner("0.0.0.0", 8123, ServedModel(MODEL, defaults, 256))
+    assert "http://127.0.0.1:8123/v1/images/generations" in text
+    assert "Authorization" not in text and 'api_key="unused"' in text
 
 
 BAD_INPUTS: dict[str, tuple[dict[str, Any], str | None]] = {
@@ -346,8 +399,9 @@ def test_a_failed_result_is_500_with_the_reason(engine: Engine) -> None:
 
 
 def test_serve_command_prints_a_request_ready_to_paste(tmp_path: Path) -> None:
+    """With the key from the environment: the banner's requests send it without printing it."""
     command = [sys.executable, "-m", "patchedserve.cli", "serve", "--port", "0", "--patch-size", "64"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", API_KEY_ENV: "k3y-from-env"}
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -368,7 +422,12 @@ def test_serve_command_prints_a_request_ready_to_paste(tmp_path: Path) -> None:
             body += line
         payload = json.loads(re.search(r"-d '(\{.*\})'", body).group(1))  # type: ignore[union-attr]
         assert payload["model"] == MODEL and payload["size"] == "512x512"
-        assert httpx.get(f"{match.group(1)}/health", timeout=10).json()["status"] == "ok"
+        assert f'-H "Authorization: Bearer ${API_KEY_ENV}"' in body and "k3y-from-env" not in body
+        base = match.group(1)
+        assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+        keyed = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer k3y-from-env"}, timeout=10)
+        assert keyed.json()["data"][0]["id"] == MODEL
     finally:
         proc.send_signal(signal.SIGINT)
         try:

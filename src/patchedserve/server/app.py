@@ -13,6 +13,9 @@ Routes:
   when none serves), replicas up, queue sizes.
 * ``GET /metrics`` - Prometheus text.
 
+With ``api_key`` every ``/v1`` route asks for ``Authorization: Bearer <api_key>`` (`server.auth`);
+``/health`` and ``/metrics`` stay open.
+
 The app does not own the engine's loop: the caller starts the engine before serving and stops it
 after. The app registers its metrics observer on the engine and removes it at shutdown.
 """
@@ -24,11 +27,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from patchedserve.engine.served import ServedEngine
+from patchedserve.server.auth import require_api_key
 from patchedserve.server.errors import APIError, install_error_handlers
 from patchedserve.server.generation import CLIENT_GONE_STATUS, ClientDisconnected, ImageService
 from patchedserve.server.metrics import ServerMetrics
@@ -41,13 +45,14 @@ from patchedserve.server.schemas import (
 )
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 409, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 429, 500, 503)
 }
 """Documented error statuses (the OpenAPI page at /docs)."""
 
 
-def create_app(engine: ServedEngine) -> FastAPI:
-    """An app serving ``engine``'s model; start the engine (``engine.start()``) before serving."""
+def create_app(engine: ServedEngine, api_key: str | None = None) -> FastAPI:
+    """An app serving ``engine``'s model; start the engine (``engine.start()``) before serving.
+    With ``api_key``, the ``/v1`` routes answer only requests that carry it."""
     metrics = ServerMetrics(engine)
     service = ImageService(engine)
     created = int(time.time())
@@ -68,8 +73,9 @@ def create_app(engine: ServedEngine) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = service
     install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[] if api_key is None else [Depends(require_api_key(api_key))])
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
+    @v1.post("/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
     async def generate_images(
         body: ImageGenerationRequest,
         request: Request,
@@ -80,7 +86,7 @@ def create_app(engine: ServedEngine) -> FastAPI:
         except ClientDisconnected:
             return Response(status_code=CLIENT_GONE_STATUS)
 
-    @app.post("/v1/images/generations/{gen_id}/cancel", responses=ERROR_RESPONSES)
+    @v1.post("/images/generations/{gen_id}/cancel", responses=ERROR_RESPONSES)
     async def cancel_generation(gen_id: str) -> dict[str, Any]:
         num_open = service.cancel(gen_id)  # images not yet finished, each sent a cancel
         # False when every image had already finished: the response is on its way, uncancelled.
@@ -91,11 +97,11 @@ def create_app(engine: ServedEngine) -> FastAPI:
             "num_open": num_open,
         }
 
-    @app.get("/v1/models", response_model=ModelList)
+    @v1.get("/models", response_model=ModelList)
     async def list_models() -> ModelList:
         return ModelList(data=[card])
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    @v1.get("/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
     async def get_model(model_id: str) -> ModelCard:
         if model_id != card.id:
             raise APIError(
@@ -105,6 +111,8 @@ def create_app(engine: ServedEngine) -> FastAPI:
                 code="model_not_found",
             )
         return card
+
+    app.include_router(v1)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -65,6 +65,12 @@ def add_parser(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--log-level", default="info", help="uvicorn log level")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="answer /v1 requests only with Authorization: Bearer API_KEY (default: "
+        "$PATCHEDSERVE_API_KEY if set, which keeps the key out of process listings; else no key)",
+    )
     for name, kind, text in ENGINE_OPTIONS:
         serve.add_argument(
             f"--{name.replace('_', '-')}",
@@ -127,14 +133,16 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from patchedserve.server.auth import resolve_api_key
     from patchedserve.server.http import serve  # the HTTP stack loads for this command alone
 
+    api_key = resolve_api_key(args.api_key)
     if args.replicas is None and args.ray_address is None:
         from patchedserve.engine import Engine
         from patchedserve.models import load_model
 
         engine = Engine(load_model(args.model), engine_config(args))
-        return serve(engine, args.host, args.port, args.log_level)
+        return serve(engine, args.host, args.port, args.log_level, api_key)
     try:
         from patchedserve.cluster.ray_group import RayEngineGroup
     except ImportError as err:
@@ -149,6 +157,6 @@ def run_serve(args: argparse.Namespace) -> int:
         cpus_per_replica=args.cpus_per_replica,
     )
     try:
-        return serve(group, args.host, args.port, args.log_level)
+        return serve(group, args.host, args.port, args.log_level, api_key)
     finally:
         group.shutdown()

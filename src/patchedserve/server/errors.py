@@ -2,8 +2,9 @@
 
 One table maps what went wrong to an HTTP status: bad input is 400 with ``param`` naming the
 request field (FastAPI's 422 validation errors included), a full queue 429 with ``Retry-After``,
-an SLO the scheduler gave up on 503, a failed generation 500. The engine's field names are
-translated to the API's (``width`` -> ``size``, ``steps`` -> ``num_inference_steps``).
+an SLO the scheduler gave up on 503, a failed generation 500, a missing or wrong API key 401
+(`server.auth`). The engine's field names are translated to the API's (``width`` -> ``size``,
+``steps`` -> ``num_inference_steps``).
 """
 
 from __future__ import annotations

@@ -13,13 +13,17 @@ import uvicorn
 
 from patchedserve.engine.served import ServedEngine, ServedModel
 from patchedserve.server.app import create_app
+from patchedserve.server.auth import API_KEY_ENV
 
 EXAMPLE_PROMPT = "a photo of a red cat on a city street at night"
 
 
-def serve(engine: ServedEngine, host: str, port: int, log_level: str) -> int:
-    """Serves ``engine`` over HTTP until Ctrl-C, starting and stopping it; returns the exit code."""
-    server = AnnouncingServer(uvicorn.Config(create_app(engine), host, port, log_level=log_level), engine)
+def serve(engine: ServedEngine, host: str, port: int, log_level: str, api_key: str | None = None) -> int:
+    """Serves ``engine`` over HTTP until Ctrl-C, starting and stopping it; returns the exit code.
+    With ``api_key`` the ``/v1`` routes ask for it (`server.auth`)."""
+    app = create_app(engine, api_key)
+    config = uvicorn.Config(app, host, port, log_level=log_level)
+    server = AnnouncingServer(config, engine, keyed=api_key is not None)
     engine.start()
     try:
         server.run()
@@ -34,20 +38,23 @@ def serve(engine: ServedEngine, host: str, port: int, log_level: str) -> int:
 class AnnouncingServer(uvicorn.Server):
     """A uvicorn server that prints how to call it once its socket is bound (so ``--port 0`` shows)."""
 
-    def __init__(self, config: uvicorn.Config, engine: ServedEngine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: ServedEngine, keyed: bool) -> None:
         super().__init__(config)
         self.engine = engine
+        self.keyed = keyed
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and self.servers and self.servers[0].sockets:
             port = self.servers[0].sockets[0].getsockname()[1]
             replicas = len(self.engine.replicas_up)
-            print(banner(self.config.host, port, self.engine.served_model, replicas), flush=True)
+            model = self.engine.served_model
+            print(banner(self.config.host, port, model, replicas, self.keyed), flush=True)
 
 
-def banner(host: str, port: int, model: ServedModel, replicas: int = 1) -> str:
-    """The URL and two requests ready to paste, at a size this engine accepts."""
+def banner(host: str, port: int, model: ServedModel, replicas: int = 1, keyed: bool = False) -> str:
+    """The URL and two requests ready to paste, at a size this engine accepts. A server with an
+    API key gets requests that read it from ``$PATCHEDSERVE_API_KEY``; the key is never printed."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{shown}:{port}"
     d, patch_size = model.defaults, model.patch_size
@@ -58,21 +65,25 @@ def banner(host: str, port: int, model: ServedModel, replicas: int = 1) -> str:
         "import base64, json, sys; "
         'open("cat.png", "wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))'
     )
+    auth = [f'    -H "Authorization: Bearer ${API_KEY_ENV}" \\'] if keyed else []
+    client_key = f'os.environ["{API_KEY_ENV}"]' if keyed else '"unused"'
     return "\n".join(
         [
             f"patchedserve: serving {model.name} at {url} (OpenAI Images API"
             + (f", {replicas} replicas on Ray)" if replicas > 1 else ")"),
             f"  docs {url}/docs, metrics {url}/metrics, health {url}/health",
             "",
-            "Try it with curl (writes cat.png):",
+            "Try it with curl (writes cat.png"
+            + (f"; set {API_KEY_ENV} to the key in that shell first):" if keyed else "):"),
             f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\",
+            *auth,
             f"    -d {shlex.quote(body)} \\",
             f"    | python3 -c {shlex.quote(save)}",
             "",
             "or with the openai Python client:",
-            "  import base64",
+            "  import base64, os" if keyed else "  import base64",
             "  from openai import OpenAI",
-            f'  client = OpenAI(base_url="{url}/v1", api_key="unused")',
+            f'  client = OpenAI(base_url="{url}/v1", api_key={client_key})',
             "  resp = client.images.generate(",
             f"      model={json.dumps(model.name)}, size={json.dumps(size)},",
             f"      prompt={json.dumps(EXAMPLE_PROMPT)},",

@@ -1,0 +1,55 @@
+"""API keys: with ``serve --api-key`` (or ``PATCHEDSERVE_API_KEY``) every ``/v1`` route asks for
+``Authorization: Bearer <key>``, as the OpenAI clients send it.
+
+``/health`` and ``/metrics`` stay open, for load balancers' probes and Prometheus scrapes, and
+show no request's content. A missing or wrong key is a 401 OpenAI error object (code
+``invalid_api_key``, which the openai client raises as ``AuthenticationError``), answered before
+the body is read or checked. Keys are compared in constant time.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the dependency's annotation at runtime,
+# and as a string it could not see the closure's ``bearer``.
+
+import hmac
+import os
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from patchedserve.errors import InvalidRequestError
+from patchedserve.server.errors import APIError
+
+API_KEY_ENV = "PATCHEDSERVE_API_KEY"
+"""The environment variable ``serve`` reads the key from when ``--api-key`` is not given."""
+
+
+def resolve_api_key(flag: str | None) -> str | None:
+    """The key to require: ``--api-key`` if given, else ``$PATCHEDSERVE_API_KEY`` if set and not
+    empty, else None (no key: every route is open)."""
+    if flag is not None:
+        if not flag.strip():
+            raise InvalidRequestError("--api-key must not be empty", field="api_key")
+        return flag
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_api_key(api_key: str) -> Callable[..., Awaitable[None]]:
+    """A FastAPI dependency that refuses a request without ``Authorization: Bearer <api_key>``."""
+    expected = api_key.encode()
+    bearer = HTTPBearer(auto_error=False, description="the key the server was started with")
+
+    async def check(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        if credentials is None:
+            raise unauthorized("this server needs an API key: send it as Authorization: Bearer <key>")
+        if not hmac.compare_digest(credentials.credentials.encode(), expected):
+            raise unauthorized("the API key is not this server's")
+
+    return check
