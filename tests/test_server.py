@@ -143,6 +143,18 @@ def test_openai_client_gets_pngs_of_each_size_concurrently(url: str) -> None:
         assert info["images"][0]["steps"] == 2 and info["images"][0]["timings"]["latency_s"] > 0
 
 
+@pytest.mark.parametrize(("fmt", "quality"), [("jpeg", 40), ("webp", None), ("png", None)])
+def test_output_format_sets_the_image_file(url: str, fmt: str, quality: int | None) -> None:
+    client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+    resp = client.images.generate(
+        model=MODEL, prompt="a cat", size="128x64", output_format=fmt, output_compression=quality,
+        extra_body=FAST,
+    )  # fmt: skip
+    assert resp.output_format == fmt
+    image = Image.open(io.BytesIO(base64.b64decode(resp.data[0].b64_json or "")))
+    assert image.format == fmt.upper() and image.size == (128, 64)
+
+
 def test_defaults_fill_unset_fields(http: httpx.Client) -> None:
     resp = post(http, {"prompt": "a dog", "size": "auto", "num_inference_steps": 1})
     assert resp.status_code == 200, resp.text
@@ -233,7 +245,9 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "unknown-model": ({"model": "dall-e-3"}, "model"),
     "unknown-sampler": ({"sampler": "heun"}, "sampler"),
     "url-format": ({"response_format": "url"}, "response_format"),
-    "jpeg-format": ({"output_format": "jpeg"}, "output_format"),
+    "gif-format": ({"output_format": "gif"}, "output_format"),
+    "compression-of-png": ({"output_compression": 50}, "output_compression"),
+    "compression-above-100": ({"output_format": "webp", "output_compression": 101}, "output_compression"),
     "unknown-field": ({"steps": 2}, "steps"),
 }
 

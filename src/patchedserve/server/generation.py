@@ -2,8 +2,8 @@
 
 Owns the request's life on the server: submit its ``n`` engine requests, wait for them while
 watching for the client to go away, cancel whatever is still queued or running when the request
-ends early (disconnect, cancel call, one image failing), encode the images as PNG off the event loop
-and build the response. Keeps the in-flight generations by id for ``POST .../{id}/cancel``.
+ends early (disconnect, cancel call, one image failing), encode the images (PNG, JPEG or WebP)
+off the event loop and build the response. Keeps the in-flight generations by id for ``POST .../{id}/cancel``.
 Called by the routes in `server.app`.
 """
 
@@ -32,6 +32,7 @@ from patchedserve.server.schemas import (
     ImageGenerationRequest,
     ImageInfo,
     ImagesResponse,
+    OutputFormat,
 )
 
 CLIENT_GONE_STATUS = 499
@@ -84,7 +85,7 @@ class ImageService:
             if failed:
                 raise self._result_error(failed[0], gen_id)
             finished = [r for r in results if r is not None]
-            return await self._response(gen_id, finished)
+            return await self._response(gen_id, body, finished)
         finally:
             del self.inflight[gen_id]
             self.cancelled.discard(gen_id)
@@ -163,8 +164,12 @@ class ImageService:
             headers=NO_RETRY,
         )
 
-    async def _response(self, gen_id: str, results: list[GenerationResult]) -> ImagesResponse:
-        images = await asyncio.gather(*(asyncio.to_thread(encode_png, r.image) for r in results))
+    async def _response(
+        self, gen_id: str, body: ImageGenerationRequest, results: list[GenerationResult]
+    ) -> ImagesResponse:
+        fmt, quality = body.output_format, body.output_compression
+        encodes = (asyncio.to_thread(encode_image, r.image, fmt, quality) for r in results)
+        images = await asyncio.gather(*encodes)
         infos = [
             ImageInfo(
                 request_id=r.request_id,
@@ -184,16 +189,21 @@ class ImageService:
             created=int(time.time()),
             data=[ImageData(b64_json=b64) for b64 in images],
             size=f"{first.width}x{first.height}",
+            output_format=fmt,
             patchedserve=GenerationInfo(id=gen_id, model=self.engine.served_model.name, images=infos),
         )
 
 
-def encode_png(image: PIL.Image.Image | None) -> str:
-    """A finished image as base64 PNG (runs on a worker thread: encoding a large image takes a while)."""
+def encode_image(image: PIL.Image.Image | None, fmt: OutputFormat, quality: int | None = None) -> str:
+    """A finished image as a base64 file of format ``fmt``; ``quality`` (0-100, default 100) for
+    JPEG and WebP. Runs on a worker thread: encoding a large image takes a while."""
     if image is None:
         raise ValueError("a finished result carries no image")
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    if fmt == "png":
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format=fmt.upper(), quality=100 if quality is None else quality)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

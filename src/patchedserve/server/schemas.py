@@ -8,7 +8,7 @@ Unknown fields are refused (``extra="forbid"``): the official clients send only 
 set, so an unknown one is almost always a typo of an extension field (``steps`` for
 ``num_inference_steps``) that would otherwise silently fall back to a default. OpenAI fields that
 cannot change our output are accepted and ignored (``user``, ``safety_identifier``); those we cannot
-honour are refused by value (``response_format="url"``, ``output_format="jpeg"``).
+honour are refused by value (``response_format="url"``, ``output_format="gif"``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
+"""Image file formats a response can carry, as in the OpenAI API (PNG is lossless; JPEG and WebP
+are several times smaller, at the quality ``output_compression`` sets)."""
 
 MAX_IMAGES = 10
 """Most images one request may ask for (``n``), as in the OpenAI API."""
@@ -41,8 +46,10 @@ class ImageGenerationRequest(BaseModel):
     """``WIDTHxHEIGHT`` in pixels, or ``auto``/omitted for the model's default."""
     response_format: str | None = None
     """Only ``b64_json`` (the default here); this server keeps no files to link to."""
-    output_format: str | None = None
-    """Only ``png``."""
+    output_format: OutputFormat = "png"
+    """``png``, ``jpeg`` or ``webp``."""
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    """JPEG or WebP quality, 0-100 (default 100: the least loss); not for PNG."""
     user: str | None = None
     """Accepted and ignored (an end-user identifier in the OpenAI API)."""
     safety_identifier: str | None = None
@@ -84,11 +91,12 @@ class ImageGenerationRequest(BaseModel):
             )
         return value
 
-    @field_validator("output_format")
+    @field_validator("output_compression")
     @classmethod
-    def _only_png(cls, value: str | None) -> str | None:
-        if value not in (None, "png"):
-            raise ValueError(f"output_format {value!r} is not supported; only png is")
+    def _lossy_formats_only(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # output_format is declared before this field, so it was validated first (absent if invalid)
+        if value is not None and info.data.get("output_format", "png") == "png":
+            raise ValueError("output_compression applies to jpeg and webp only; PNG is lossless")
         return value
 
     def resolution(self) -> tuple[int | None, int | None]:
@@ -103,7 +111,7 @@ class ImageData(BaseModel):
     """One generated image."""
 
     b64_json: str
-    """The PNG file, base64-encoded."""
+    """The image file (``output_format``), base64-encoded."""
     revised_prompt: str | None = None
     """Always null: prompts are used as given."""
 
@@ -143,7 +151,7 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     size: str
     """``WIDTHxHEIGHT`` of the images."""
-    output_format: Literal["png"] = "png"
+    output_format: OutputFormat = "png"
     patchedserve: GenerationInfo
 
 
