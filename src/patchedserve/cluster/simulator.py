@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,9 +28,12 @@ from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
 from patchedserve.cluster.replica import Embedder, SimReplica, make_policy
 from patchedserve.engine.approx_cache import ApproxCache, prompt_vector
-from patchedserve.models import GenerationParams, ModelBundle
+from patchedserve.models.validation import GenerationParams
 from patchedserve.request import Request, RequestStatus
 from patchedserve.scheduler import LatencyPredictor
+
+if TYPE_CHECKING:  # the simulator runs without the model code unless it embeds prompts with a model
+    from patchedserve.models import ModelBundle
 
 
 @dataclass(frozen=True)

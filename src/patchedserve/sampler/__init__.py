@@ -6,15 +6,16 @@ tests and benchmarks call ``make_diffusers_scheduler`` to build the diffusers or
 """
 
 from collections.abc import Mapping
-from typing import Any
-
-from diffusers import SchedulerMixin
+from typing import TYPE_CHECKING, Any
 
 from patchedserve.sampler.base import Sampler, SamplerPlan, check_sampler_name
 from patchedserve.sampler.ddim import DDIMSampler
 from patchedserve.sampler.dpmpp import DPMPP2MSampler
 from patchedserve.sampler.euler import EulerSampler
 from patchedserve.sampler.flow import FlowEulerSampler
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
 _SAMPLERS: dict[str, type[Sampler]] = {
     cls.name: cls for cls in (EulerSampler, DDIMSampler, DPMPP2MSampler, FlowEulerSampler)
@@ -32,7 +33,7 @@ def get_sampler(name: str, scheduler_config: Mapping[str, Any]) -> Sampler:
     return _SAMPLERS[name](scheduler_config)
 
 
-def make_diffusers_scheduler(name: str, scheduler_config: Mapping[str, Any]) -> SchedulerMixin:
+def make_diffusers_scheduler(name: str, scheduler_config: Mapping[str, Any]) -> "SchedulerMixin":
     """A fresh diffusers scheduler that ``get_sampler(name, scheduler_config)`` reproduces step for step."""
     check_sampler_name(name, SAMPLER_NAMES)
     return _SAMPLERS[name].make_diffusers_scheduler(scheduler_config)

@@ -10,13 +10,16 @@ different step counts, so nothing may live on a shared object. Everything a step
 small float64 table on the plan, gathered per request, stacked, and expanded to rows of the batch.
 """
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
-from diffusers import SchedulerMixin
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
 
 from patchedserve.errors import InvalidRequestError
 
@@ -61,8 +64,10 @@ class Sampler(ABC):
     """1: ``step`` ignores and returns no history; 2: history is the previous step's data prediction."""
     COEFFS: ClassVar[tuple[str, ...]]
     """Names of the columns of ``SamplerPlan.coeffs``, in order."""
-    diffusers_class: ClassVar[Any]
-    """The diffusers scheduler class (a ``SchedulerMixin``) this sampler reproduces step for step."""
+    diffusers_class: ClassVar[str]
+    """Name of the diffusers scheduler class this sampler reproduces step for step (diffusers
+    loads when a sampler is made, not when this module is imported: the simulator reads ``order``
+    without it)."""
     diffusers_overrides: ClassVar[Mapping[str, Any]] = {}
     """Config values forced on top of the model's scheduler config (they define the algorithm)."""
 
@@ -75,10 +80,11 @@ class Sampler(ABC):
         self._plans: dict[int, SamplerPlan] = {}
 
     @classmethod
-    def make_diffusers_scheduler(cls, scheduler_config: Mapping[str, Any]) -> SchedulerMixin:
+    def make_diffusers_scheduler(cls, scheduler_config: Mapping[str, Any]) -> "SchedulerMixin":
         """A fresh diffusers scheduler equivalent to this sampler on ``scheduler_config``."""
-        scheduler = cls.diffusers_class.from_config(dict(scheduler_config), **cls.diffusers_overrides)
-        return cast(SchedulerMixin, scheduler)
+        scheduler_class = getattr(importlib.import_module("diffusers"), cls.diffusers_class)
+        scheduler = scheduler_class.from_config(dict(scheduler_config), **cls.diffusers_overrides)
+        return cast("SchedulerMixin", scheduler)
 
     def plan(self, num_steps: int) -> SamplerPlan:
         """The plan for ``num_steps`` steps; built on first use and cached (plans are immutable)."""

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 
 from patchedserve.sampler.base import LinearStepSampler, SamplerPlan
 from patchedserve.sampler.schedule import (
@@ -31,7 +30,7 @@ class DDIMSampler(LinearStepSampler):
     name = "ddim"
     order = 1
     COEFFS = ("c_sample", "c_model")
-    diffusers_class = DDIMScheduler
+    diffusers_class = "DDIMScheduler"
 
     def _check_config(self, config: Mapping[str, Any]) -> None:
         refuse_common(self.name, config)

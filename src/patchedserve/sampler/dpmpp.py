@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
 from patchedserve.sampler.base import Sampler, SamplerPlan, compute_dtype
 from patchedserve.sampler.schedule import (
@@ -43,7 +42,7 @@ class DPMPP2MSampler(Sampler):
     name = "dpmpp_2m"
     order = 2
     COEFFS = ("x0_sample", "x0_model", "c_sample", "c_x0", "c_diff", "use_history")
-    diffusers_class = DPMSolverMultistepScheduler
+    diffusers_class = "DPMSolverMultistepScheduler"
     diffusers_overrides: ClassVar[Mapping[str, Any]] = {
         "algorithm_type": "dpmsolver++",
         "solver_order": 2,

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler
 
 from patchedserve.errors import InvalidRequestError
 from patchedserve.sampler.base import LinearStepSampler, SamplerPlan
@@ -33,7 +32,7 @@ class EulerSampler(LinearStepSampler):
     name = "euler"
     order = 1
     COEFFS = ("in_scale", "c_sample", "c_model")
-    diffusers_class = EulerDiscreteScheduler
+    diffusers_class = "EulerDiscreteScheduler"
 
     def _check_config(self, config: Mapping[str, Any]) -> None:
         refuse_common(self.name, config)

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 from patchedserve.sampler.base import Sampler, SamplerPlan, compute_dtype
 from patchedserve.sampler.schedule import check_num_steps, refuse_common, refuse_unless
@@ -28,7 +27,7 @@ class FlowEulerSampler(Sampler):
     name = "flow_euler"
     order = 1
     COEFFS = ("c_model",)
-    diffusers_class = FlowMatchEulerDiscreteScheduler
+    diffusers_class = "FlowMatchEulerDiscreteScheduler"
 
     def _check_config(self, config: Mapping[str, Any]) -> None:
         refuse_common(self.name, config)
