@@ -107,6 +107,31 @@ def test_bad_input_is_one_error_line_and_exit_code_2(
     assert "Traceback" not in err and out == ""
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "report", "missing.json"], "No such file or directory: 'missing.json'"),
+        (["bench", "report", "text.json"], "text.json is not a results.json of bench slo or simulate"),
+        (["bench", "report", "other.json"], "other.json is not a results.json of bench slo or simulate"),
+        (["simulate", "--compare", "other.json", "--out", "sim"], "other.json is not a results.json"),
+    ],
+)
+def test_a_file_that_is_missing_or_of_another_kind_is_one_error_line(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.json").write_text("not json\n")
+    (tmp_path / "other.json").write_text('{"format": "something else"}\n')
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "sim").exists()
+
+
 def test_serve_flags_reach_the_engine_config() -> None:
     from patchedserve.cli import build_parser
     from patchedserve.server.commands import engine_config

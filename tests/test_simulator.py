@@ -21,6 +21,7 @@ from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
 from patchedserve.cluster.simulator import ModelEmbedder, SimConfig, build_replicas, exact_embedder, simulate
 from patchedserve.cluster.speed import SpeedTrace, admission_gap_s
+from patchedserve.errors import InvalidRequestError
 from patchedserve.request import RequestStatus
 from patchedserve.scheduler import FCFSScheduler, LatencyPredictor, Overhead, SLOScheduler
 from patchedserve.scheduler.resbatch import ResolutionBatchScheduler
@@ -489,6 +490,12 @@ def test_cost_files_bring_their_measured_decode_contention(tmp_path: Path) -> No
     assert (costs.decode_interference, costs.decode_slowdown) == (0.3, 2.2)
     unmeasured = MachineCosts.load(None, p.save(tmp_path / "plain.json"))
     assert (unmeasured.decode_interference, unmeasured.decode_slowdown) == (0.0, 1.0)
+
+
+def test_an_image_level_system_without_image_costs_is_refused_by_flag() -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        cost_model("image", profile(), MachineCosts())
+    assert err.value.field == "image_cost" and "--image-cost" in str(err.value)
 
 
 @pytest.mark.parametrize(("system", "tighter_first"), [("patchedserve", True), ("patched-fcfs", False)])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from patchedserve.bench.traces import TraceConfig, load_trace, make_trace, save_trace
+from patchedserve.errors import InvalidRequestError
 
 SIZES = ((256, 256), (512, 256), (512, 512))
 
@@ -99,3 +100,20 @@ def test_bad_configs_are_refused() -> None:
         TraceConfig(mix="custom")
     with pytest.raises(ValueError):
         TraceConfig(repetition=1.5)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is empty"),
+        ("not json\n", "is not a trace file (JSON lines)"),
+        ('{"format": "other"}\n', "is not a patchedserve-trace version"),
+        ("[1, 2]\n", "is not a patchedserve-trace version"),
+    ],
+)
+def test_a_file_that_is_not_a_trace_is_refused_by_name(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    with pytest.raises(InvalidRequestError) as err:
+        load_trace(path)
+    assert message in str(err.value) and str(path) in str(err.value) and err.value.field == "trace"

@@ -87,12 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one subcommand; bad input exits with code 2 and one ``error:`` line, never a traceback."""
+    """Runs one subcommand; bad input (including a file that cannot be read) exits with code 2 and
+    one ``error:`` line, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
     except PatchedServeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except OSError as err:  # a file named on the command line is missing or unreadable, a port taken
         print(f"error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from typing import Any
 
 from patchedserve.bench.metrics import RequestOutcome, goodput_at_target, summarize_run
 from patchedserve.bench.plots import plot_all
+from patchedserve.errors import InvalidRequestError
 from patchedserve.scheduler import Entry
 
 StepRecord = tuple[float, float, list[Entry]]
@@ -174,9 +175,15 @@ def parse_aliases(texts: Sequence[str]) -> dict[str, str]:
 
 
 def load_results(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(Path(path).read_text())
-    if "runs" not in data or "meta" not in data:
-        raise ValueError(f"{path} is not a results.json of bench slo or simulate")
+    """A ``results.json`` written by ``bench slo`` or ``simulate``; InvalidRequestError for any
+    other file."""
+    not_results = f"{path} is not a results.json of bench slo or simulate"
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise InvalidRequestError(f"{not_results} (not JSON: {err})", field="results") from err
+    if not isinstance(data, dict) or "runs" not in data or "meta" not in data:
+        raise InvalidRequestError(not_results, field="results")
     return data
 
 

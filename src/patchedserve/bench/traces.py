@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from patchedserve.bench.prompts import PROMPTS, fresh_prompt
+from patchedserve.errors import InvalidRequestError
 
 FORMAT = "patchedserve-trace"
 """Value of the header line's ``format`` key."""
@@ -194,10 +195,13 @@ def load_trace(path: str | Path) -> tuple[list[TraceRequest], TraceConfig | None
     """Reads a file written by ``save_trace``: the requests and the config (None if not stored)."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     if not lines:
-        raise ValueError(f"trace {path} is empty")
-    header = json.loads(lines[0])
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} version {VERSION} file")
+        raise InvalidRequestError(f"trace {path} is empty", field="trace")
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError as err:
+        raise InvalidRequestError(f"{path} is not a trace file (JSON lines): {err}", field="trace") from err
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise InvalidRequestError(f"{path} is not a {FORMAT} version {VERSION} file", field="trace")
     config = None
     if header.get("config") is not None:
         config = config_from_dict(header["config"])

@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from patchedserve.errors import InvalidRequestError
 from patchedserve.request import Request
 from patchedserve.scheduler import Entry, LatencyPredictor, entry_of
 
@@ -228,9 +229,10 @@ def cost_model(
     patch cache; encode and decode costs come from ``profile``."""
     if execution == "image":
         if costs.image is None:
-            raise ValueError(
+            raise InvalidRequestError(
                 "image-level systems need an image-level cost model: pass --image-cost "
-                "(written by `patchedserve bench slo` or `patchedserve bench calibrate`)"
+                "(written by `patchedserve bench slo` or `patchedserve bench calibrate`)",
+                field="image_cost",
             )
         return CostModel(
             costs.image,
