@@ -412,6 +412,25 @@ def test_a_failed_result_is_500_with_the_reason(engine: Engine) -> None:
     assert err.headers == {"x-should-retry": "false"}
 
 
+def test_serve_on_a_port_in_use_fails_at_once_before_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import patchedserve.models
+    from patchedserve.cli import main
+
+    def never(*_: object, **__: object) -> None:
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(patchedserve.models, "load_model", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1, err
+
+
 def test_serve_command_prints_a_request_ready_to_paste(tmp_path: Path) -> None:
     """With the key from the environment: the banner's requests send it without printing it."""
     command = [sys.executable, "-m", "patchedserve.cli", "serve", "--port", "0", "--patch-size", "64"]

@@ -10,6 +10,7 @@ With ``--replicas N`` (or ``--ray-address``) it serves N engines on a Ray cluste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
@@ -134,29 +135,31 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_serve(args: argparse.Namespace) -> int:
     from patchedserve.server.auth import resolve_api_key
-    from patchedserve.server.http import serve  # the HTTP stack loads for this command alone
+    from patchedserve.server.http import listen, serve  # the HTTP stack loads for this command alone
 
     api_key = resolve_api_key(args.api_key)
-    if args.replicas is None and args.ray_address is None:
-        from patchedserve.engine import Engine
-        from patchedserve.models import load_model
+    sock = listen(args.host, args.port)  # before the model loads: a port in use fails at once
+    with contextlib.closing(sock):
+        if args.replicas is None and args.ray_address is None:
+            from patchedserve.engine import Engine
+            from patchedserve.models import load_model
 
-        engine = Engine(load_model(args.model), engine_config(args))
-        return serve(engine, args.host, args.port, args.log_level, api_key)
-    try:
-        from patchedserve.cluster.ray_group import RayEngineGroup
-    except ImportError as err:
-        raise InvalidRequestError(
-            f"--replicas needs Ray ({err}); install it with pip install 'patchedserve[ray]'", "replicas"
-        ) from err
-    group = RayEngineGroup(
-        args.model,
-        engine_options(args),
-        1 if args.replicas is None else args.replicas,
-        address=args.ray_address,
-        cpus_per_replica=args.cpus_per_replica,
-    )
-    try:
-        return serve(group, args.host, args.port, args.log_level, api_key)
-    finally:
-        group.shutdown()
+            engine = Engine(load_model(args.model), engine_config(args))
+            return serve(engine, sock, args.log_level, api_key)
+        try:
+            from patchedserve.cluster.ray_group import RayEngineGroup
+        except ImportError as err:
+            raise InvalidRequestError(
+                f"--replicas needs Ray ({err}); install it with pip install 'patchedserve[ray]'", "replicas"
+            ) from err
+        group = RayEngineGroup(
+            args.model,
+            engine_options(args),
+            1 if args.replicas is None else args.replicas,
+            address=args.ray_address,
+            cpus_per_replica=args.cpus_per_replica,
+        )
+        try:
+            return serve(group, sock, args.log_level, api_key)
+        finally:
+            group.shutdown()

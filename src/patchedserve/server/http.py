@@ -12,21 +12,38 @@ import socket
 import uvicorn
 
 from patchedserve.engine.served import ServedEngine, ServedModel
+from patchedserve.errors import InvalidRequestError
 from patchedserve.server.app import create_app
 from patchedserve.server.auth import API_KEY_ENV
 
 EXAMPLE_PROMPT = "a photo of a red cat on a city street at night"
 
 
-def serve(engine: ServedEngine, host: str, port: int, log_level: str, api_key: str | None = None) -> int:
-    """Serves ``engine`` over HTTP until Ctrl-C, starting and stopping it; returns the exit code.
-    With ``api_key`` the ``/v1`` routes ask for it (`server.auth`)."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: a free one). ``serve`` binds it before the model
+    loads, so a port in use is one error line at once rather than after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise InvalidRequestError(f"cannot listen on {host}:{port}: {err.strerror or err}", "port") from err
+    return sock
+
+
+def serve(engine: ServedEngine, sock: socket.socket, log_level: str, api_key: str | None = None) -> int:
+    """Serves ``engine`` over HTTP on ``sock`` (from ``listen``) until Ctrl-C, starting and
+    stopping it; returns the exit code. With ``api_key`` the ``/v1`` routes ask for it
+    (`server.auth`)."""
     app = create_app(engine, api_key)
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host, port, log_level=log_level)
     server = AnnouncingServer(config, engine, keyed=api_key is not None)
     engine.start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; for a server that is a normal stop
     finally:
