@@ -482,10 +482,10 @@ def test_a_group_is_queued_whole_or_not_at_all() -> None:
         engine.submit_many([g, g])
         with pytest.raises(QueueFullError):
             engine.submit_many([g, g])  # fits in an empty queue, not beside the two queued
-        assert engine.scheduler.num_waiting + engine._inbox.qsize() == 2  # nothing of it was queued
+        assert engine.scheduler.num_waiting + len(engine.submitted()) == 2  # nothing of it was queued
         with pytest.raises(InvalidRequestError) as err:
             engine.submit_many([g, GenerationRequest("b", width=96, height=64)])
-        assert err.value.field == "size" and engine._inbox.qsize() == 2
+        assert err.value.field == "size" and len(engine.submitted()) == 2
     finally:
         engine.stop()
 

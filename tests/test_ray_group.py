@@ -28,7 +28,8 @@ from openai import OpenAI
 from patchedserve.bench.replicas import run_replica_bench
 from patchedserve.cli import build_parser
 from patchedserve.cluster.ray_group import RayEngineGroup
-from patchedserve.engine import GenerationResult, QueueFullError
+from patchedserve.cluster.replica_actor import outstanding_work
+from patchedserve.engine import Engine, GenerationResult, QueueFullError
 from patchedserve.errors import InvalidRequestError, PatchedServeError, ReplicaLostError
 from patchedserve.patch import PatchCacheConfig
 from patchedserve.reference import ReferencePipeline
@@ -126,8 +127,14 @@ def test_a_full_replica_is_passed_over_and_a_429_comes_when_all_are_full(local_r
         assert wait_for(lambda: pair.num_running == 2)
         futures += pair.submit_many(short[1:2])  # waits behind the first: max_running 1
         assert pair.dispatched[1 - busy] == 2
-        futures += pair.submit_many(short[2:])  # less work there, but no room: it goes to the long one
+        # One slot is left, on the long one's replica: a group of two takes it, finds no room for
+        # its second image, and gives the slot back (all or none).
+        with pytest.raises(QueueFullError):
+            pair.submit_many(short[2:] * 2)
         assert pair.dispatched[busy] == 2
+        assert wait_for(lambda: pair.num_waiting == 1)  # the taken slot is free again
+        futures += pair.submit_many(short[2:])  # less work there, but no room: it goes to the long one
+        assert pair.dispatched[busy] == 3
         with pytest.raises(QueueFullError):
             pair.submit_many(short[:1])
         pair.cancel(long.request_id)  # type: ignore[attr-defined]
@@ -140,8 +147,31 @@ def test_a_replica_refuses_bad_input_with_the_engines_own_error(group: RayEngine
         group.submit_many([GenerationRequest("x", width=100, height=64)])
     assert bad_size.value.field == "width"
     with pytest.raises(InvalidRequestError) as too_many:
-        group.submit_many([GenerationRequest("x", width=64, height=64)] * 5)  # max_waiting 4
+        group.submit_many([GenerationRequest("x", width=64, height=64)] * 9)  # two queues of 4
     assert too_many.value.field == "n"
+
+
+def test_a_replica_counts_what_was_just_submitted_in_its_load() -> None:
+    """A burst that arrives while a step runs must see each of its requests placed: the load
+    counts submitted requests before the loop takes them in at the next step boundary."""
+    engine = Engine.from_model(MODEL, patch_size=64)  # never started: nothing leaves the inbox
+    try:
+        assert outstanding_work(engine) == 0
+        engine.submit_many([GenerationRequest("x", width=128, height=64, steps=5)] * 2)
+        assert outstanding_work(engine) == 2 * 2 * 5 * 2  # requests x patches x steps x CFG branches
+    finally:
+        engine.stop()
+
+
+def test_an_n_image_group_spreads_over_the_replicas(group: RayEngineGroup) -> None:
+    before = list(group.dispatched)
+    gens = [GenerationRequest("four cats", width=64, height=64, steps=3, seed=i) for i in range(4)]
+    futures = group.submit_many(gens)  # one call, as the server submits an n=4 request
+    took = gained(group, before)
+    assert sum(took) == 4 and min(took) >= 1, took  # not all four on one replica
+    done = results(futures)
+    assert all(r.ok for r in done)
+    assert len({r.image.tobytes() for r in done if r.image is not None}) == 4  # seeds 0-3
 
 
 def test_the_http_server_serves_the_group_and_counts_its_steps(group: RayEngineGroup) -> None:

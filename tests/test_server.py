@@ -293,7 +293,7 @@ def test_more_images_than_the_queue_holds_is_400_and_a_group_is_queued_whole() -
         assert too_many.status_code == 400, too_many.text
         assert too_many.json()["error"]["param"] == "n"
         assert no_room.status_code == 429, no_room.text
-        assert stalled.scheduler.num_waiting + stalled._inbox.qsize() == 1  # neither left a part behind
+        assert stalled.scheduler.num_waiting + len(stalled.submitted()) == 1  # neither left a part behind
     finally:
         stalled.stop()
 

@@ -5,9 +5,10 @@ placed by Ray on any machine of the cluster, with one GPU when the engine runs o
 as ``cuda``) or else a share of the CPUs (``cpus_per_replica``, also its torch threads). The group
 is what ``patchedserve serve --replicas N`` puts behind the HTTP server:
 
-- ``submit_many`` sends a request, or an ``n``-image group whole, to the replica with the least
-  predicted outstanding work (``replica_actor.outstanding_work``, the simulator's dispatch rule),
-  which validates and queues it or refuses it with the engine's own error;
+- ``submit_many`` sends each request, or each image of an ``n``-image group, to the replica with
+  the least predicted outstanding work at that moment (``replica_actor.outstanding_work``, the
+  simulator's dispatch rule), so a group spreads over idle replicas; the replica validates and
+  queues it or refuses it with the engine's own error, and a group is queued whole or not at all;
 - each result comes back through the replica's ``result`` call, under a group-wide request id, and
   is shown to the observers before the caller's future resolves;
 - a poller thread relays the replicas' steps to the observers every ``poll_s`` and keeps their
@@ -82,7 +83,9 @@ class RayEngineGroup:
             raise InvalidRequestError(f"replicas must be at least 1; got {replicas}", field="replicas")
         if cpus_per_replica is not None and cpus_per_replica < 1:
             raise InvalidRequestError("cpus_per_replica must be at least 1", field="cpus_per_replica")
-        EngineConfig(**{**options, "device": "cpu"})  # every other option is refused here, at once
+        checked = EngineConfig(**{**options, "device": "cpu"})  # every other option is refused here, at once
+        self.max_waiting = checked.max_waiting
+        """Each replica's queue size."""
         gpu = device_type(options.get("device", "cpu")) == "cuda"
         self.options = {**options, "device": "cuda"} if gpu else dict(options)
         if self.options.get("profile") is not None:
@@ -151,23 +154,43 @@ class RayEngineGroup:
 
     # ------------------------------------------------------------------ requests
     def submit_many(self, gens: Sequence[GenerationRequest]) -> list[Future[GenerationResult]]:
-        """Queue ``gens`` together on the least-loaded replica that has room (errors as
-        ``Engine.submit_many``: ``QueueFullError`` once every replica's queue is full)."""
-        full: QueueFullError | None = None
+        """Queue ``gens`` all or none, each on the replica with the least work once the ones before
+        it are placed (errors as ``Engine.submit_many``: the engine's ``InvalidRequestError``;
+        ``QueueFullError`` once every replica's queue is full, after cancelling what this call
+        had queued; a group larger than all the queues together is an ``InvalidRequestError`` on
+        ``n``)."""
+        room = self.max_waiting * len(self._actors)
+        if len(gens) > room:
+            raise InvalidRequestError(
+                f"{len(gens)} images at once exceed this server's queues ({room} in all)", field="n"
+            )
+        futures: list[Future[GenerationResult]] = []
         with self._lock:  # load, choose and queue as one, so concurrent submits see each other
-            loads = self._loads()
-            for index in sorted(loads, key=lambda i: (loads[i], i)):
-                try:
-                    local_ids = call(self._actors[index].submit_many.remote(list(gens)))
-                except QueueFullError as err:  # the next has more work but may have room
-                    full = err
-                    continue
-                except ReplicaLostError as err:  # it died since it told its load: try the next
-                    self._mark(index, False, err)
-                    continue
-                self.dispatched[index] += 1
-                self.last_replica = index
-                return [self._track(index, local_id) for local_id in local_ids]
+            try:
+                for gen in gens:
+                    futures.append(self._place(gen))
+            except BaseException:
+                for f in futures:
+                    self.cancel(f.request_id)  # type: ignore[attr-defined]
+                raise
+        return futures
+
+    def _place(self, gen: GenerationRequest) -> Future[GenerationResult]:
+        """Queue ``gen`` on the least-loaded replica that is up and has room."""
+        full: QueueFullError | None = None
+        loads = self._loads()
+        for index in sorted(loads, key=lambda i: (loads[i], i)):
+            try:
+                (local_id,) = call(self._actors[index].submit_many.remote([gen]))
+            except QueueFullError as err:  # the next has more work but may have room
+                full = err
+                continue
+            except ReplicaLostError as err:  # it died since it told its load: try the next
+                self._mark(index, False, err)
+                continue
+            self.dispatched[index] += 1
+            self.last_replica = index
+            return self._track(index, local_id)
         if full is not None:
             raise full
         raise ReplicaLostError("no replica is up to take the request; retry once one is back")

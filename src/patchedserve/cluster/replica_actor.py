@@ -53,11 +53,13 @@ class ReplicaReport:
 
 
 def outstanding_work(engine: Engine) -> float:
-    """Work of the requests ``engine`` holds, queued or denoising: predicted seconds alone
-    (``cluster.dispatch.remaining_work_s``) under a latency predictor, else patch-steps (each
-    request's patches x its steps left), which ranks replicas of one config the same way."""
+    """Work of the requests ``engine`` holds, just submitted, queued or denoising: predicted
+    seconds alone (``cluster.dispatch.remaining_work_s``) under a latency predictor, else
+    patch-steps (each request's patches x its steps left), which ranks replicas of one config the
+    same way. The just-submitted count at once, not at the loop's next step boundary: a burst that
+    arrives during a step sees each of its requests already placed."""
     scheduler = engine.scheduler
-    held: list[Request] = [*scheduler.waiting, *scheduler.running]  # type: ignore[attr-defined]
+    held: list[Request] = [*engine.submitted(), *scheduler.waiting, *scheduler.running]  # type: ignore[attr-defined]
     predictor = getattr(scheduler, "predictor", None)
     if predictor is not None:
         return sum(remaining_work_s(r, predictor) for r in held)

@@ -77,7 +77,9 @@ class Engine:
         self.observers: list[EngineObserver] = []
         self.clock = time.monotonic
         self._ids = itertools.count()
-        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._inbox: list[Request] = []
+        """Requests submitted and not yet handed to the scheduler by the loop (under
+        ``_submit_lock``): the loop takes them at the next step boundary."""
         self._cancels: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._futures: dict[int, Future[GenerationResult]] = {}
         self._threads = torch.get_num_threads()
@@ -155,7 +157,7 @@ class Engine:
                 f"{len(gens)} images at once exceed this server's queue of {limit}", field="n"
             )
         with self._submit_lock:  # check and enqueue together, so concurrent submits cannot overshoot
-            if self.scheduler.num_waiting + self._inbox.qsize() + len(gens) > limit:
+            if self.scheduler.num_waiting + len(self._inbox) + len(gens) > limit:
                 raise QueueFullError(f"the queue is full ({limit} waiting); retry later")
             return [self._enqueue(g, p) for g, p in zip(gens, params, strict=True)]
 
@@ -186,9 +188,15 @@ class Engine:
         future: Future[GenerationResult] = Future()
         future.request_id = req.request_id  # type: ignore[attr-defined]
         self._futures[req.request_id] = future
-        self._inbox.put(req)
+        self._inbox.append(req)  # the caller holds _submit_lock
         self._wake.set()
         return future
+
+    def submitted(self) -> list[Request]:
+        """The requests submitted since the loop last took them (it does at each step boundary):
+        with the scheduler's queue and batch, all the work this engine holds (a replica's load)."""
+        with self._submit_lock:
+            return list(self._inbox)
 
     def cancel(self, request_id: int) -> None:
         """Cancel a request: a queued or running one leaves at the next step boundary, one waiting
@@ -205,7 +213,7 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def has_work(self) -> bool:
         s = self.scheduler
-        return not self._inbox.empty() or not self._cancels.empty() or s.num_waiting > 0 or s.num_running > 0
+        return bool(self._inbox) or not self._cancels.empty() or s.num_waiting > 0 or s.num_running > 0
 
     def step(self) -> None:
         """One iteration: admit, prepare, denoise one step, retire finished requests."""
@@ -253,8 +261,10 @@ class Engine:
                 log.exception("observer %r failed on a step", o)
 
     def _drain_inbox(self, now: float) -> None:
-        while not self._inbox.empty():
-            self.scheduler.add_request(self._inbox.get(), now)
+        with self._submit_lock:
+            taken, self._inbox = self._inbox, []
+        for r in taken:
+            self.scheduler.add_request(r, now)
         cancels = []
         while not self._cancels.empty():
             cancels.append(self._cancels.get())
@@ -372,9 +382,7 @@ class Engine:
         if self._loop is not None:
             self._loop.join()
             self._loop = None
-        now = self.clock()
-        while not self._inbox.empty():
-            self.scheduler.add_request(self._inbox.get(), now)
+        self._drain_inbox(self.clock())  # queued ones join the scheduler, then all are cancelled
         self._cancel_held(list(self._futures), "engine stopped")  # those on the decode worker are not held
         if self._decoder is not None:
             self._decoder.shutdown()
