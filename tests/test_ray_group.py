@@ -287,8 +287,10 @@ def test_replicas_below_one_are_refused_on_the_command_line(capsys: pytest.Captu
 
 
 def test_the_replica_bench_runs_each_system_on_the_same_burst(local_ray: None) -> None:
-    report = run_replica_bench(MODEL, [(64, 64), (64, 128)], 4, 2, 64, [1], rounds=2)
+    report = run_replica_bench(MODEL, [(64, 64), (64, 128)], 4, 2, 64, [1], rounds=2, images=2)
     assert set(report["systems"]) == {"engine", "ray-1"}
+    assert (report["group_images"], report["group_size"]) == (2, "64x64")
     for row in report["systems"].values():
         assert row["finished_min"] == 4 and len(row["burst_s"]) == 2 and len(row["single_s"]) == 2
+        assert len(row["group_s"]) == 2 and row["median_group_s"] > 0
         assert all(s > 0 for s in row["burst_s"] + row["single_s"])

@@ -75,6 +75,9 @@ def add_parser(subparsers: Any) -> None:
     replicas.add_argument("--replicas", default="1,2", help="replica counts to compare, e.g. 1,2")
     replicas.add_argument("--rounds", type=int, default=3, help="bursts per system, taken in turns")
     replicas.add_argument("--device", default="cpu", help="cpu, or cuda: one GPU per replica")
+    replicas.add_argument(
+        "--images", type=int, default=4, help="also time one request for this many images (0: skip)"
+    )
     replicas.add_argument("--json", type=Path, default=None)
     replicas.set_defaults(handler=run_replicas)
 
@@ -132,8 +135,8 @@ def run_replicas(args: argparse.Namespace) -> int:
     from patchedserve.bench.replicas import run_replica_bench
     from patchedserve.bench.step import write_report
 
-    if args.count < 1 or args.rounds < 1:
-        raise InvalidRequestError("--count and --rounds must be at least 1", field="count")
+    if args.count < 1 or args.rounds < 1 or args.images < 0:
+        raise InvalidRequestError("--count and --rounds must be at least 1, --images at least 0", "count")
     report = run_replica_bench(
         args.model,
         parse_sizes(args.sizes),
@@ -143,6 +146,7 @@ def run_replicas(args: argparse.Namespace) -> int:
         parse_ints(args.replicas, "replicas"),
         args.rounds,
         args.device,
+        args.images,
     )
     write_report(report, args.json)
     print(f"{report['count']} requests x {report['steps']} steps on {report['model']}, {report['device']}:")
@@ -151,5 +155,10 @@ def run_replicas(args: argparse.Namespace) -> int:
             f"  {name:>8}: burst {row['median_burst_s']:.2f} s ({row['images_per_min']:.1f} img/min, "
             f"x{row['speedup_vs_engine']:.2f} the engine), "
             f"one small request alone {row['median_single_s']:.3f} s"
+            + (
+                f", one {report['group_images']}-image request {row['median_group_s']:.2f} s"
+                if row["median_group_s"] is not None
+                else ""
+            )
         )
     return 0

@@ -8,8 +8,10 @@ The same burst of mixed-resolution requests (``bench.burst.burst_requests``) run
   submitted on its own so that dispatch spreads them.
 
 Systems take turns within each round, so drift in the machine's speed meets them all alike; the
-report gives each system's median burst time, images per minute and ratio to ``engine``, and the
-median latency of one small request alone (what the front and Ray add to a request). Every group is
+report gives each system's median burst time, images per minute and ratio to ``engine``, the
+median latency of one small request alone (what the front and Ray add to a request), and that of
+one request for ``images`` images of the first size, submitted in one call as the server submits an
+``n``-image request (a group of replicas spreads its images). Every group is
 alive for the whole run, so the bench starts Ray with as many logical CPUs as the groups reserve
 together (when it starts Ray itself); only one system runs at a time.
 """
@@ -20,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -42,6 +45,15 @@ def timed_burst(submit: Submit, gens: list[GenerationRequest]) -> tuple[float, i
     return time.perf_counter() - start, sum(r.ok for r in results)
 
 
+def timed_group(submit: Submit, gens: list[GenerationRequest]) -> float:
+    """Seconds from submitting ``gens`` in one call to the last result."""
+    start = time.perf_counter()
+    results = [f.result(timeout=3600) for f in submit(gens)]
+    if not all(r.ok for r in results):
+        raise RuntimeError(f"a grouped image did not finish: {[r.error for r in results if not r.ok]}")
+    return time.perf_counter() - start
+
+
 def run_replica_bench(
     model: str,
     sizes: list[tuple[int, int]],
@@ -51,11 +63,14 @@ def run_replica_bench(
     replicas: list[int],
     rounds: int,
     device: str = "cpu",
+    images: int = 4,
 ) -> dict[str, Any]:
     threads = torch.get_num_threads()
     gpu = device_type(device) == "cuda"
     gens = burst_requests(sizes, count, steps, 5.0)
     small = burst_requests(sizes[:1], 1, 2, 5.0)
+    (h, w), first = sizes[0], gens[0]
+    one_request = [replace(first, seed=i) for i in range(images)]  # one n-image request
     options = {"patch_size": patch_size, "device": device}
     engine = Engine(load_model(model), EngineConfig(**options))  # type: ignore[arg-type]
     engine.start()
@@ -75,12 +90,15 @@ def run_replica_bench(
         bursts: dict[str, list[float]] = {name: [] for name in systems}
         finished: dict[str, int] = dict.fromkeys(systems, count)
         singles: dict[str, list[float]] = {name: [] for name in systems}
+        grouped: dict[str, list[float]] = {name: [] for name in systems}
         for _ in range(rounds):
             for name, submit in systems.items():
                 seconds, ok = timed_burst(submit, gens)
                 bursts[name].append(seconds)
                 finished[name] = min(finished[name], ok)
                 singles[name].append(timed_burst(submit, small)[0])
+                if one_request:
+                    grouped[name].append(timed_group(submit, one_request))
     finally:
         for group in groups:
             group.shutdown()
@@ -97,6 +115,8 @@ def run_replica_bench(
         "patch_size": patch_size,
         "sizes": [f"{w}x{h}" for h, w in sizes],
         "rounds": rounds,
+        "group_images": images,
+        "group_size": f"{w}x{h}",
         "systems": {
             name: {
                 "burst_s": bursts[name],
@@ -106,6 +126,8 @@ def run_replica_bench(
                 "finished_min": finished[name],
                 "single_s": singles[name],
                 "median_single_s": statistics.median(singles[name]),
+                "group_s": grouped[name],
+                "median_group_s": statistics.median(grouped[name]) if one_request else None,
             }
             for name in systems
         },
