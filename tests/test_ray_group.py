@@ -268,14 +268,15 @@ def test_serve_with_replicas_from_the_command_line(tmp_path: Path) -> None:
         assert resp.status_code == 200, resp.text
         assert png_size(resp.json()["data"][0]["b64_json"]) == (64, 128)
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as a process manager stops it: the group shuts down too
         try:
-            _, err = proc.communicate(timeout=90)
+            out, err = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
             raise
     assert proc.returncode == 0, err
+    assert "patchedserve: server stopped" in out
     assert "Traceback" not in err
 
 

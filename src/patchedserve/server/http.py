@@ -5,9 +5,13 @@ Only the ``serve`` command imports it, so the CLI's other commands load no HTTP 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -43,13 +47,39 @@ def serve(engine: ServedEngine, sock: socket.socket, log_level: str, api_key: st
     server = AnnouncingServer(config, engine, keyed=api_key is not None)
     engine.start()
     try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass  # uvicorn re-raises Ctrl-C after its graceful shutdown; for a server that is a normal stop
+        with stop_on_sigterm():
+            server.run(sockets=[sock])
+    except (KeyboardInterrupt, Terminated):
+        pass  # uvicorn re-raises the signal after its graceful shutdown; for a server a normal stop
     finally:
         engine.stop()
     print("patchedserve: server stopped", flush=True)
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM, as ``stop_on_sigterm`` raises it."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (what process managers send) stops the server as Ctrl-C does. uvicorn answers both
+    with a graceful shutdown, letting the requests in flight finish, and then sends the signal
+    again to the handler it found; under the default one SIGTERM would end the process there,
+    before the engine (or a Ray group's replicas) could be stopped. Outside the main thread,
+    where handlers cannot be set, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class AnnouncingServer(uvicorn.Server):
