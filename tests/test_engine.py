@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 import types
 from functools import cache
 
@@ -406,12 +407,14 @@ def test_stop_answers_every_request_it_holds_and_start_serves_again() -> None:
     engine.stop()  # the loop never ran: the request is still in the inbox
     result = queued.result(timeout=0)
     assert result.status == RequestStatus.CANCELLED and result.error == "engine stopped"
-    engine.start()  # a fresh decode worker replaces the one stop shut down
-    try:
+    with engine:  # starts again: a fresh decode worker replaces the one stop shut down
         later = GenerationRequest("after a restart", width=64, height=64, steps=2, seed=2)
         assert_matches_reference("tiny-sdxl", later, engine.submit(later).result(timeout=120))
-    finally:
-        engine.stop()
+    left = engine.submit(later)  # the block's end stopped the loop: nothing runs it
+    time.sleep(0.3)
+    assert not left.done()
+    engine.stop()
+    assert left.result(timeout=0).status == RequestStatus.CANCELLED
 
 
 def test_a_request_cancelled_while_it_waits_for_the_decode_worker_is_not_decoded(

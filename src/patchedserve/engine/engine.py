@@ -387,6 +387,15 @@ class Engine:
         if self._decoder is not None:
             self._decoder.shutdown()
 
+    def __enter__(self) -> Engine:
+        """``with Engine.from_model(...) as engine:`` runs the loop in the background (``start``)
+        for the block and stops the engine (``stop``) when it ends."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _run(self) -> None:
         torch.set_num_threads(self._threads)
         while not self._stop.is_set():
