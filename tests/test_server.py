@@ -249,6 +249,9 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "compression-of-png": ({"output_compression": 50}, "output_compression"),
     "compression-above-100": ({"output_format": "webp", "output_compression": 101}, "output_compression"),
     "unknown-field": ({"steps": 2}, "steps"),
+    "prompt-too-long": ({"prompt": "a cat " * 5400}, "prompt"),  # 32,400 characters
+    "negative-too-long": ({"negative_prompt": "x" * 32_001}, "negative_prompt"),
+    "model-name-huge": ({"model": "m" * 100_000}, "model"),
 }
 
 
@@ -261,9 +264,25 @@ def test_bad_input_is_400_naming_the_field(http: httpx.Client, case: str) -> Non
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
-    assert param in error["message"]
+    assert param in error["message"] and len(error["message"]) < 300  # quotes the input, shortened
     if case == "url-format":
         assert "only response_format='b64_json' is supported" in error["message"]
+
+
+def test_a_body_over_the_cap_is_413_whether_declared_or_streamed(http: httpx.Client) -> None:
+    big = json.dumps({"prompt": "a cat " * 200_000, "size": "64x64"}).encode()  # 1.2 MB
+    as_json = {"Content-Type": "application/json"}
+    declared = http.post("/v1/images/generations", content=big, headers=as_json)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: sent chunked, counted as it arrives
+        for start in range(0, len(big), 64 * 1024):
+            yield big[start : start + 64 * 1024]
+
+    streamed = http.post("/v1/images/generations", content=chunks(), headers=as_json)
+    for resp in (declared, streamed):
+        assert resp.status_code == 413, resp.text
+        assert resp.json()["error"]["code"] == "request_too_large"
+    assert post(http, {"prompt": "a cat", "size": "64x64", **FAST}).status_code == 200  # the server goes on
 
 
 @pytest.mark.parametrize("raw", ["{prompt:", "[1, 2]", ""])

@@ -35,6 +35,7 @@ from patchedserve.engine.served import ServedEngine
 from patchedserve.server.auth import require_api_key
 from patchedserve.server.errors import APIError, install_error_handlers
 from patchedserve.server.generation import CLIENT_GONE_STATUS, ClientDisconnected, ImageService
+from patchedserve.server.limits import BodyLimit
 from patchedserve.server.metrics import ServerMetrics
 from patchedserve.server.schemas import (
     ErrorResponse,
@@ -42,10 +43,11 @@ from patchedserve.server.schemas import (
     ImagesResponse,
     ModelCard,
     ModelList,
+    shown,
 )
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 429, 500, 503)
 }
 """Documented error statuses (the OpenAPI page at /docs)."""
 
@@ -73,6 +75,7 @@ def create_app(engine: ServedEngine, api_key: str | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = service
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     v1 = APIRouter(prefix="/v1", dependencies=[] if api_key is None else [Depends(require_api_key(api_key))])
 
     @v1.post("/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
@@ -106,7 +109,7 @@ def create_app(engine: ServedEngine, api_key: str | None = None) -> FastAPI:
         if model_id != card.id:
             raise APIError(
                 404,
-                f"model {model_id!r} is not served here; this server serves {card.id!r}",
+                f"model {shown(model_id)} is not served here; this server serves {card.id!r}",
                 param="model",
                 code="model_not_found",
             )

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patchedserve.errors import InvalidRequestError
-from patchedserve.server.schemas import ErrorObject, ErrorResponse
+from patchedserve.server.schemas import ErrorObject, ErrorResponse, shown
 
 RETRY_AFTER_S = 1
 """Seconds a client is told to wait after a 429."""
@@ -83,13 +83,13 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     if param is None:
         return APIError(400, "the request body must be a JSON object with a prompt", code="invalid_body")
     if kind == "extra_forbidden":
-        message = f"unknown parameter {param!r}: this server does not accept it"
+        message = f"unknown parameter {shown(param)}: this server does not accept it"
         return APIError(400, message, param=param, code="unknown_parameter")
     if kind == "missing":
         return APIError(400, f"{param} is required", param=param, code="missing_required_parameter")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if not message.startswith(param):
-        message = f"{param}: {message}; got {first.get('input')!r}"
+        message = f"{param}: {message}; got {shown(first.get('input'))}"
     return APIError(400, message, param=param, code="invalid_value")
 
 

@@ -33,6 +33,7 @@ from patchedserve.server.schemas import (
     ImageInfo,
     ImagesResponse,
     OutputFormat,
+    shown,
 )
 
 CLIENT_GONE_STATUS = 499
@@ -67,7 +68,7 @@ class ImageService:
         if gen_id in self.inflight:
             raise APIError(
                 409,
-                f"a generation with id {gen_id!r} is already running",
+                f"a generation with id {shown(gen_id)} is already running",
                 param="X-Request-ID",
                 code="duplicate_id",
             )
@@ -97,7 +98,8 @@ class ImageService:
         """Cancels the engine requests of an in-flight generation; returns how many were still open."""
         futures = self.inflight.get(gen_id)
         if futures is None:
-            raise APIError(404, f"no generation with id {gen_id!r} is running", param="id", code="not_found")
+            message = f"no generation with id {shown(gen_id)} is running"
+            raise APIError(404, message, param="id", code="not_found")
         self.cancelled.add(gen_id)
         open_futures = [f for f in futures if not f.done()]
         for f in open_futures:
@@ -109,7 +111,7 @@ class ImageService:
         if model is not None and model != name:
             raise APIError(
                 400,
-                f"model {model!r} is not served here; this server serves {name!r}",
+                f"model {shown(model)} is not served here; this server serves {name!r}",
                 param="model",
                 code="model_not_found",
             )
@@ -153,9 +155,8 @@ class ImageService:
             )
         if result.status == RequestStatus.CANCELLED:
             by = "by a cancel call" if gen_id in self.cancelled else "by the server"
-            return APIError(
-                409, f"generation {gen_id!r} was cancelled {by}", code="request_cancelled", headers=NO_RETRY
-            )
+            message = f"generation {shown(gen_id)} was cancelled {by}"
+            return APIError(409, message, code="request_cancelled", headers=NO_RETRY)
         return APIError(
             500,
             f"generation failed: {reason}",

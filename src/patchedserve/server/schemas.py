@@ -23,6 +23,11 @@ OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
 """Image file formats a response can carry, as in the OpenAI API (PNG is lossless; JPEG and WebP
 are several times smaller, at the quality ``output_compression`` sets)."""
 
+MAX_PROMPT_CHARS = 32_000
+"""Longest prompt (and negative prompt) accepted, in characters, as the OpenAI API's longest. The
+text encoders read the first 77 tokens only; tokenizing a longer text costs the engine's loop time
+that every running request waits for."""
+
 MAX_IMAGES = 10
 """Most images one request may ask for (``n``), as in the OpenAI API."""
 
@@ -31,12 +36,19 @@ SIZE_PATTERN = re.compile(r"(\d{1,6})x(\d{1,6})")
 string of thousands of digits, and no model takes a side of a million pixels)."""
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters: an error message quotes what was
+    sent, not all of a 32,000-character prompt."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 class ImageGenerationRequest(BaseModel):
     """Body of ``POST /v1/images/generations``: the OpenAI fields plus diffusion extensions."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     """Text to generate from; must not be blank."""
     model: str | None = None
     """The served model's name, or omitted."""
@@ -54,7 +66,7 @@ class ImageGenerationRequest(BaseModel):
     """Accepted and ignored (an end-user identifier in the OpenAI API)."""
     safety_identifier: str | None = None
     """Accepted and ignored."""
-    negative_prompt: str = ""
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     """Extension: text to steer away from."""
     num_inference_steps: int | None = None
     """Extension: denoising steps; omitted means the model's default."""
@@ -78,7 +90,9 @@ class ImageGenerationRequest(BaseModel):
     @classmethod
     def _size_shape(cls, value: str | None) -> str | None:
         if value is not None and value != "auto" and SIZE_PATTERN.fullmatch(value) is None:
-            raise ValueError(f"size must be WIDTHxHEIGHT in pixels (e.g. 512x512) or auto; got {value!r}")
+            raise ValueError(
+                f"size must be WIDTHxHEIGHT in pixels (e.g. 512x512) or auto; got {shown(value)}"
+            )
         return value
 
     @field_validator("response_format")
@@ -86,7 +100,7 @@ class ImageGenerationRequest(BaseModel):
     def _only_b64(cls, value: str | None) -> str | None:
         if value not in (None, "b64_json"):
             raise ValueError(
-                f"response_format {value!r} is not supported: this server returns images inline, "
+                f"response_format {shown(value)} is not supported: this server returns images inline, "
                 "only response_format='b64_json' is supported"
             )
         return value
