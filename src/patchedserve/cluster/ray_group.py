@@ -166,27 +166,29 @@ class RayEngineGroup:
             )
         futures: list[Future[GenerationResult]] = []
         with self._lock:  # load, choose and queue as one, so concurrent submits see each other
+            loads = self._loads()  # then kept by each placement's answer, not asked again
             try:
                 for gen in gens:
-                    futures.append(self._place(gen))
+                    futures.append(self._place(gen, loads))
             except BaseException:
                 for f in futures:
                     self.cancel(f.request_id)  # type: ignore[attr-defined]
                 raise
         return futures
 
-    def _place(self, gen: GenerationRequest) -> Future[GenerationResult]:
-        """Queue ``gen`` on the least-loaded replica that is up and has room."""
+    def _place(self, gen: GenerationRequest, loads: dict[int, float]) -> Future[GenerationResult]:
+        """Queue ``gen`` on the least-loaded replica of ``loads`` that has room; that replica's
+        entry becomes its load with ``gen``, and one that is lost leaves ``loads``."""
         full: QueueFullError | None = None
-        loads = self._loads()
         for index in sorted(loads, key=lambda i: (loads[i], i)):
             try:
-                (local_id,) = call(self._actors[index].submit_many.remote([gen]))
+                (local_id,), loads[index] = call(self._actors[index].submit_many.remote([gen]))
             except QueueFullError as err:  # the next has more work but may have room
                 full = err
                 continue
             except ReplicaLostError as err:  # it died since it told its load: try the next
                 self._mark(index, False, err)
+                del loads[index]
                 continue
             self.dispatched[index] += 1
             self.last_replica = index

@@ -92,14 +92,15 @@ class EngineReplica:
             self.engine.served_model, socket.gethostname(), str(self.engine.device), torch.get_num_threads()
         )
 
-    def submit_many(self, gens: Sequence[GenerationRequest]) -> list[int]:
-        """Queue all or none (``Engine.submit_many``'s errors); the engine's request ids."""
+    def submit_many(self, gens: Sequence[GenerationRequest]) -> tuple[list[int], float]:
+        """Queue all or none (``Engine.submit_many``'s errors): the engine's request ids, and the
+        load with them (so the group places the next image without asking every replica again)."""
         ids = []
         for f in self.engine.submit_many(gens):
             request_id: int = f.request_id  # type: ignore[attr-defined]
             self._futures[request_id] = f
             ids.append(request_id)
-        return ids
+        return ids, self.load()
 
     async def result(self, request_id: int) -> GenerationResult:
         """Waits for the request's final result."""

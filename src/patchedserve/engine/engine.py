@@ -119,7 +119,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting
+        """Requests queued: submitted and not yet admitted (as the queue-full check counts them)."""
+        return self.scheduler.num_waiting + len(self._inbox)
 
     @property
     def num_running(self) -> int:
