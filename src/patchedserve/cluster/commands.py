@@ -118,12 +118,12 @@ def _embedder(similarity: str, model: str) -> Callable[[], Any]:
 
     if similarity == "exact":
         return exact_embedder
-    from patchedserve.models import load_model
-
     cache: list[Any] = []
 
-    def make() -> Any:  # one embedder (and one model load) for the whole sweep
+    def make() -> Any:  # one embedder (and one model load) for the whole sweep, if one is asked for
         if not cache:
+            from patchedserve.models import load_model  # the model stack loads only then
+
             cache.append(ModelEmbedder(load_model(model)))
         return cache[0]
 
