@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from patchedserve.cli import main
+from patchedserve.cli import build_parser, main
 from patchedserve.errors import InvalidRequestError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest: one thread is faster for tiny models
@@ -153,6 +153,23 @@ def test_serve_flags_reach_the_engine_config() -> None:
         with pytest.raises(InvalidRequestError) as err:
             engine_config(build_parser().parse_args(["serve", flag, value]))
         assert err.value.field == flag[2:].replace("-", "_")
+
+
+def test_serve_help_shows_the_engine_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from patchedserve.engine import EngineConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    defaults = EngineConfig()
+    for flag, shown in (
+        ("--patch-size PATCH_SIZE", str(defaults.patch_size)),
+        ("--policy POLICY", defaults.policy),
+        ("--max-waiting MAX_WAITING", str(defaults.max_waiting)),
+        ("--reserve RESERVE", "on" if defaults.reserve else "off"),
+    ):
+        after = text.split(flag, 2)[2]  # the option's entry, after the usage line's mention
+        assert after.split(" --", 1)[0].endswith(f"(default: {shown})"), after[:200]
 
 
 def test_the_parser_loads_neither_the_model_stack_nor_the_http_stack() -> None:

@@ -1,14 +1,22 @@
-"""Engine configuration: one frozen dataclass, checked on construction."""
+"""Engine configuration: one frozen dataclass, checked on construction.
+
+Torch loads when a config is checked (its device), not when this module is imported, so the CLI's
+parser can show the defaults without it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from patchedserve.errors import InvalidRequestError
-from patchedserve.patch import PatchCacheConfig
+from patchedserve.patch.config import PatchCacheConfig
 from patchedserve.scheduler.config import RES_FCFS, SchedulerConfig
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+"""Denoiser dtypes an engine runs in (torch's names)."""
 
 
 @dataclass(frozen=True)
@@ -99,11 +107,16 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype
 
 
 def check_device(name: str) -> None:
     """Refuse a device torch cannot parse or this machine does not have, naming what is wrong."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -118,6 +131,3 @@ def check_device(name: str) -> None:
             )
     elif device.type != "cpu":
         raise InvalidRequestError(f"device {name!r}: only cpu and cuda are supported", "device")
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -41,11 +41,11 @@ from patchedserve.patch.cache_parts import (
     BlockSpec,
     BlockState,
     CacheStats,
-    PatchCacheConfig,
     flatten,
     leaves,
     select_rows,
 )
+from patchedserve.patch.config import PatchCacheConfig
 
 __all__ = ["ActiveSet", "BlockSpec", "CacheStats", "PatchCache", "PatchCacheConfig"]
 

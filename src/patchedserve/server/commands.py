@@ -34,7 +34,7 @@ def on_off(text: str) -> bool:
 
 ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ("patch_size", int, "patch side in pixels; image sides must be multiples of it"),
-    ("policy", str, "scheduling policy: fcfs or slo"),
+    ("policy", str, "scheduling policy: fcfs, slo or res-fcfs"),
     ("max_running", int, "most requests denoised together in one step"),
     ("max_waiting", int, "most queued requests before HTTP 429"),
     ("slo_scale", float, "slo policy: deadline = arrival + scale x standalone latency"),
@@ -50,10 +50,30 @@ ENGINE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     ),
     ("device", str, "torch device: cpu, cuda, cuda:1"),
     ("dtype", str, "float32, float16 or bfloat16"),
-    ("streams", int, "parts of each step denoised side by side on a share of the CPU threads each"),
-    ("profile", str, "latency profile for the slo policy (from patchedserve profile --out)"),
+    (
+        "streams",
+        int,
+        "parts of each step denoised side by side on a share of the CPU threads each "
+        "(default: 2 on a CPU with >= 2 threads, else 1)",
+    ),
+    (
+        "profile",
+        str,
+        "latency profile for the slo policy, from patchedserve profile --out (default: a quick "
+        "profile measured at start-up)",
+    ),
 )
 """(EngineConfig field, type, help) of each engine option; the flag is the field with dashes."""
+
+
+def shown_default(field: str) -> str:
+    """``EngineConfig``'s default of ``field`` as the flag takes it (``on``/``off`` for switches)."""
+    from patchedserve.engine.config import EngineConfig  # plain data: no torch
+
+    value = next(f.default for f in dataclasses.fields(EngineConfig) if f.name == field)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -77,8 +97,8 @@ def add_parser(subparsers: Any) -> None:
             f"--{name.replace('_', '-')}",
             dest=name,
             type=kind,
-            default=None,
-            help=f"{text} (default: the engine's)",
+            default=None,  # not given: EngineConfig's own default applies
+            help=text if "(default:" in text else f"{text} (default: {shown_default(name)})",
         )
     serve.add_argument(
         "--patch-cache",
