@@ -282,7 +282,11 @@ def test_a_body_over_the_cap_is_413_whether_declared_or_streamed(http: httpx.Cli
     for resp in (declared, streamed):
         assert resp.status_code == 413, resp.text
         assert resp.json()["error"]["code"] == "request_too_large"
-    assert post(http, {"prompt": "a cat", "size": "64x64", **FAST}).status_code == 200  # the server goes on
+    # The largest valid body: both prompts at the cap, every character an escaped surrogate pair.
+    largest = {"prompt": "😀" * 32_000, "negative_prompt": "😀" * 32_000, "size": "64x64", **FAST}
+    escaped = json.dumps(largest).encode()  # ensure_ascii: 12 bytes per character
+    assert len(escaped) > 760_000
+    assert http.post("/v1/images/generations", content=escaped, headers=as_json).status_code == 200
 
 
 @pytest.mark.parametrize("raw", ["{prompt:", "[1, 2]", ""])

@@ -1,8 +1,9 @@
 """A cap on request bodies: a body larger than ``MAX_BODY_BYTES`` is a 413 before it is parsed.
 
-The largest valid images request (two prompts of ``schemas.MAX_PROMPT_CHARS`` characters, up to
-four UTF-8 bytes each, and the other fields) is under 300 KB, so 1 MiB refuses only what no valid
-request needs, without reading a client's gigabyte into memory first. A declared
+The largest valid images request, two prompts of ``schemas.MAX_PROMPT_CHARS`` characters and the
+other fields, is under 800 KB even when every character is sent as an escaped surrogate pair
+(``\ud83d\ude00``, 12 bytes), so 1 MiB refuses only what no valid request needs, without reading
+a client's gigabyte into memory first. A declared
 ``Content-Length`` over the cap is refused at once; a body sent without one (chunked) is counted
 as it arrives and refused once it passes the cap. Installed by `server.app`.
 """
