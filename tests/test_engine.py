@@ -241,12 +241,18 @@ def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(
         ({"steps": 0}, "steps"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"sampler": "nope"}, "sampler"),
+        ({"prompt": 123}, "prompt"),  # refused here, not by the tokenizer at the next step
+        ({"prompt": "p" * 32_001}, "prompt"),
+        ({"negative_prompt": None}, "negative_prompt"),
+        ({"slo_ms": -5.0}, "slo_ms"),
     ],
 )
 def test_bad_requests_are_refused_with_the_field(sdxl_engine: Engine, kwargs: dict, field: str) -> None:
+    waiting = sdxl_engine.num_waiting
     with pytest.raises(InvalidRequestError) as err:
-        sdxl_engine.submit(GenerationRequest("p", **{"width": 64, "height": 64, **kwargs}))
+        sdxl_engine.submit(GenerationRequest(**{"prompt": "p", "width": 64, "height": 64, **kwargs}))
     assert err.value.field == field
+    assert sdxl_engine.num_waiting == waiting  # nothing was queued
 
 
 def test_a_full_queue_refuses_new_requests() -> None:

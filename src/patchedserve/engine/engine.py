@@ -35,6 +35,7 @@ from patchedserve.engine.scheduling import build_scheduler
 from patchedserve.engine.served import CacheUsage, ServedModel
 from patchedserve.errors import InvalidRequestError, PatchedServeError
 from patchedserve.models import GenerationParams, ModelBundle, decode_latents, load_model, validate_generation
+from patchedserve.models.validation import check_prompts
 from patchedserve.patch import PatchedModel
 from patchedserve.request import GenerationRequest, Request, RequestStatus
 from patchedserve.scheduler import Scheduler, StepOutcome
@@ -163,6 +164,9 @@ class Engine:
             return [self._enqueue(g, p) for g, p in zip(gens, params, strict=True)]
 
     def _validate(self, gen: GenerationRequest) -> GenerationParams:
+        check_prompts(gen.prompt, gen.negative_prompt)
+        if gen.slo_ms is not None and not gen.slo_ms > 0:
+            raise InvalidRequestError(f"slo_ms must be positive; got {gen.slo_ms}", field="slo_ms")
         params = validate_generation(
             self.bundle, gen.width, gen.height, gen.steps, gen.guidance_scale, gen.sampler, gen.seed
         )

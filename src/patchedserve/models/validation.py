@@ -21,6 +21,10 @@ MAX_GUIDANCE_SCALE = 50.0
 """Largest classifier-free guidance scale a request may ask for."""
 MAX_SEED = 2**63 - 1
 """Largest seed; torch generators take 64-bit seeds."""
+MAX_PROMPT_CHARS = 32_000
+"""Longest prompt (and negative prompt) accepted, in characters, as the OpenAI API's longest. The
+text encoders read the first 77 tokens only; tokenizing a longer text costs the engine's loop time
+that every running request waits for."""
 
 SAMPLERS_BY_FAMILY: dict[Family, tuple[str, ...]] = {
     "sd15": ("euler", "ddim", "dpmpp_2m"),
@@ -116,3 +120,19 @@ def _check_sampler(bundle: ModelBundle, value: object) -> str:
             f"sampler must be one of {', '.join(allowed)} for {bundle.name}; got {value!r}", "sampler"
         )
     return str(value)
+
+
+def check_prompts(prompt: object, negative_prompt: object) -> None:
+    """A request's texts: strings of at most ``MAX_PROMPT_CHARS`` characters (the prompt may be
+    empty, as diffusers allows: unconditional generation).
+
+    Raises:
+        InvalidRequestError: with ``field`` ``prompt`` or ``negative_prompt``.
+    """
+    for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"{field} must be a string; got {type(text).__name__}", field=field)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidRequestError(
+                f"{field} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted", field=field
+            )

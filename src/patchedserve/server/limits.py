@@ -1,6 +1,6 @@
 """A cap on request bodies: a body larger than ``MAX_BODY_BYTES`` is a 413 before it is parsed.
 
-The largest valid images request, two prompts of ``schemas.MAX_PROMPT_CHARS`` characters and the
+The largest valid images request, two prompts of ``models.validation.MAX_PROMPT_CHARS`` characters and the
 other fields, is under 800 KB even when every character is sent as an escaped surrogate pair
 (``\ud83d\ude00``, 12 bytes), so 1 MiB refuses only what no valid request needs, without reading
 a client's gigabyte into memory first. A declared

@@ -18,15 +18,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from patchedserve.models.validation import MAX_PROMPT_CHARS
+
 OutputFormat = Literal["png", "jpeg", "webp"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
 """Image file formats a response can carry, as in the OpenAI API (PNG is lossless; JPEG and WebP
 are several times smaller, at the quality ``output_compression`` sets)."""
-
-MAX_PROMPT_CHARS = 32_000
-"""Longest prompt (and negative prompt) accepted, in characters, as the OpenAI API's longest. The
-text encoders read the first 77 tokens only; tokenizing a longer text costs the engine's loop time
-that every running request waits for."""
 
 MAX_IMAGES = 10
 """Most images one request may ask for (``n``), as in the OpenAI API."""
