@@ -71,7 +71,13 @@ def test_loaded_folder_generates_the_same_image(saved_model: Callable[[str], Pat
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"width": 100}, "width"), ({"steps": 0}, "steps"), ({"guidance_scale": 51.0}, "guidance_scale")],
+    [
+        ({"width": 100}, "width"),
+        ({"steps": 0}, "steps"),
+        ({"guidance_scale": 51.0}, "guidance_scale"),
+        ({"negative_prompt": 5}, "negative_prompt"),
+        ({"negative_prompt": "n" * 32_001}, "negative_prompt"),
+    ],
 )
 def test_bad_requests_fail_before_any_work(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidRequestError) as info:

@@ -26,6 +26,7 @@ from patchedserve.models import (
     stack_conditioning,
     validate_generation,
 )
+from patchedserve.models.validation import check_prompts
 from patchedserve.request import GenerationRequest
 from patchedserve.sampler import Sampler, get_sampler
 
@@ -81,8 +82,10 @@ class ReferencePipeline:
         """Generates one image; None parameters take the model's defaults.
 
         Raises:
-            InvalidRequestError: a parameter is out of range (see `validate_generation`).
+            InvalidRequestError: a parameter is out of range (see `validate_generation` and
+                `check_prompts`).
         """
+        check_prompts(prompt, negative_prompt)
         params = validate_generation(self.bundle, width, height, steps, guidance_scale, sampler, seed)
         start = time.perf_counter()
         branches = self._encode(prompt, negative_prompt, params)
