@@ -6,6 +6,7 @@ runs fills its queue for the 429 test. Images are 64-128 px with 2-3 steps so th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -396,6 +397,70 @@ def test_cancel_endpoint_ends_a_running_generation(http: httpx.Client) -> None:
     assert resp.status_code == 409, resp.text
     assert resp.json()["error"]["code"] == "request_cancelled"
     assert resp.headers["x-should-retry"] == "false"  # the openai client would resend it otherwise
+
+
+class GatedEngine:
+    """``engine`` whose ``submit_many`` waits for ``gate``, as a Ray group's placement waits on its
+    replicas; everything else is the engine's own."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.queued: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def submit_many(self, gens: list[GenerationRequest]) -> list[Any]:
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        self.queued = self.engine.submit_many(gens)
+        return self.queued
+
+
+def test_a_slow_submission_leaves_the_server_answering_and_a_cancel_meanwhile_holds(engine: Engine) -> None:
+    gated = GatedEngine(engine)
+    app = create_app(gated)  # type: ignore[arg-type]
+    with serving(app) as base, httpx.Client(base_url=base) as client, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            client.post,
+            "/v1/images/generations",
+            json={"prompt": "a cat", "n": 2, **LONG},
+            headers={"X-Request-ID": "job-gated"},
+            timeout=60,
+        )
+        assert gated.entered.wait(60)
+        # The submission is stuck in submit_many; the event loop must still answer.
+        assert client.get("/health", timeout=5).status_code == 200
+        cancel = client.post("/v1/images/generations/job-gated/cancel", timeout=5)
+        assert cancel.json()["num_open"] == 2, cancel.text
+        gated.gate.set()
+        resp = pending.result(timeout=60)
+    assert resp.status_code == 409, resp.text
+    assert "by a cancel call" in resp.json()["error"]["message"]
+    assert [f.result(timeout=60).status for f in gated.queued] == [RequestStatus.CANCELLED] * 2
+
+
+def test_what_a_cancelled_submission_queues_afterwards_is_cancelled(engine: Engine) -> None:
+    gated = GatedEngine(engine)
+    service = ImageService(gated)  # type: ignore[arg-type]
+    gens = [GenerationRequest("a cat", width=64, height=64, steps=500)]
+
+    async def cancel_while_queueing() -> None:
+        task = asyncio.ensure_future(service._submit(gens))
+        while not gated.entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()  # as server shutdown cancels its handlers
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gated.gate.set()
+        while not gated.queued:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the thread's done-callback runs on this loop
+
+    asyncio.run(cancel_while_queueing())
+    assert gated.queued[0].result(timeout=60).status == RequestStatus.CANCELLED
 
 
 def test_slo_policy_drop_is_503_and_deadlines_are_counted() -> None:

@@ -1,9 +1,10 @@
 """`ImageService`: one images request end to end, between the HTTP route and the engine.
 
-Owns the request's life on the server: submit its ``n`` engine requests, wait for them while
-watching for the client to go away, cancel whatever is still queued or running when the request
-ends early (disconnect, cancel call, one image failing), encode the images (PNG, JPEG or WebP)
-off the event loop and build the response. Keeps the in-flight generations by id for ``POST .../{id}/cancel``.
+Owns the request's life on the server: submit its ``n`` engine requests (from a worker thread),
+wait for them while watching for the client to go away, cancel whatever is still queued or running
+when the request ends early (disconnect, cancel call, one image failing), encode the images (PNG,
+JPEG or WebP) off the event loop and build the response. Keeps the in-flight generations by id for
+``POST .../{id}/cancel``.
 Called by the routes in `server.app`.
 """
 
@@ -58,6 +59,8 @@ class ImageService:
         """Generation id -> its engine futures, while the HTTP request is open."""
         self.cancelled: set[str] = set()
         """Ids cancelled by a cancel call, so their response says so."""
+        self.submitting: dict[str, int] = {}
+        """Generation id -> how many engine requests, while they are being queued."""
 
     async def generate(
         self, body: ImageGenerationRequest, http: Request, gen_id: str | None
@@ -75,7 +78,14 @@ class ImageService:
         futures: list[Future[GenerationResult]] = []
         self.inflight[gen_id] = futures
         try:
-            futures.extend(self._submit(self._engine_requests(body)))
+            gens = self._engine_requests(body)
+            self.submitting[gen_id] = len(gens)
+            try:
+                futures.extend(await self._submit(gens))
+            finally:
+                del self.submitting[gen_id]
+            if gen_id in self.cancelled:  # a cancel call came while they were being queued
+                self._cancel_open(futures)
             try:
                 results = await wait_results(futures, wait_for_disconnect(http))
             except ReplicaLostError as err:
@@ -90,17 +100,20 @@ class ImageService:
         finally:
             del self.inflight[gen_id]
             self.cancelled.discard(gen_id)
-            for f in futures:
-                if not f.done():
-                    self.engine.cancel(f.request_id)  # type: ignore[attr-defined]
+            self._cancel_open(futures)
 
     def cancel(self, gen_id: str) -> int:
-        """Cancels the engine requests of an in-flight generation; returns how many were still open."""
+        """Cancels the engine requests of an in-flight generation; returns how many were still open
+        (all of them while they are being queued: they are cancelled once queued)."""
         futures = self.inflight.get(gen_id)
         if futures is None:
             message = f"no generation with id {shown(gen_id)} is running"
             raise APIError(404, message, param="id", code="not_found")
         self.cancelled.add(gen_id)
+        return self.submitting.get(gen_id) or self._cancel_open(futures)
+
+    def _cancel_open(self, futures: list[Future[GenerationResult]]) -> int:
+        """Sends a cancel for each future not done yet; returns how many."""
         open_futures = [f for f in futures if not f.done()]
         for f in open_futures:
             self.engine.cancel(f.request_id)  # type: ignore[attr-defined]
@@ -134,7 +147,22 @@ class ImageService:
             for i in range(body.n)
         ]
 
-    def _submit(self, gens: list[GenerationRequest]) -> list[Future[GenerationResult]]:
+    async def _submit(self, gens: list[GenerationRequest]) -> list[Future[GenerationResult]]:
+        """Queues ``gens`` from a worker thread: a Ray group's placement waits on its replicas, which
+        must not stall the event loop. Should this task be cancelled meanwhile (server shutdown),
+        what the thread then queues is cancelled, not left running for nobody."""
+        job = asyncio.ensure_future(asyncio.to_thread(self._submit_now, gens))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(self._cancel_orphans)
+            raise
+
+    def _cancel_orphans(self, job: asyncio.Future[list[Future[GenerationResult]]]) -> None:
+        if not job.cancelled() and job.exception() is None:
+            self._cancel_open(job.result())
+
+    def _submit_now(self, gens: list[GenerationRequest]) -> list[Future[GenerationResult]]:
         try:
             return self.engine.submit_many(gens)  # all n images or none: no half-admitted request
         except InvalidRequestError as err:
