@@ -8,6 +8,7 @@ Images are 64-128 px with 2-3 steps; LONG requests are what the tests cancel or 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -303,3 +304,38 @@ def test_the_replica_bench_runs_each_system_on_the_same_burst(local_ray: None) -
         assert row["finished_min"] == 4 and len(row["burst_s"]) == 2 and len(row["single_s"]) == 2
         assert len(row["group_s"]) == 2 and row["median_group_s"] > 0
         assert all(s > 0 for s in row["burst_s"] + row["single_s"])
+
+
+def test_bench_slo_replays_a_trace_on_ray_replicas_and_the_simulator_replays_it_on_as_many(
+    local_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from patchedserve.bench.results import load_outcomes, run_file
+    from patchedserve.bench.traces import TraceRequest, save_trace
+    from patchedserve.cli import main
+    from test_bench_slo import write_profile
+
+    # Four requests at once: the group's dispatch spreads them over both replicas.
+    trace = [TraceRequest(0.02 * i, f"prompt {i}", 64 * (1 + i % 2), 64, 2, 5.0, i, 200.0) for i in range(4)]
+    profile = str(write_profile(tmp_path / "profile.json"))
+    out = tmp_path / "run"
+    args = ["bench", "slo", "--trace", str(save_trace(tmp_path / "trace.jsonl", trace))]
+    args += ["--systems", "patchedserve", "--patch-size", "64", "--profile", profile]
+    args += ["--image-cost", profile, "--patched-cost", profile, "--out", str(out), "--no-progress"]
+    assert main([*args, "--replicas", "2", "--cpus-per-replica", "1"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["replicas"] == 2
+    (run,) = data["runs"]
+    assert (run["system"], run["replicas"], run["slo_satisfaction"]) == ("patchedserve", 2, 1.0)
+    outcomes = load_outcomes(run_file(out, "outcomes", "patchedserve", 2, run["qps"]))
+    assert [o.status for o in outcomes] == ["finished"] * 4
+    assert all(0.0 < (o.denoised_s or 0.0) < (o.latency_s or 0.0) for o in outcomes)
+    assert not (out / "steps").exists()  # the steps ran in the replicas' processes
+
+    sim = ["simulate", "--compare", str(out / "results.json"), "--out", str(tmp_path / "sim")]
+    assert main(sim) == 0
+    sim_runs = json.loads((tmp_path / "sim" / "results.json").read_text())["runs"]
+    assert [r["replicas"] for r in sim_runs] == [2]
+    rows = json.loads((tmp_path / "sim" / "compare.json").read_text())["rows"]
+    assert [(r["real_satisfaction"], r["sim_satisfaction"]) for r in rows] == [(1.0, 1.0)]
+    assert main([*sim, "--speed-trace"]) == 2
+    assert "runs on Ray replicas log none" in capsys.readouterr().err

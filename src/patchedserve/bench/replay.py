@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 from tqdm import tqdm
@@ -23,6 +24,7 @@ from patchedserve.bench.results import StepProgress, StepRecord
 from patchedserve.bench.systems import SystemSpec, engine_config
 from patchedserve.bench.traces import TraceRequest
 from patchedserve.engine import Engine, GenerationResult, QueueFullError
+from patchedserve.engine.served import ServedEngine
 from patchedserve.models import ModelBundle
 from patchedserve.request import GenerationRequest, Request, RequestStatus
 from patchedserve.scheduler import StepOutcome, entry_of
@@ -49,6 +51,13 @@ class ReplayConfig:
     """Show a tqdm progress bar per run."""
     drain_timeout_s: float = 300.0
     """After the cut-off, how long to wait for the step and decodes in flight."""
+    replicas: int | None = None
+    """Serve each system from this many engine replicas on Ray (``cluster.ray_group``) instead of
+    one in-process engine."""
+    cpus_per_replica: int | None = None
+    """With ``replicas``: CPUs (and torch threads) per replica; None shares out the cluster's."""
+    model: str = "tiny-sdxl"
+    """With ``replicas``: what each replica loads (a built-in name or a folder)."""
 
 
 def build_engine(bundle: ModelBundle, spec: SystemSpec, config: ReplayConfig) -> Engine:
@@ -61,21 +70,22 @@ def build_engine(bundle: ModelBundle, spec: SystemSpec, config: ReplayConfig) ->
     return engine
 
 
-def warm_up(engine: Engine, requests: Sequence[TraceRequest]) -> None:
-    """One single-step request per size of the trace, together (builds kernels and layouts).
+def warm_up_requests(requests: Sequence[TraceRequest]) -> list[GenerationRequest]:
+    """One single-step request per size of the trace (builds kernels and layouts).
 
-    One step never matches NIRVANA's cache points, so it seeds nothing a trace request could
-    reuse; the predictor's online correction is reset afterwards so every run starts from the
-    profile.
+    One step never matches NIRVANA's cache points, so it seeds nothing a trace request could reuse.
     """
     sizes = sorted({(r.width, r.height, r.guidance_scale, r.sampler) for r in requests})
-    futures = [
-        engine.submit(
-            GenerationRequest("warm-up", width=w, height=h, steps=1, guidance_scale=g, sampler=s, slo_ms=1e9)
-        )
+    return [
+        GenerationRequest("warm-up", width=w, height=h, steps=1, guidance_scale=g, sampler=s, slo_ms=1e9)
         for w, h, g, s in sizes
     ]
-    for f in futures:
+
+
+def warm_up(engine: Engine, gens: Sequence[GenerationRequest]) -> None:
+    """Runs ``gens`` together, then resets the predictor's online correction, so every run starts
+    from the profile. Also what each replica of a Ray group runs (``EngineReplica.warm_up``)."""
+    for f in engine.submit_many(gens):
         f.result()
     predictor = getattr(engine.scheduler, "predictor", None)  # QueueScheduler's; the interface has none
     if predictor is not None:
@@ -115,24 +125,29 @@ class StepLog:
 
 
 def replay(
-    engine: Engine,
+    engine: ServedEngine,
     requests: Sequence[TraceRequest],
     objectives_s: Sequence[float],
     config: ReplayConfig,
     desc: str = "",
     log: StepLog | None = None,
 ) -> list[RequestOutcome]:
-    """Submits ``requests`` at their arrival instants; returns one outcome per request, in order."""
+    """Submits ``requests`` at their arrival instants to ``engine`` (one ``Engine``, or a Ray group
+    of them); returns one outcome per request, in order. A request's latency is taken here, from
+    its submit call to its result, as a caller sees it (for a Ray group that includes the calls to
+    the replicas); the engine's own clock is ``time.monotonic`` too."""
     futures: dict[int, Future[GenerationResult]] = {}
     rejected: set[int] = set()
     deadlines: list[float] = []
+    latencies: dict[int, float] = {}
     bar = tqdm(total=len(requests), desc=desc, disable=not config.progress, leave=False, unit="req")
-    start = engine.clock()
+    clock = time.monotonic
+    start = clock()
     if log is not None:
         log.restart(start)
     for i, (r, slo_s) in enumerate(zip(requests, objectives_s, strict=True)):
-        while engine.clock() < start + r.arrival_s:
-            time.sleep(min(POLL_S, max(start + r.arrival_s - engine.clock(), 0.0)))
+        while clock() < start + r.arrival_s:
+            time.sleep(min(POLL_S, max(start + r.arrival_s - clock(), 0.0)))
             _update(bar, futures, rejected)
         gen = GenerationRequest(
             r.prompt,
@@ -144,28 +159,35 @@ def replay(
             sampler=r.sampler,
             slo_ms=1000.0 * slo_s,
         )
+        submitted_s = clock()
         try:
-            futures[i] = engine.submit(gen)
-            deadlines.append(engine.clock() + slo_s)
+            (futures[i],) = engine.submit_many([gen])
         except QueueFullError:
             rejected.add(i)
+            continue
+        deadlines.append(submitted_s + slo_s)
+        futures[i].add_done_callback(partial(_took, latencies, i, submitted_s))
     _finish(
         engine,
         futures,
-        max(deadlines, default=engine.clock()),
+        max(deadlines, default=clock()),
         config.drain_timeout_s,
         lambda: _update(bar, futures, rejected),
     )
     _update(bar, futures, rejected)
     bar.close()
     return [
-        _outcome(i, r, slo, futures.get(i))
+        _outcome(i, r, slo, futures.get(i), latencies.get(i))
         for i, (r, slo) in enumerate(zip(requests, objectives_s, strict=True))
     ]
 
 
+def _took(latencies: dict[int, float], i: int, submitted_s: float, _: Future[GenerationResult]) -> None:
+    latencies[i] = time.monotonic() - submitted_s
+
+
 def _finish(
-    engine: Engine,
+    engine: ServedEngine,
     futures: dict[int, Future[GenerationResult]],
     cutoff_s: float,
     drain_timeout_s: float,
@@ -173,7 +195,7 @@ def _finish(
 ) -> None:
     """Waits for every request until ``cutoff_s`` (the last deadline), then cancels what is left and
     waits (at most ``drain_timeout_s``) for the step and decodes in flight."""
-    while engine.clock() < cutoff_s and not all(f.done() for f in futures.values()):
+    while time.monotonic() < cutoff_s and not all(f.done() for f in futures.values()):
         time.sleep(POLL_S)
         tick()
     for f in futures.values():
@@ -199,7 +221,7 @@ _STATUS = {
 
 
 def _outcome(
-    i: int, r: TraceRequest, slo_s: float, future: Future[GenerationResult] | None
+    i: int, r: TraceRequest, slo_s: float, future: Future[GenerationResult] | None, latency_s: float | None
 ) -> RequestOutcome:
     if future is None:
         return RequestOutcome(i, r.size, r.arrival_s, "rejected", None, slo_s)
@@ -207,10 +229,11 @@ def _outcome(
         return RequestOutcome(i, r.size, r.arrival_s, "cancelled", None, slo_s)
     result = future.result()
     status = _STATUS.get(result.status, "failed")
-    finished = status == "finished"
-    latency_s = result.timings.get("latency_s") if finished else None
-    denoised_s = result.timings.get("denoise_done_s") if finished else None
-    return RequestOutcome(i, r.size, r.arrival_s, status, latency_s, slo_s, denoised_s)
+    if status != "finished":
+        return RequestOutcome(i, r.size, r.arrival_s, status, None, slo_s)
+    return RequestOutcome(
+        i, r.size, r.arrival_s, status, latency_s, slo_s, result.timings.get("denoise_done_s")
+    )
 
 
 def run_system(
@@ -220,13 +243,42 @@ def run_system(
     objectives_s: Sequence[float],
     config: ReplayConfig,
     desc: str = "",
-) -> tuple[list[RequestOutcome], StepLog]:
+) -> tuple[list[RequestOutcome], StepLog | None]:
     """A fresh engine of ``spec`` (fresh predictor, empty cache), warmed up, replaying the trace;
-    returns the outcomes and the log of executed steps."""
+    returns the outcomes and the log of executed steps (None on Ray replicas, whose steps run in
+    other processes)."""
+    if config.replicas is not None:
+        return run_on_replicas(spec, requests, objectives_s, config, desc), None
     engine = build_engine(bundle, spec, config)
     log = StepLog(engine)
     try:
-        warm_up(engine, requests)
+        warm_up(engine, warm_up_requests(requests))
         return replay(engine, requests, objectives_s, config, desc, log), log
     finally:
         engine.stop()
+
+
+def run_on_replicas(
+    spec: SystemSpec,
+    requests: Sequence[TraceRequest],
+    objectives_s: Sequence[float],
+    config: ReplayConfig,
+    desc: str = "",
+) -> list[RequestOutcome]:
+    """``run_system`` on ``config.replicas`` fresh engines of ``spec`` in Ray actors, behind the
+    group's least-predicted-work dispatch (what ``serve --replicas`` runs); each replica is warmed
+    up on its own."""
+    from patchedserve.cluster.ray_group import RayEngineGroup  # Ray is needed only here
+
+    assert config.replicas is not None
+    econf = engine_config(
+        spec, config.patch_size, config.profile, config.max_running, config.device, config.dtype
+    )
+    options = {f.name: getattr(econf, f.name) for f in fields(econf)}
+    group = RayEngineGroup(config.model, options, config.replicas, cpus_per_replica=config.cpus_per_replica)
+    try:
+        group.start()
+        group.warm_up(warm_up_requests(requests))
+        return replay(group, requests, objectives_s, config, desc)
+    finally:
+        group.shutdown()

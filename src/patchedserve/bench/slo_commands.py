@@ -140,6 +140,17 @@ def add_parsers(group: Any) -> None:
     slo.add_argument("--device", default="cpu")
     slo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     slo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ray = slo.add_argument_group("replicas on Ray (what serve --replicas runs)")
+    ray.add_argument(
+        "--replicas", type=int, default=None, help="serve each system from N engine replicas on Ray"
+    )
+    ray.add_argument(
+        "--cpus-per-replica",
+        type=int,
+        default=None,
+        help="CPUs and torch threads per replica (default: the cluster's shared out)",
+    )
+    ray.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
     slo.set_defaults(handler=run_slo)
 
     cal = group.add_parser("calibrate", help="measure the machine's step costs for the simulator")

@@ -11,6 +11,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -100,37 +102,69 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     traces = make_traces(args, out_dir)
     check_sizes(traces, args.patch_size)
-    bundle = load_model(args.model).to(device=args.device, dtype=getattr(torch, args.dtype))
-    profile = ensure_profile(args, bundle, out_dir)
-    costs = ensure_costs(args, bundle, profile, out_dir, traces, {s.execution for s in systems})
-    predictor = LatencyPredictor.load(profile)
-    config = ReplayConfig(
-        profile=str(profile),
-        patch_size=args.patch_size,
-        max_running=args.max_running,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.no_progress,
-    )
-    meta = _meta(args, systems, profile, costs, traces, predictor)
-    runs: list[dict[str, Any]] = []
-    path = out_dir / "results.json"
-    for qps, scale, requests, duration_s, _ in traces:
-        objectives = objectives_s(requests, predictor)
-        for spec in systems:
-            outcomes, log = run_system(
-                bundle, spec, requests, objectives, config, desc=f"{spec.name} @ {qps:g} qps"
-            )
-            run = make_run(spec.name, qps, scale, outcomes, duration_s)
-            save_outcomes(out_dir, run, outcomes)
-            save_steps(out_dir, run, log.records, log.progress)
-            runs.append(run)
-            print(table_lines([run])[1], file=sys.stderr)
-            meta["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            meta["machine_end"] = machine_info()
-            path = write_results(out_dir, runs, meta)
+    with ray_cluster(args):
+        bundle = load_model(args.model).to(device=args.device, dtype=getattr(torch, args.dtype))
+        profile = ensure_profile(args, bundle, out_dir)
+        costs = ensure_costs(args, bundle, profile, out_dir, traces, {s.execution for s in systems})
+        predictor = LatencyPredictor.load(profile)
+        config = ReplayConfig(
+            profile=str(profile),
+            patch_size=args.patch_size,
+            max_running=args.max_running,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            replicas=args.replicas,
+            cpus_per_replica=args.cpus_per_replica,
+            model=args.model,
+        )
+        meta = _meta(args, systems, profile, costs, traces, predictor)
+        runs: list[dict[str, Any]] = []
+        path = out_dir / "results.json"
+        for qps, scale, requests, duration_s, _ in traces:
+            objectives = objectives_s(requests, predictor)
+            for spec in systems:
+                outcomes, log = run_system(
+                    bundle, spec, requests, objectives, config, desc=f"{spec.name} @ {qps:g} qps"
+                )
+                run = make_run(spec.name, qps, scale, outcomes, duration_s, replicas=args.replicas or 1)
+                save_outcomes(out_dir, run, outcomes)
+                if log is not None:
+                    save_steps(out_dir, run, log.records, log.progress)
+                runs.append(run)
+                print(table_lines([run])[1], file=sys.stderr)
+                meta["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")
+                meta["machine_end"] = machine_info()
+                path = write_results(out_dir, runs, meta)
     print("\n".join(table_lines(runs)))
     return path
+
+
+@contextmanager
+def ray_cluster(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--replicas``: Ray joined (or started) once for the sweep, and left at its end; the
+    driver's torch threads become one replica's, so step costs measured here price a replica.
+    Without it, nothing."""
+    if args.replicas is None:
+        yield
+        return
+    if args.replicas < 1:
+        raise InvalidRequestError(f"replicas must be at least 1; got {args.replicas}", field="replicas")
+    import ray
+
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+    try:
+        if args.device == "cpu" and args.threads is None:
+            cpus = args.cpus_per_replica or max(
+                1, int(ray.cluster_resources().get("CPU", 1)) // args.replicas
+            )
+            torch.set_num_threads(cpus)
+        yield
+    finally:
+        if owns:
+            ray.shutdown()
 
 
 def _meta(
@@ -157,6 +191,8 @@ def _meta(
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "replicas": args.replicas,
+        "cpus_per_replica": args.cpus_per_replica,
         "streams": resolve_streams(None, torch.device(args.device)),
         "profile": str(profile.resolve()),
         "image_cost": costs.get("image"),

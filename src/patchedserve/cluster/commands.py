@@ -231,9 +231,18 @@ def run_compare(args: argparse.Namespace) -> int:
     for t in meta["traces"]:
         requests, _ = load_trace(t["path"])
         traces.append((t["qps"], t["slo_scale"], requests, t["duration_s"], Path(t["path"])))
+    replicas = meta.get("replicas") or 1  # a real run on Ray replicas: as many simulated ones
     config = SimConfig(
-        patch_size=meta["patch_size"], max_running=meta["max_running"], cost_scale=args.cost_scale
+        replicas=replicas,
+        patch_size=meta["patch_size"],
+        max_running=meta["max_running"],
+        cost_scale=args.cost_scale,
     )
+    if args.speed_trace and replicas > 1:
+        raise InvalidRequestError(
+            "--speed-trace needs the steps of a run on one engine; runs on Ray replicas log none",
+            field="speed_trace",
+        )
     measured_noise = args.step_noise == "measured"
     if measured_noise and not args.speed_trace:
         raise InvalidRequestError("--step-noise measured needs --speed-trace", field="step_noise")

@@ -202,6 +202,11 @@ class RayEngineGroup:
         futures = [f for g in requests for f in self.submit_many([g])]
         return [f.result() for f in futures]
 
+    def warm_up(self, gens: Sequence[GenerationRequest]) -> None:
+        """Runs ``gens`` on every replica, each on its own, and starts their predictors afresh: what a
+        benchmark replay does first (``bench.replay.warm_up``), so no replica meets the trace cold."""
+        call([a.warm_up.remote(list(gens)) for a in self._actors], START_TIMEOUT_S)
+
     def _loads(self) -> dict[int, float]:
         """Outstanding work of each replica that is up and answers."""
         refs = {i: a.load.remote() for i, a in enumerate(self._actors) if self.up[i]}
@@ -319,10 +324,10 @@ class RayEngineGroup:
             self.poll()
 
 
-def call(value: Any) -> Any:
+def call(value: Any, timeout_s: float = CALL_TIMEOUT_S) -> Any:
     """``ray.get``'s value; a replica's own error (a bad request, a full queue) raised as itself."""
     try:
-        return ray.get(value, timeout=CALL_TIMEOUT_S)
+        return ray.get(value, timeout=timeout_s)
     except RayTaskError as err:
         if isinstance(err.cause, PatchedServeError):
             raise err.cause from None

@@ -4,7 +4,8 @@ The class is plain Python (``ray.remote`` is applied by the group), so it runs a
 Ray too. It builds its engine on the machine Ray placed it on (the device is checked there),
 starts the engine's loop and answers the group's calls: queue requests (``submit_many``), await one
 result (``result``), cancel, report its predicted outstanding work for dispatch (``load``), and
-hand over the steps it ran and its cache counts since the last call (``report``).
+hand over the steps it ran and its cache counts since the last call (``report``); and, for a
+benchmark replay, warm up (``warm_up``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,12 @@ class EngineReplica:
         steps = [self._steps.popleft() for _ in range(len(self._steps))]
         engine = self.engine
         return ReplicaReport(engine.num_waiting, engine.num_running, steps, engine.patch_cache_usage())
+
+    def warm_up(self, gens: Sequence[GenerationRequest]) -> None:
+        """Runs ``gens`` and starts the predictor afresh (``bench.replay.warm_up``)."""
+        from patchedserve.bench.replay import warm_up
+
+        warm_up(self.engine, gens)
 
     def start(self) -> None:
         self.engine.start()
