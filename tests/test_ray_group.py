@@ -321,9 +321,14 @@ def test_bench_slo_replays_a_trace_on_ray_replicas_and_the_simulator_replays_it_
     args = ["bench", "slo", "--trace", str(save_trace(tmp_path / "trace.jsonl", trace))]
     args += ["--systems", "patchedserve", "--patch-size", "64", "--profile", profile]
     args += ["--image-cost", profile, "--patched-cost", profile, "--out", str(out), "--no-progress"]
-    assert main([*args, "--replicas", "2", "--cpus-per-replica", "1"]) == 0
+    replica_profile = write_profile(tmp_path / "replica_profile.json")  # what the replicas schedule by
+    assert (
+        main([*args, "--replicas", "2", "--cpus-per-replica", "1", "--replica-profile", str(replica_profile)])
+        == 0
+    )
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["replicas"] == 2
+    assert data["meta"]["replica_profile"] == str(replica_profile.resolve())
     (run,) = data["runs"]
     assert (run["system"], run["replicas"], run["slo_satisfaction"]) == ("patchedserve", 2, 1.0)
     outcomes = load_outcomes(run_file(out, "outcomes", "patchedserve", 2, run["qps"]))

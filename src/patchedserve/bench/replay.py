@@ -56,6 +56,9 @@ class ReplayConfig:
     one in-process engine."""
     cpus_per_replica: int | None = None
     """With ``replicas``: CPUs (and torch threads) per replica; None shares out the cluster's."""
+    replica_profile: str | None = None
+    """With ``replicas``: the replicas' latency profile (their policy and dispatch); None is
+    ``profile``, which sets the deadlines either way."""
     model: str = "tiny-sdxl"
     """With ``replicas``: what each replica loads (a built-in name or a folder)."""
 
@@ -271,9 +274,8 @@ def run_on_replicas(
     from patchedserve.cluster.ray_group import RayEngineGroup  # Ray is needed only here
 
     assert config.replicas is not None
-    econf = engine_config(
-        spec, config.patch_size, config.profile, config.max_running, config.device, config.dtype
-    )
+    profile = config.replica_profile or config.profile
+    econf = engine_config(spec, config.patch_size, profile, config.max_running, config.device, config.dtype)
     options = {f.name: getattr(econf, f.name) for f in fields(econf)}
     group = RayEngineGroup(config.model, options, config.replicas, cpus_per_replica=config.cpus_per_replica)
     try:

@@ -150,7 +150,14 @@ def add_parsers(group: Any) -> None:
         default=None,
         help="CPUs and torch threads per replica (default: the cluster's shared out)",
     )
-    ray.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    ray.add_argument(
+        "--replica-profile",
+        type=Path,
+        default=None,
+        help="the replicas' latency profile, measured at their threads (default: --profile, "
+        "which still sets every deadline)",
+    )
+    ray.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
     slo.set_defaults(handler=run_slo)
 
     cal = group.add_parser("calibrate", help="measure the machine's step costs for the simulator")

@@ -107,6 +107,13 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
         profile = ensure_profile(args, bundle, out_dir)
         costs = ensure_costs(args, bundle, profile, out_dir, traces, {s.execution for s in systems})
         predictor = LatencyPredictor.load(profile)
+        engines_predictor, replica_profile = predictor, None
+        if args.replica_profile is not None:
+            engines_predictor = LatencyPredictor.load(args.replica_profile)
+            if engines_predictor.patch_size != args.patch_size:
+                message = f"replica profile {args.replica_profile} is not for patch size {args.patch_size}"
+                raise InvalidRequestError(message, field="replica_profile")
+            replica_profile = str(Path(args.replica_profile).resolve())
         config = ReplayConfig(
             profile=str(profile),
             patch_size=args.patch_size,
@@ -116,9 +123,11 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
             progress=not args.no_progress,
             replicas=args.replicas,
             cpus_per_replica=args.cpus_per_replica,
+            replica_profile=replica_profile,
             model=args.model,
         )
-        meta = _meta(args, systems, profile, costs, traces, predictor)
+        meta = _meta(args, systems, profile, costs, traces, engines_predictor)
+        meta["replica_profile"] = replica_profile
         runs: list[dict[str, Any]] = []
         path = out_dir / "results.json"
         for qps, scale, requests, duration_s, _ in traces:
@@ -154,7 +163,7 @@ def ray_cluster(args: argparse.Namespace) -> Iterator[None]:
 
     owns = not ray.is_initialized()
     if owns:
-        ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+        ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
     try:
         if args.device == "cpu" and args.threads is None:
             cpus = args.cpus_per_replica or max(

@@ -266,6 +266,7 @@ def run_compare(args: argparse.Namespace) -> int:
         speed_for=speed_for,
         measured_noise=measured_noise,
         noise_seeds=args.noise_seeds,
+        engine_profile=_load(meta.get("replica_profile")),
     )
     sim_meta = {
         **meta,

@@ -34,10 +34,13 @@ def simulate_traces(
     speed_for: Callable[[SystemSpec, float], SpeedTrace | None] | None = None,
     measured_noise: bool = False,
     noise_seeds: int = 1,
+    engine_profile: LatencyPredictor | None = None,
 ) -> list[dict[str, Any]]:
     """One run per (trace, system) on ``config.replicas`` simulated engines; ``speed_for`` (system,
     qps) gives the machine's speed over that run's time (``cluster.speed``), if any, and with
-    ``measured_noise`` also its per-step jitter (else ``costs.step_noise``).
+    ``measured_noise`` also its per-step jitter (else ``costs.step_noise``). Deadlines come from
+    ``profile``; the engines' schedulers and the dispatcher load ``engine_profile`` (default: the
+    same), as real replicas may be given a profile of their own.
 
     With jitter, one simulation is one draw of it, as a real run is; ``noise_seeds`` > 1 replays
     the trace under that many seeds and pools the outcomes, so the run's figures are the expected
@@ -61,7 +64,13 @@ def simulate_traces(
             pooled, per_seed = [], []
             for seed in range(seeds):
                 outcomes = simulate(
-                    requests, objectives, spec, profile, run_costs, replace(config, noise_seed=seed), embed
+                    requests,
+                    objectives,
+                    spec,
+                    engine_profile or profile,
+                    run_costs,
+                    replace(config, noise_seed=seed),
+                    embed,
                 )
                 pooled += outcomes
                 per_seed.append(make_run(spec.name, qps, scale, outcomes, duration_s)["slo_satisfaction"])
