@@ -307,9 +307,15 @@ def test_the_replica_bench_runs_each_system_on_the_same_burst(local_ray: None) -
 
 
 def test_bench_slo_replays_a_trace_on_ray_replicas_and_the_simulator_replays_it_on_as_many(
-    local_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    local_ray: None, tmp_path: Path
 ) -> None:
-    from patchedserve.bench.results import load_outcomes, run_file
+    from patchedserve.bench.results import (
+        load_outcomes,
+        load_step_progress,
+        load_step_replicas,
+        load_steps,
+        run_file,
+    )
     from patchedserve.bench.traces import TraceRequest, save_trace
     from patchedserve.cli import main
     from test_bench_slo import write_profile
@@ -334,13 +340,22 @@ def test_bench_slo_replays_a_trace_on_ray_replicas_and_the_simulator_replays_it_
     outcomes = load_outcomes(run_file(out, "outcomes", "patchedserve", 2, run["qps"]))
     assert [o.status for o in outcomes] == ["finished"] * 4
     assert all(0.0 < (o.denoised_s or 0.0) < (o.latency_s or 0.0) for o in outcomes)
-    assert not (out / "steps").exists()  # the steps ran in the replicas' processes
+    # Each replica logged its own steps; the log merges them, with unique ids and whose step it was.
+    steps_file = run_file(out, "steps", "patchedserve", 2, run["qps"])
+    steps, progress = load_steps(steps_file), load_step_progress(steps_file)
+    replica = load_step_replicas(steps_file)
+    assert progress is not None and replica is not None and set(replica) == {0, 1}
+    assert [start for start, _, _ in steps] == sorted(start for start, _, _ in steps)
+    taken: dict[int, list[int]] = {}
+    for step in progress:
+        for request_id, step_index in step:
+            taken.setdefault(request_id, []).append(step_index)
+    assert sorted(taken.values()) == [[0, 1]] * 4  # four requests, two steps each, none mixed up
 
     sim = ["simulate", "--compare", str(out / "results.json"), "--out", str(tmp_path / "sim")]
-    assert main(sim) == 0
+    assert main([*sim, "--speed-trace"]) == 0
     sim_runs = json.loads((tmp_path / "sim" / "results.json").read_text())["runs"]
     assert [r["replicas"] for r in sim_runs] == [2]
+    assert sim_runs[0]["speed_mean"] > 0.0  # read off both replicas' steps
     rows = json.loads((tmp_path / "sim" / "compare.json").read_text())["rows"]
     assert [(r["real_satisfaction"], r["sim_satisfaction"]) for r in rows] == [(1.0, 1.0)]
-    assert main([*sim, "--speed-trace"]) == 2
-    assert "runs on Ray replicas log none" in capsys.readouterr().err

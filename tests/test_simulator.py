@@ -267,6 +267,22 @@ def test_a_request_back_from_a_pause_is_no_newcomer() -> None:
     assert admission_gap_s(steps) == pytest.approx((0.001 + 0.020) / 2)
 
 
+def test_replicas_admission_gaps_are_read_within_each_replicas_steps() -> None:
+    a = (256, 256, True)
+    # Two replicas' steps interleaved in time: each joins a request after its own 20 ms gap.
+    steps = [
+        (0.0, 0.1, [a]),  # replica 0, request 0
+        (0.05, 0.1, [a]),  # replica 1, request 1
+        (0.12, 0.1, [a, a]),  # replica 0: request 2 joined 20 ms after its last step
+        (0.17, 0.1, [a, a]),  # replica 1: request 3 likewise
+    ]
+    ids, replica = [[0], [1], [0, 2], [1, 3]], [0, 1, 0, 1]
+    cost = cost_model("patched", profile(), MachineCosts())
+    assert SpeedTrace.from_steps(steps, cost, ids=ids, replica=replica).admission_s == pytest.approx(0.020)
+    # Read as one engine's log, no step adds to the one before: no gap is found.
+    assert SpeedTrace.from_steps(steps, cost, ids=ids).admission_s is None
+
+
 def test_a_measured_admission_time_replaces_the_profiles_encode_cost() -> None:
     p = profile()
     r = req(2.0, size=512, steps=10)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -28,6 +28,9 @@ from patchedserve.engine.served import ServedEngine
 from patchedserve.models import ModelBundle
 from patchedserve.request import GenerationRequest, Request, RequestStatus
 from patchedserve.scheduler import StepOutcome, entry_of
+
+if TYPE_CHECKING:
+    from patchedserve.cluster.ray_group import RayEngineGroup
 
 POLL_S = 0.02
 """How often the replay loop wakes to submit, update the progress bar and check the end."""
@@ -127,13 +130,41 @@ class StepLog:
         self.start_s = start_s
 
 
+class ReplicaStepLogs:
+    """A ``StepLog`` over the replicas of a Ray group on this machine: each replica logs its own
+    steps (``EngineReplica.log_steps``); ``collect`` merges them by start time. Request ids are
+    made unique across replicas (id x replicas + replica index), and ``replica`` says whose each
+    step was."""
+
+    def __init__(self, group: RayEngineGroup) -> None:
+        self.group = group
+        self.records: list[StepRecord] = []
+        self.progress: list[StepProgress] = []
+        self.replica: list[int] = []
+
+    def restart(self, start_s: float) -> None:
+        self.group.log_steps(start_s)
+
+    def collect(self) -> None:
+        logs = self.group.logged_steps()
+        rows = [
+            (record, [(rid * len(logs) + i, step) for rid, step in taken], i)
+            for i, (records, progress) in enumerate(logs)
+            for record, taken in zip(records, progress, strict=True)
+        ]
+        rows.sort(key=lambda row: row[0][0])
+        self.records = [record for record, _, _ in rows]
+        self.progress = [taken for _, taken, _ in rows]
+        self.replica = [i for _, _, i in rows]
+
+
 def replay(
     engine: ServedEngine,
     requests: Sequence[TraceRequest],
     objectives_s: Sequence[float],
     config: ReplayConfig,
     desc: str = "",
-    log: StepLog | None = None,
+    log: StepLog | ReplicaStepLogs | None = None,
 ) -> list[RequestOutcome]:
     """Submits ``requests`` at their arrival instants to ``engine`` (one ``Engine``, or a Ray group
     of them); returns one outcome per request, in order. A request's latency is taken here, from
@@ -246,12 +277,11 @@ def run_system(
     objectives_s: Sequence[float],
     config: ReplayConfig,
     desc: str = "",
-) -> tuple[list[RequestOutcome], StepLog | None]:
+) -> tuple[list[RequestOutcome], StepLog | ReplicaStepLogs]:
     """A fresh engine of ``spec`` (fresh predictor, empty cache), warmed up, replaying the trace;
-    returns the outcomes and the log of executed steps (None on Ray replicas, whose steps run in
-    other processes)."""
+    returns the outcomes and the log of executed steps."""
     if config.replicas is not None:
-        return run_on_replicas(spec, requests, objectives_s, config, desc), None
+        return run_on_replicas(spec, requests, objectives_s, config, desc)
     engine = build_engine(bundle, spec, config)
     log = StepLog(engine)
     try:
@@ -267,10 +297,10 @@ def run_on_replicas(
     objectives_s: Sequence[float],
     config: ReplayConfig,
     desc: str = "",
-) -> list[RequestOutcome]:
+) -> tuple[list[RequestOutcome], ReplicaStepLogs]:
     """``run_system`` on ``config.replicas`` fresh engines of ``spec`` in Ray actors, behind the
     group's least-predicted-work dispatch (what ``serve --replicas`` runs); each replica is warmed
-    up on its own."""
+    up on its own and logs its steps."""
     from patchedserve.cluster.ray_group import RayEngineGroup  # Ray is needed only here
 
     assert config.replicas is not None
@@ -281,6 +311,9 @@ def run_on_replicas(
     try:
         group.start()
         group.warm_up(warm_up_requests(requests))
-        return replay(group, requests, objectives_s, config, desc)
+        log = ReplicaStepLogs(group)
+        outcomes = replay(group, requests, objectives_s, config, desc, log)
+        log.collect()
+        return outcomes, log
     finally:
         group.shutdown()

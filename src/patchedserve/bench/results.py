@@ -73,9 +73,10 @@ def save_steps(
     run: dict[str, Any],
     steps: Sequence[StepRecord],
     progress: Sequence[StepProgress] | None = None,
+    replica: Sequence[int] | None = None,
 ) -> Path:
     """One JSON line per step: ``[start_s, latency_s, [[w, h, cfg], ...], [[id, step], ...]]``
-    (the last only with ``progress``)."""
+    (the last only with ``progress``), then, for a run on Ray replicas, the replica's index."""
     path = run_file(out_dir, "steps", run["system"], run["replicas"], run["qps"])
     path.parent.mkdir(parents=True, exist_ok=True)
     rows: list[list[Any]] = [
@@ -84,6 +85,11 @@ def save_steps(
     if progress is not None:
         for row, taken in zip(rows, progress, strict=True):
             row.append([list(p) for p in taken])
+    if replica is not None:
+        if progress is None:
+            raise ValueError("a step log's replica indices need its progress")
+        for row, index in zip(rows, replica, strict=True):
+            row.append(index)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -103,6 +109,14 @@ def load_step_progress(path: Path) -> list[StepProgress] | None:
     if not rows or any(len(row) < 4 for row in rows):
         return None
     return [[(int(i), int(k)) for i, k in row[3]] for row in rows]
+
+
+def load_step_replicas(path: Path) -> list[int] | None:
+    """Each logged step's replica index, for a run on Ray replicas; None for one engine's log."""
+    rows = _rows(path)
+    if not rows or any(len(row) < 5 for row in rows):
+        return None
+    return [int(row[4]) for row in rows]
 
 
 def _rows(path: Path) -> list[list[Any]]:

@@ -138,8 +138,7 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
                 )
                 run = make_run(spec.name, qps, scale, outcomes, duration_s, replicas=args.replicas or 1)
                 save_outcomes(out_dir, run, outcomes)
-                if log is not None:
-                    save_steps(out_dir, run, log.records, log.progress)
+                save_steps(out_dir, run, log.records, log.progress, getattr(log, "replica", None))
                 runs.append(run)
                 print(table_lines([run])[1], file=sys.stderr)
                 meta["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -238,11 +238,6 @@ def run_compare(args: argparse.Namespace) -> int:
         max_running=meta["max_running"],
         cost_scale=args.cost_scale,
     )
-    if args.speed_trace and replicas > 1:
-        raise InvalidRequestError(
-            "--speed-trace needs the steps of a run on one engine; runs on Ray replicas log none",
-            field="speed_trace",
-        )
     measured_noise = args.step_noise == "measured"
     if measured_noise and not args.speed_trace:
         raise InvalidRequestError("--step-noise measured needs --speed-trace", field="step_noise")
@@ -255,7 +250,9 @@ def run_compare(args: argparse.Namespace) -> int:
     speed_for = None
     if args.speed_trace:
         trajectories = {t[0]: _trajectory(t[2]) for t in traces}
-        speed_for = _speed_reader(Path(args.compare).parent, profile, costs, args.speed_bucket, trajectories)
+        speed_for = _speed_reader(
+            Path(args.compare).parent, profile, costs, args.speed_bucket, trajectories, replicas
+        )
     runs = simulate_traces(
         traces,
         systems,
@@ -317,15 +314,21 @@ def _trajectory(requests: Any) -> int | None:
 
 
 def _speed_reader(
-    real_dir: Path, profile: Any, costs: Any, bucket_s: float, trajectories: dict[float, int | None]
+    real_dir: Path,
+    profile: Any,
+    costs: Any,
+    bucket_s: float,
+    trajectories: dict[float, int | None],
+    replicas: int = 1,
 ) -> Callable[[Any, float], Any]:
-    """(system spec, qps) -> the ``SpeedTrace`` of that real run's step log, or None without one."""
-    from patchedserve.bench.results import load_step_progress, load_steps, run_file
+    """(system spec, qps) -> the ``SpeedTrace`` of that real run's step log (of all its replicas'
+    steps, for a run on Ray replicas), or None without one."""
+    from patchedserve.bench.results import load_step_progress, load_step_replicas, load_steps, run_file
     from patchedserve.cluster.costs import cost_model
     from patchedserve.cluster.speed import SpeedTrace, infer_progress
 
     def speed_for(spec: Any, qps: float) -> SpeedTrace | None:
-        path = run_file(real_dir, "steps", spec.name, 1, qps)
+        path = run_file(real_dir, "steps", spec.name, replicas, qps)
         if not path.exists():
             return None
         cost = cost_model(spec.execution, profile, costs, patch_cache=spec.patch_cache)
@@ -340,6 +343,6 @@ def _speed_reader(
         if cost.cache_steps and progress is None:
             print(f"warning: {path}: no step indices; speed from the flat cache factor", file=sys.stderr)
         ids = None if logged is None else [[i for i, _ in taken] for taken in logged]
-        return SpeedTrace.from_steps(steps, cost, bucket_s, progress, ids)
+        return SpeedTrace.from_steps(steps, cost, bucket_s, progress, ids, load_step_replicas(path))
 
     return speed_for

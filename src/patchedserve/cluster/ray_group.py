@@ -207,6 +207,16 @@ class RayEngineGroup:
         benchmark replay does first (``bench.replay.warm_up``), so no replica meets the trace cold."""
         call([a.warm_up.remote(list(gens)) for a in self._actors], START_TIMEOUT_S)
 
+    def log_steps(self, start_s: float) -> None:
+        """Every replica logs its steps from now on, times from ``start_s`` (``time.monotonic`` of
+        this machine: the replicas must run on it for the times to agree)."""
+        call([a.log_steps.remote(start_s) for a in self._actors])
+
+    def logged_steps(self) -> list[tuple[list[Any], list[Any]]]:
+        """Per replica, what ``log_steps`` logged (``EngineReplica.logged_steps``)."""
+        result: list[tuple[list[Any], list[Any]]] = call([a.logged_steps.remote() for a in self._actors])
+        return result
+
     def _loads(self) -> dict[int, float]:
         """Outstanding work of each replica that is up and answers."""
         refs = {i: a.load.remote() for i, a in enumerate(self._actors) if self.up[i]}

@@ -5,7 +5,7 @@ Ray too. It builds its engine on the machine Ray placed it on (the device is che
 starts the engine's loop and answers the group's calls: queue requests (``submit_many``), await one
 result (``result``), cancel, report its predicted outstanding work for dispatch (``load``), and
 hand over the steps it ran and its cache counts since the last call (``report``); and, for a
-benchmark replay, warm up (``warm_up``).
+benchmark replay, warm up (``warm_up``) and log its steps (``log_steps``, ``logged_steps``).
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ class EngineReplica:
         self._futures: dict[int, Future[GenerationResult]] = {}
         self._steps: deque[StepRecord] = deque()
         """Steps the loop thread ran since the last ``report`` (a deque: appends and pops race)."""
+        self._log: Any = None
+        """A benchmark's ``bench.replay.StepLog`` once ``log_steps`` is called."""
         self.engine.start()
 
     # -- EngineObserver: the loop's steps are kept for the next ``report``
@@ -120,6 +122,21 @@ class EngineReplica:
         steps = [self._steps.popleft() for _ in range(len(self._steps))]
         engine = self.engine
         return ReplicaReport(engine.num_waiting, engine.num_running, steps, engine.patch_cache_usage())
+
+    def log_steps(self, start_s: float) -> None:
+        """Log every step from now on for a benchmark replay (``bench.replay.StepLog``), times from
+        ``start_s`` on this machine's monotonic clock (the engine's)."""
+        from patchedserve.bench.replay import StepLog
+
+        if self._log is None:
+            self._log = StepLog(self.engine)
+        self._log.restart(start_s)
+
+    def logged_steps(self) -> tuple[list[Any], list[Any]]:
+        """What ``log_steps`` logged: the step records and each step's (request id, step index)."""
+        if self._log is None:
+            return [], []
+        return list(self._log.records), list(self._log.progress)
 
     def warm_up(self, gens: Sequence[GenerationRequest]) -> None:
         """Runs ``gens`` and starts the predictor afresh (``bench.replay.warm_up``)."""

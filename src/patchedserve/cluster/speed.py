@@ -65,19 +65,22 @@ class SpeedTrace:
         bucket_s: float = 5.0,
         progress: Sequence[Sequence[tuple[int, int]]] | None = None,
         ids: Sequence[Sequence[int]] | None = None,
+        replica: Sequence[int] | None = None,
     ) -> SpeedTrace:
         """Factors of ``steps`` against ``cost`` (taken at factor 1, with its patch cache: what the
         simulator charges for the same step at speed 1), bucketed by start time. ``progress``: per
         step, each entry's (step index, steps) (logged, or ``infer_progress``), which the patch
         cache's per-step profile needs; ``ids``: per step, its requests' ids, where logged
-        (``admission_gap_s``)."""
+        (``admission_gap_s``); ``replica``: per step, which replica of a Ray group ran it (the
+        replicas share the machine, so one factor per bucket prices all of them; admission gaps
+        are taken within each replica's own steps)."""
         buckets: dict[int, list[tuple[float, float]]] = {}  # bucket -> [(observed s, modelled s)]
         for i, (start_s, latency_s, entries) in enumerate(steps):
             cache = cost.cache_multiplier(entries, progress[i] if progress is not None else None)
             modelled_s = cost.base_step_s(entries) * cost.scale * cache
             if modelled_s > 0.0 and latency_s > 0.0:
                 buckets.setdefault(max(int(start_s // bucket_s), 0), []).append((latency_s, modelled_s))
-        admission_s = admission_gap_s(steps, ids)
+        admission_s = _admission_gap_per_replica(steps, ids, replica)
         if not buckets:
             return cls(bucket_s, (), admission_s=admission_s)
         factors: list[float | None] = [None] * (max(buckets) + 1)
@@ -127,6 +130,22 @@ def admission_gap_s(steps: Sequence[StepRecord], ids: Sequence[Sequence[int]] | 
         if joined and pure and 0.0 <= gap_s < ADMISSION_GAP_LIMIT_S:
             per_request.append(gap_s / joined)
     return statistics.median(per_request) if per_request else None
+
+
+def _admission_gap_per_replica(
+    steps: Sequence[StepRecord], ids: Sequence[Sequence[int]] | None, replica: Sequence[int] | None
+) -> float | None:
+    """``admission_gap_s`` of one engine's steps; of a replica group's, the median of each
+    replica's (its loop's gaps are between its own steps)."""
+    if replica is None:
+        return admission_gap_s(steps, ids)
+    gaps = []
+    for index in sorted(set(replica)):
+        mine = [i for i, r in enumerate(replica) if r == index]
+        gap = admission_gap_s([steps[i] for i in mine], None if ids is None else [ids[i] for i in mine])
+        if gap is not None:
+            gaps.append(gap)
+    return statistics.median(gaps) if gaps else None
 
 
 def _weighted_std(samples: Sequence[tuple[float, float]]) -> float:
