@@ -245,3 +245,13 @@ def test_report_takes_ratios_and_shortfalls_against_a_chosen_reference(tmp_path:
     path.write_text(json.dumps(data))
     assert main(["bench", "report", str(path), "--reference", "no-such-system"]) == 2
     assert main(["bench", "report", str(path), "--reference", "nirvana"]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--cpus-per-replica", "--replica-profile", "--ray-address"])
+def test_a_replica_flag_without_replicas_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    value = {"--cpus-per-replica": "1", "--replica-profile": str(write_profile(tmp_path / "p.json"))}
+    args = ["bench", "slo", "--qps", "1", "--duration", "1", "--patch-size", "64", "--out", str(tmp_path)]
+    assert main([*args, flag, value.get(flag, "auto")]) == 2
+    assert f"{flag} is for a run on Ray replicas: add --replicas N" in capsys.readouterr().err

@@ -102,18 +102,13 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     traces = make_traces(args, out_dir)
     check_sizes(traces, args.patch_size)
+    replica_profile = check_replica_profile(args)
     with ray_cluster(args):
         bundle = load_model(args.model).to(device=args.device, dtype=getattr(torch, args.dtype))
         profile = ensure_profile(args, bundle, out_dir)
         costs = ensure_costs(args, bundle, profile, out_dir, traces, {s.execution for s in systems})
         predictor = LatencyPredictor.load(profile)
-        engines_predictor, replica_profile = predictor, None
-        if args.replica_profile is not None:
-            engines_predictor = LatencyPredictor.load(args.replica_profile)
-            if engines_predictor.patch_size != args.patch_size:
-                message = f"replica profile {args.replica_profile} is not for patch size {args.patch_size}"
-                raise InvalidRequestError(message, field="replica_profile")
-            replica_profile = str(Path(args.replica_profile).resolve())
+        engines_predictor = predictor if replica_profile is None else LatencyPredictor.load(replica_profile)
         config = ReplayConfig(
             profile=str(profile),
             patch_size=args.patch_size,
@@ -148,12 +143,30 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
     return path
 
 
+def check_replica_profile(args: argparse.Namespace) -> str | None:
+    """``--replica-profile`` made absolute, once checked for the sweep's patch size; None without it."""
+    if args.replica_profile is None:
+        return None
+    if LatencyPredictor.load(args.replica_profile).patch_size != args.patch_size:
+        message = f"replica profile {args.replica_profile} is not for patch size {args.patch_size}"
+        raise InvalidRequestError(message, field="replica_profile")
+    return str(Path(args.replica_profile).resolve())
+
+
 @contextmanager
 def ray_cluster(args: argparse.Namespace) -> Iterator[None]:
     """With ``--replicas``: Ray joined (or started) once for the sweep, and left at its end; the
     driver's torch threads become one replica's, so step costs measured here price a replica.
     Without it, nothing."""
     if args.replicas is None:
+        given = [
+            f for f in ("cpus_per_replica", "replica_profile", "ray_address") if getattr(args, f) is not None
+        ]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise InvalidRequestError(
+                f"{flag} is for a run on Ray replicas: add --replicas N", field=given[0]
+            )
         yield
         return
     if args.replicas < 1:
