@@ -131,8 +131,9 @@ class StepLog:
 
 
 class ReplicaStepLogs:
-    """A ``StepLog`` over the replicas of a Ray group on this machine: each replica logs its own
-    steps (``EngineReplica.log_steps``); ``collect`` merges them by start time. Request ids are
+    """A ``StepLog`` over the replicas of a Ray group: each replica logs its own steps
+    (``EngineReplica.log_steps``, its times moved onto its own machine's clock); ``collect`` merges
+    them by start time. Request ids are
     made unique across replicas (id x replicas + replica index), and ``replica`` says whose each
     step was."""
 

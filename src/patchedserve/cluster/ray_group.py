@@ -27,6 +27,7 @@ import itertools
 import logging
 import re
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
@@ -208,9 +209,10 @@ class RayEngineGroup:
         call([a.warm_up.remote(list(gens)) for a in self._actors], START_TIMEOUT_S)
 
     def log_steps(self, start_s: float) -> None:
-        """Every replica logs its steps from now on, times from ``start_s`` (``time.monotonic`` of
-        this machine: the replicas must run on it for the times to agree)."""
-        call([a.log_steps.remote(start_s) for a in self._actors])
+        """Every replica logs its steps from now on, times from ``start_s`` (``time.monotonic`` here;
+        sent as a wall-clock instant, which each replica moves onto its own machine's clock)."""
+        start_wall_s = start_s + (time.time() - time.monotonic())
+        call([a.log_steps.remote(start_wall_s) for a in self._actors])
 
     def logged_steps(self) -> list[tuple[list[Any], list[Any]]]:
         """Per replica, what ``log_steps`` logged (``EngineReplica.logged_steps``)."""

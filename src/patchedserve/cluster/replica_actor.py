@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -123,14 +124,16 @@ class EngineReplica:
         engine = self.engine
         return ReplicaReport(engine.num_waiting, engine.num_running, steps, engine.patch_cache_usage())
 
-    def log_steps(self, start_s: float) -> None:
+    def log_steps(self, start_wall_s: float) -> None:
         """Log every step from now on for a benchmark replay (``bench.replay.StepLog``), times from
-        ``start_s`` on this machine's monotonic clock (the engine's)."""
+        ``start_wall_s``, a ``time.time()`` instant: the engine's clock is this machine's monotonic
+        one, so the start is moved onto it (on another machine than the caller's, the two wall
+        clocks agree as far as their time sync does)."""
         from patchedserve.bench.replay import StepLog
 
         if self._log is None:
             self._log = StepLog(self.engine)
-        self._log.restart(start_s)
+        self._log.restart(start_wall_s - (time.time() - time.monotonic()))
 
     def logged_steps(self) -> tuple[list[Any], list[Any]]:
         """What ``log_steps`` logged: the step records and each step's (request id, step index)."""
