@@ -27,7 +27,15 @@ import ray
 from openai import OpenAI
 
 from patchedserve.bench.replicas import run_replica_bench
-from patchedserve.cli import build_parser
+from patchedserve.bench.results import (
+    load_outcomes,
+    load_step_progress,
+    load_step_replicas,
+    load_steps,
+    run_file,
+)
+from patchedserve.bench.traces import TraceRequest, save_trace
+from patchedserve.cli import build_parser, main
 from patchedserve.cluster.ray_group import RayEngineGroup
 from patchedserve.cluster.replica_actor import outstanding_work
 from patchedserve.engine import Engine, GenerationResult, QueueFullError
@@ -38,6 +46,7 @@ from patchedserve.request import GenerationRequest, RequestStatus
 from patchedserve.scheduler import LatencyPredictor
 from patchedserve.scheduler.features import FEATURE_NAMES
 from patchedserve.server import create_app
+from test_bench_slo import write_profile
 from test_server import metric, png_size, serving, wait_for
 
 MODEL = "tiny-sdxl"
@@ -309,17 +318,6 @@ def test_the_replica_bench_runs_each_system_on_the_same_burst(local_ray: None) -
 def test_bench_slo_replays_a_trace_on_ray_replicas_and_the_simulator_replays_it_on_as_many(
     local_ray: None, tmp_path: Path
 ) -> None:
-    from patchedserve.bench.results import (
-        load_outcomes,
-        load_step_progress,
-        load_step_replicas,
-        load_steps,
-        run_file,
-    )
-    from patchedserve.bench.traces import TraceRequest, save_trace
-    from patchedserve.cli import main
-    from test_bench_slo import write_profile
-
     # Four requests at once: the group's dispatch spreads them over both replicas.
     trace = [TraceRequest(0.02 * i, f"prompt {i}", 64 * (1 + i % 2), 64, 2, 5.0, i, 200.0) for i in range(4)]
     profile = str(write_profile(tmp_path / "profile.json"))
