@@ -8,6 +8,7 @@ on its results.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,12 @@ def test_a_replica_flag_without_replicas_is_refused(
     args = ["bench", "slo", "--qps", "1", "--duration", "1", "--patch-size", "64", "--out", str(tmp_path)]
     assert main([*args, flag, value.get(flag, "auto")]) == 2
     assert f"{flag} is for a run on Ray replicas: add --replicas N" in capsys.readouterr().err
+
+
+def test_replicas_without_ray_installed_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    args = ["bench", "slo", "--qps", "1", "--duration", "1", "--patch-size", "64", "--out", str(tmp_path)]
+    assert main([*args, "--replicas", "2"]) == 2
+    assert "--replicas needs Ray" in capsys.readouterr().err

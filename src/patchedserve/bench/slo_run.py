@@ -171,7 +171,11 @@ def ray_cluster(args: argparse.Namespace) -> Iterator[None]:
         return
     if args.replicas < 1:
         raise InvalidRequestError(f"replicas must be at least 1; got {args.replicas}", field="replicas")
-    import ray
+    try:
+        import ray
+    except ImportError as err:
+        message = f"--replicas needs Ray ({err}); install it with pip install 'patchedserve[ray]'"
+        raise InvalidRequestError(message, field="replicas") from err
 
     owns = not ray.is_initialized()
     if owns:
