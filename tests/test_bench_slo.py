@@ -262,6 +262,7 @@ def test_replicas_without_ray_installed_is_one_error_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.setitem(sys.modules, "patchedserve.cluster.ray_group", None)  # nor imported by other tests
     args = ["bench", "slo", "--qps", "1", "--duration", "1", "--patch-size", "64", "--out", str(tmp_path)]
     assert main([*args, "--replicas", "2"]) == 2
     assert "--replicas needs Ray" in capsys.readouterr().err

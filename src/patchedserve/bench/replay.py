@@ -111,6 +111,8 @@ class StepLog:
         self.records: list[StepRecord] = []
         self.progress: list[StepProgress] = []
         """Per record, each request's (id, step index taken): who stepped, where pauses show."""
+        self.replica: list[int] | None = None
+        """Per record, the replica that ran it: none for one engine (``ReplicaStepLogs`` has them)."""
         self.start_s = 0.0
         scheduler = engine.scheduler
         inner = scheduler.update_from_output
@@ -141,7 +143,7 @@ class ReplicaStepLogs:
         self.group = group
         self.records: list[StepRecord] = []
         self.progress: list[StepProgress] = []
-        self.replica: list[int] = []
+        self.replica: list[int] | None = []
 
     def restart(self, start_s: float) -> None:
         self.group.log_steps(start_s)

@@ -133,7 +133,7 @@ def run_slo_sweep(args: argparse.Namespace) -> Path:
                 )
                 run = make_run(spec.name, qps, scale, outcomes, duration_s, replicas=args.replicas or 1)
                 save_outcomes(out_dir, run, outcomes)
-                save_steps(out_dir, run, log.records, log.progress, getattr(log, "replica", None))
+                save_steps(out_dir, run, log.records, log.progress, log.replica)
                 runs.append(run)
                 print(table_lines([run])[1], file=sys.stderr)
                 meta["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -171,21 +171,19 @@ def ray_cluster(args: argparse.Namespace) -> Iterator[None]:
         return
     if args.replicas < 1:
         raise InvalidRequestError(f"replicas must be at least 1; got {args.replicas}", field="replicas")
-    try:
-        import ray
-    except ImportError as err:
-        message = f"--replicas needs Ray ({err}); install it with pip install 'patchedserve[ray]'"
-        raise InvalidRequestError(message, field="replicas") from err
+    from patchedserve.cluster import load_ray_group
+
+    ray_group = load_ray_group()
+    ray = ray_group.ray
 
     owns = not ray.is_initialized()
     if owns:
         ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
     try:
         if args.device == "cpu" and args.threads is None:
-            cpus = args.cpus_per_replica or max(
-                1, int(ray.cluster_resources().get("CPU", 1)) // args.replicas
+            torch.set_num_threads(
+                args.cpus_per_replica or ray_group.default_cpus_per_replica(args.replicas, False)
             )
-            torch.set_num_threads(cpus)
         yield
     finally:
         if owns:

@@ -101,7 +101,7 @@ class RayEngineGroup:
         if self._owns_ray:
             ray.init(address=address, include_dashboard=False, configure_logging=False)
         if cpus_per_replica is None:
-            cpus_per_replica = 1 if gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
+            cpus_per_replica = default_cpus_per_replica(replicas, gpu)
         try:
             check_room(replicas, cpus_per_replica, gpu)
         except InvalidRequestError:
@@ -364,6 +364,12 @@ def device_type(name: str) -> str:
     if kind not in ("cpu", "cuda"):
         raise InvalidRequestError(f"device {name!r}: only cpu and cuda are supported", "device")
     return kind
+
+
+def default_cpus_per_replica(replicas: int, gpu: bool) -> int:
+    """CPUs (and torch threads) a replica gets unless told: 1 beside a GPU, else the Ray cluster's
+    CPUs shared out (Ray must be initialised)."""
+    return 1 if gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // replicas)
 
 
 def check_room(replicas: int, cpus: int, gpu: bool) -> None:

@@ -166,13 +166,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
             engine = Engine(load_model(args.model), engine_config(args))
             return serve(engine, sock, args.log_level, api_key)
-        try:
-            from patchedserve.cluster.ray_group import RayEngineGroup
-        except ImportError as err:
-            raise InvalidRequestError(
-                f"--replicas needs Ray ({err}); install it with pip install 'patchedserve[ray]'", "replicas"
-            ) from err
-        group = RayEngineGroup(
+        from patchedserve.cluster import load_ray_group
+
+        group = load_ray_group().RayEngineGroup(
             args.model,
             engine_options(args),
             1 if args.replicas is None else args.replicas,
