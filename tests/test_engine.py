@@ -99,6 +99,23 @@ def test_requests_join_and_leave_at_every_step(sdxl_engine: Engine) -> None:
         assert_matches_reference("tiny-sdxl", g, f.result(timeout=0))
 
 
+def test_timings_follow_the_request_through_its_stages() -> None:
+    # One slot: the second request queues while the first denoises, so its queue wait covers the
+    # first one's steps and ends before its own prompt is encoded.
+    engine = Engine.from_model("tiny-sdxl", patch_size=64, max_running=1, decode_in_thread=False)
+    reqs = [GenerationRequest(f"queued {i}", width=64, height=64, steps=2, seed=i) for i in range(2)]
+    try:
+        first, second = (r.timings for r in engine.generate(reqs))
+    finally:
+        engine.stop()
+    stages = ("queue_s", "encode_done_s", "first_step_s", "denoise_done_s", "latency_s")
+    for t in (first, second):
+        seconds = [t[k] for k in stages]
+        assert None not in seconds and seconds == sorted(seconds) and seconds[0] >= 0, t
+        assert t["queue_s"] < t["encode_done_s"] < t["first_step_s"]
+    assert second["queue_s"] > first["first_step_s"]
+
+
 @pytest.mark.parametrize("execution", ["patched", "image"])
 def test_paused_requests_resume_where_they_left_off(execution: str) -> None:
     # Every other step, every other request sits out (SchedulerOutput.paused), so requests leave

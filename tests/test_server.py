@@ -342,6 +342,7 @@ def test_metrics_count_steps_and_results(http: httpx.Client) -> None:
         "patchedserve_active_requests",
         "patchedserve_step_patches",
         "patchedserve_step_latency_seconds",
+        "patchedserve_queue_wait_seconds",
         "patchedserve_requests_total",
         "patchedserve_slo_requests_total",
     ):
@@ -356,6 +357,8 @@ def test_metrics_count_steps_and_results(http: httpx.Client) -> None:
     assert metric(after, latency, resolution="128x64") == metric(before, latency, resolution="128x64") + 1
     steps = "patchedserve_step_latency_seconds_count"
     assert metric(after, steps) >= metric(before, steps) + 2
+    waits = "patchedserve_queue_wait_seconds_count"
+    assert metric(after, waits) == metric(before, waits) + 1
 
 
 def test_client_disconnect_cancels_the_engine_request(engine: Engine, http: httpx.Client, url: str) -> None:

@@ -59,6 +59,8 @@ class RequestTimings:
     """Wall-clock instants (seconds, engine clock) of one request's stages; None until reached."""
 
     arrival_s: float
+    admitted_s: float | None = None
+    """When the scheduler admitted it (its prompt encoding starts then)."""
     encoded_s: float | None = None
     first_step_s: float | None = None
     denoised_s: float | None = None
@@ -71,8 +73,9 @@ class RequestTimings:
             return None if t is None else t - start
 
         return {
-            "queue_s": rel(self.first_step_s),
+            "queue_s": rel(self.admitted_s),
             "encode_done_s": rel(self.encoded_s),
+            "first_step_s": rel(self.first_step_s),
             "denoise_done_s": rel(self.denoised_s),
             "latency_s": rel(self.finished_s),
         }

@@ -281,6 +281,9 @@ class Engine:
             self._resolve(r)
 
     def _prepare(self, admitted: list[Request]) -> None:
+        start = self.clock()
+        for r in admitted:
+            r.timings.admitted_s = start
         try:
             self.preparer.prepare(admitted)
         except Exception as err:

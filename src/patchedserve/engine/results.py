@@ -23,7 +23,9 @@ class GenerationResult:
     params: GenerationParams
     """Parameters used, defaults filled in."""
     timings: dict[str, float | None]
-    """Seconds from arrival: queue_s, encode_done_s, denoise_done_s, latency_s."""
+    """Seconds from arrival until each stage: queue_s (admitted to the batch), encode_done_s (prompt
+    encoded), first_step_s (first denoising step began), denoise_done_s, latency_s (image ready);
+    None for a stage it did not reach."""
     error: str | None = None
     """Why the request did not finish."""
     deadline_met: bool | None = None

@@ -58,6 +58,12 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "patchedserve_queue_wait_seconds",
+            "Arrival to admission into the denoising batch, of every admitted request.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.requests = Counter(
             "patchedserve_requests", "Requests that ended, by final status.", ["status"], registry=r
         )
@@ -89,6 +95,9 @@ class ServerMetrics:
 
     def on_result(self, result: GenerationResult) -> None:
         self.requests.labels(result.status.name.lower()).inc()
+        queue_s = result.timings.get("queue_s")
+        if queue_s is not None:
+            self.queue_wait.observe(queue_s)
         latency_s = result.timings.get("latency_s")
         if result.ok and latency_s is not None:
             p = result.params

@@ -139,7 +139,9 @@ class ImageInfo(BaseModel):
     sampler: str
     seed: int
     timings: dict[str, float | None]
-    """Seconds from arrival: queue_s, encode_done_s, denoise_done_s, latency_s."""
+    """Seconds from arrival until each stage: queue_s (admitted to the batch), encode_done_s (prompt
+    encoded), first_step_s (first denoising step began), denoise_done_s, latency_s (image ready);
+    None for a stage it did not reach."""
     deadline_met: bool | None
     """Whether the image finished before its deadline (null without one)."""
 
