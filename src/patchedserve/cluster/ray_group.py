@@ -27,7 +27,6 @@ import itertools
 import logging
 import re
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import replace
@@ -39,7 +38,12 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
-from patchedserve.cluster.replica_actor import EngineReplica, ReplicaInfo, ReplicaReport
+from patchedserve.cluster.replica_actor import (
+    EngineReplica,
+    ReplicaInfo,
+    ReplicaReport,
+    wall_minus_monotonic_s,
+)
 from patchedserve.engine import EngineConfig, EngineObserver, GenerationResult, QueueFullError
 from patchedserve.engine.served import CacheUsage, ServedModel
 from patchedserve.errors import InvalidRequestError, PatchedServeError, ReplicaLostError
@@ -211,7 +215,7 @@ class RayEngineGroup:
     def log_steps(self, start_s: float) -> None:
         """Every replica logs its steps from now on, times from ``start_s`` (``time.monotonic`` here;
         sent as a wall-clock instant, which each replica moves onto its own machine's clock)."""
-        start_wall_s = start_s + (time.time() - time.monotonic())
+        start_wall_s = start_s + wall_minus_monotonic_s()
         call([a.log_steps.remote(start_wall_s) for a in self._actors])
 
     def logged_steps(self) -> list[tuple[list[Any], list[Any]]]:

@@ -133,7 +133,7 @@ class EngineReplica:
 
         if self._log is None:
             self._log = StepLog(self.engine)
-        self._log.restart(start_wall_s - (time.time() - time.monotonic()))
+        self._log.restart(start_wall_s - wall_minus_monotonic_s())
 
     def logged_steps(self) -> tuple[list[Any], list[Any]]:
         """What ``log_steps`` logged: the step records and each step's (request id, step index)."""
@@ -152,3 +152,9 @@ class EngineReplica:
 
     def stop(self) -> None:
         self.engine.stop()
+
+
+def wall_minus_monotonic_s() -> float:
+    """``time.time() - time.monotonic()`` on this machine: adds to a monotonic instant to make it a
+    wall-clock one (how a step log's start crosses to a replica on another machine)."""
+    return time.time() - time.monotonic()
