@@ -4,8 +4,10 @@ A real sweep (``bench slo``) runs the systems one after the other, and on a shar
 run meets a different speed (other tenants' load), which can decide a close comparison. This
 re-simulates the sweep's traces with ``simulate``'s machinery, once per (system, source run): the
 costs measured before the sweep, scaled over time by the speed that the *source* run's own step
-log measured (``cluster.speed``). Each system thus meets each source run's conditions, and the mean
-over sources compares them on equal terms. Outcomes of the real runs are never read.
+log measured (``cluster.speed``), net of the source run's own decodes (the simulated system adds
+its own). Each system thus meets each source run's conditions, and the mean over sources compares
+them on equal terms. Of the real runs' outcomes only the decode phases are read (when the decode
+worker was busy), never whether a request met its deadline.
 
     .venv/bin/python scripts/same_speed_replay.py outputs/slo4/sweep \\
         --sources patched-fcfs,patchedserve,patchedserve-least-slack,nirvana \\
@@ -59,10 +61,7 @@ def main() -> None:
 
     meta = load_results(args.sweep / "results.json")["meta"]
     profile = _load(meta["profile"])
-    # The speed trace holds the decode worker's interference, as with simulate --speed-trace.
-    costs = replace(
-        MachineCosts.load(meta.get("image_cost"), meta.get("patched_cost")), decode_interference=0.0
-    )
+    costs = MachineCosts.load(meta.get("image_cost"), meta.get("patched_cost"))
     costs = _with_cache_steps(costs, args.patch_cache_steps)
     traces = [
         (t["qps"], t["slo_scale"], load_trace(t["path"])[0], t["duration_s"], Path(t["path"]))

@@ -186,6 +186,13 @@ def test_tiny_real_replay_writes_results_and_plots(
     assert main(noisy) == 0
     sim_runs = json.loads((tmp_path / "sim_noisy" / "results.json").read_text())["runs"]
     assert all(r["step_noise"] >= 0.0 for r in sim_runs)
+    # One engine's decodes are known from its outcomes: its speed is taken net of their
+    # interference, which the simulator then adds where its own decodes run.
+    interfering = [*noisy, "--decode-interference", "0.25"]
+    interfering[interfering.index(str(tmp_path / "sim_noisy"))] = str(tmp_path / "sim_interfering")
+    assert main(interfering) == 0
+    sim_runs = json.loads((tmp_path / "sim_interfering" / "results.json").read_text())["runs"]
+    assert [r["decode_interference"] for r in sim_runs] == [0.25] * 6
     assert main([a for a in noisy if a != "--speed-trace"]) == 2  # measured noise needs the trace
     assert "needs --speed-trace" in capsys.readouterr().err
     with_steps = LatencyPredictor.load(profile)

@@ -356,5 +356,7 @@ def test_bench_slo_replays_a_trace_on_ray_replicas_and_the_simulator_replays_it_
     sim_runs = json.loads((tmp_path / "sim" / "results.json").read_text())["runs"]
     assert [r["replicas"] for r in sim_runs] == [2]
     assert sim_runs[0]["speed_mean"] > 0.0  # read off both replicas' steps
+    # Each replica's decodes slow the other's steps too: the speed keeps them, none is added.
+    assert sim_runs[0]["decode_interference"] == 0.0
     rows = json.loads((tmp_path / "sim" / "compare.json").read_text())["rows"]
     assert [(r["real_satisfaction"], r["sim_satisfaction"]) for r in rows] == [(1.0, 1.0)]

@@ -310,6 +310,36 @@ def test_a_running_decode_slows_the_step_it_overlaps() -> None:
     assert serial.step_with_decode_s(0.3, start_s=0.0, decoder_free_s=0.5) == pytest.approx(0.8)
 
 
+def test_speed_trace_takes_steps_net_of_the_decodes_they_overlapped() -> None:
+    """A machine at its calibrated speed whose steps some decodes slowed: net of those decodes
+    the speed is 1, with neither speed nor noise left over; read with the decodes inside, the
+    buckets that held decodes look slow."""
+    p = profile()
+    cost = replace(cost_model("patched", p, MachineCosts()), decode_interference=0.4)
+    entries = [(512, 512, True), (256, 256, True)]
+    step_s = cost.base_step_s(entries)
+    rng = random.Random(3)
+    steps, decoding, now_s, free_s = [], [], 0.0, 0.0
+    while now_s < 20.0:
+        if now_s < 10.0 and now_s >= free_s and rng.random() < 0.3:  # a decode starts here
+            decoding.append((now_s, now_s + rng.uniform(0.5, 3.0) * step_s))
+            free_s = decoding[-1][1]
+        latency_s = cost.step_with_decode_s(step_s, now_s, free_s)
+        steps.append((now_s, latency_s, entries))
+        now_s += latency_s
+    assert any(a < s < b for a, b in decoding for s, _, _ in steps)  # some steps began mid-decode
+    net = SpeedTrace.from_steps(steps, cost, bucket_s=5.0, decoding=decoding)
+    assert net.factors == pytest.approx((1.0,) * len(net.factors))
+    assert net.noise == pytest.approx(0.0, abs=1e-9)
+    assert net.decode_interference == 0.4
+    inside = SpeedTrace.from_steps(steps, cost, bucket_s=5.0)
+    assert inside.decode_interference is None
+    assert min(inside.factors[:2]) > 1.1 and inside.factors[-1] == pytest.approx(1.0)
+    # Overlapping decode phases (one waiting on the worker behind another) count once.
+    doubled = SpeedTrace.from_steps(steps, cost, bucket_s=5.0, decoding=decoding + decoding)
+    assert doubled.factors == pytest.approx(net.factors)
+
+
 def test_speed_trace_measures_the_step_to_step_noise_its_buckets_average_away() -> None:
     p = profile()
     cost = cost_model("patched", p, MachineCosts())

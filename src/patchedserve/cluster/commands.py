@@ -82,8 +82,8 @@ def add_parser(subparsers: Any) -> None:
         "--decode-interference",
         type=float,
         default=None,
-        help="share of the loop's speed a running decode takes (default: the patched calibration's; "
-        "0 with --speed-trace)",
+        help="share of the loop's speed a running decode takes (default: the patched calibration's); "
+        "--speed-trace takes each run's steps net of it, except on Ray replicas, whose speed keeps it",
     )
     p.add_argument(
         "--decode-slowdown",
@@ -243,9 +243,7 @@ def run_compare(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--step-noise measured needs --speed-trace", field="step_noise")
     if not measured_noise:
         costs = replace(costs, step_noise=args.step_noise)
-    if args.speed_trace:  # the measured speed includes the decode worker's interference
-        costs = replace(costs, decode_interference=0.0)
-    costs = _decode_overrides(costs, args)
+    costs = _decode_overrides(costs, args)  # a speed trace is taken net of this interference
     embedder = _embedder(args.nirvana_similarity, meta["model"])
     speed_for = None
     if args.speed_trace:
@@ -323,9 +321,28 @@ def _speed_reader(
 ) -> Callable[[Any, float], Any]:
     """(system spec, qps) -> the ``SpeedTrace`` of that real run's step log (of all its replicas'
     steps, for a run on Ray replicas), or None without one."""
-    from patchedserve.bench.results import load_step_progress, load_step_replicas, load_steps, run_file
+    from patchedserve.bench.results import (
+        load_outcomes,
+        load_step_progress,
+        load_step_replicas,
+        load_steps,
+        run_file,
+    )
     from patchedserve.cluster.costs import cost_model
     from patchedserve.cluster.speed import SpeedTrace, infer_progress
+
+    def decoding(spec: Any, qps: float) -> list[tuple[float, float]] | None:
+        """The run's decode phases (denoised to finished) in trace time; None for Ray replicas
+        (each engine's decodes slow the others' steps too) or where the outcomes lack them."""
+        path = run_file(real_dir, "outcomes", spec.name, replicas, qps)
+        if replicas > 1 or not path.exists():
+            return None
+        phases = [
+            (o.arrival_s + o.denoised_s, o.arrival_s + o.latency_s)
+            for o in load_outcomes(path)
+            if o.status == "finished" and o.denoised_s is not None and o.latency_s is not None
+        ]
+        return phases or None
 
     def speed_for(spec: Any, qps: float) -> SpeedTrace | None:
         path = run_file(real_dir, "steps", spec.name, replicas, qps)
@@ -343,6 +360,8 @@ def _speed_reader(
         if cost.cache_steps and progress is None:
             print(f"warning: {path}: no step indices; speed from the flat cache factor", file=sys.stderr)
         ids = None if logged is None else [[i for i, _ in taken] for taken in logged]
-        return SpeedTrace.from_steps(steps, cost, bucket_s, progress, ids, load_step_replicas(path))
+        return SpeedTrace.from_steps(
+            steps, cost, bucket_s, progress, ids, load_step_replicas(path), decoding(spec, qps)
+        )
 
     return speed_for

@@ -7,8 +7,20 @@ says those steps cost (a ratio of sums: the bucket's throughput, so slow steps, 
 overlapping a decode, weigh as much as they cost). Given to the cost model (``CostModel.speed``),
 the simulated machine is then as slow as the real one was at the same trace time: what remains
 of a real/simulated difference is the simulator's own (policy, batching, queueing), not the
-neighbours'. The decode worker's interference is part of the measured speed, so it is not added
-again (``decode_interference`` 0). What the buckets average away, each step's own deviation, is
+neighbours'.
+
+The decode worker slows the steps it overlaps (``CostModel.decode_interference``). Given when the
+worker was busy (``decoding``: each finished request's decode phase, from its outcome), a step's
+observed time is taken net of that first: a share ``overlap`` of it at ``1 - interference`` of the
+speed did the work of ``latency x (1 - interference x overlap)`` at full speed. The factors are
+then the machine's alone, the simulator adds the interference where its own decodes run, and the
+decodes themselves are priced at that speed. Without ``decoding`` (a log whose outcomes lack decode
+phases, or Ray replicas, whose decodes slow each other's steps across engines) the interference
+is left inside the factors (``decode_interference`` None: the simulator must not add it again).
+On session 24's runs the steps that overlapped no decode ran at 0.95-0.99 of the profile's time
+and those inside one at 1.45-1.57, where an interference of 0.36 predicts 1.56: the factors with
+the interference inside (1.1-1.2) priced every decode 10-20% too slow. What the buckets average
+away, each step's own deviation, is
 measured too (``noise``) and can be replayed as random per-step jitter (``simulate
 --step-noise measured``). So is the time the loop spends admitting a request before the step it
 joins (``admission_s``: prompt encoding and preparation), read off the gaps between steps: in the
@@ -18,6 +30,7 @@ outcomes. Used by ``simulate --compare --speed-trace``.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import statistics
@@ -46,6 +59,9 @@ class SpeedTrace:
     """Median seconds the loop spent per admitted request between a step and the next one that
     the request joined (``admission_gap_s``); None where the log shows no such step
     (``CostModel.admission_s``)."""
+    decode_interference: float | None = None
+    """The decode worker's interference the factors are net of (``CostModel.decode_interference``,
+    for the simulator to add where its decodes run); None: the factors include it."""
 
     def __call__(self, now_s: float) -> float:
         if not self.factors:
@@ -66,6 +82,7 @@ class SpeedTrace:
         progress: Sequence[Sequence[tuple[int, int]]] | None = None,
         ids: Sequence[Sequence[int]] | None = None,
         replica: Sequence[int] | None = None,
+        decoding: Sequence[tuple[float, float]] | None = None,
     ) -> SpeedTrace:
         """Factors of ``steps`` against ``cost`` (taken at factor 1, with its patch cache: what the
         simulator charges for the same step at speed 1), bucketed by start time. ``progress``: per
@@ -73,16 +90,23 @@ class SpeedTrace:
         cache's per-step profile needs; ``ids``: per step, its requests' ids, where logged
         (``admission_gap_s``); ``replica``: per step, which replica of a Ray group ran it (the
         replicas share the machine, so one factor per bucket prices all of them; admission gaps
-        are taken within each replica's own steps)."""
+        are taken within each replica's own steps); ``decoding``: (start, end) of each decode on
+        the engine's worker, in step-log time, to take the steps net of the worker's
+        ``cost.decode_interference`` (see the module docstring)."""
+        busy = _Busy(decoding) if decoding is not None else None
+        interference = cost.decode_interference if busy is not None else 0.0
         buckets: dict[int, list[tuple[float, float]]] = {}  # bucket -> [(observed s, modelled s)]
         for i, (start_s, latency_s, entries) in enumerate(steps):
             cache = cost.cache_multiplier(entries, progress[i] if progress is not None else None)
             modelled_s = cost.base_step_s(entries) * cost.scale * cache
+            if busy is not None and latency_s > 0.0:
+                latency_s -= interference * busy.overlap_s(start_s, start_s + latency_s)
             if modelled_s > 0.0 and latency_s > 0.0:
                 buckets.setdefault(max(int(start_s // bucket_s), 0), []).append((latency_s, modelled_s))
         admission_s = _admission_gap_per_replica(steps, ids, replica)
+        net_of = interference if busy is not None else None
         if not buckets:
-            return cls(bucket_s, (), admission_s=admission_s)
+            return cls(bucket_s, (), admission_s=admission_s, decode_interference=net_of)
         factors: list[float | None] = [None] * (max(buckets) + 1)
         for index, pairs in buckets.items():
             factors[index] = sum(o for o, _ in pairs) / sum(m for _, m in pairs)
@@ -96,7 +120,31 @@ class SpeedTrace:
             for index, pairs in buckets.items()
             for o, m in pairs
         ]
-        return cls(bucket_s, tuple(filled), _weighted_std(residuals), admission_s)
+        return cls(bucket_s, tuple(filled), _weighted_std(residuals), admission_s, net_of)
+
+
+class _Busy:
+    """The union of (start, end) intervals, and how much of a span it covers."""
+
+    def __init__(self, intervals: Sequence[tuple[float, float]]) -> None:
+        merged: list[list[float]] = []
+        for a, b in sorted((a, b) for a, b in intervals if b > a):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.starts = [a for a, _ in merged]
+        self.spans = merged
+
+    def overlap_s(self, start_s: float, end_s: float) -> float:
+        """Seconds of [start_s, end_s] inside the union."""
+        i = max(bisect.bisect_right(self.starts, start_s) - 1, 0)
+        total = 0.0
+        for a, b in self.spans[i:]:
+            if a >= end_s:
+                break
+            total += max(0.0, min(b, end_s) - max(a, start_s))
+        return total
 
 
 ADMISSION_GAP_LIMIT_S = 0.5

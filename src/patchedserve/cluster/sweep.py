@@ -56,6 +56,8 @@ def simulate_traces(
             embed = embedder() if spec.approx_cache and embedder is not None and not exact else None
             speed = speed_for(spec, qps) if speed_for is not None else None
             run_costs = replace(costs, speed=speed)
+            if speed is not None:  # a speed with the decode interference inside: not added again
+                run_costs = replace(run_costs, decode_interference=speed.decode_interference or 0.0)
             if speed is not None and speed.admission_s is not None:
                 run_costs = replace(run_costs, admission_s=speed.admission_s)
             if measured_noise and speed is not None:
@@ -81,6 +83,7 @@ def simulate_traces(
             run["sim_wall_s"] = time.perf_counter() - start
             run["speed_mean"] = speed.mean if speed is not None else None
             run["step_noise"] = run_costs.step_noise
+            run["decode_interference"] = run_costs.decode_interference
             runs.append(run)
             if log is not None:
                 log(
