@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchedserve.bench.metrics import STATUSES, summarize
+from patchedserve.bench.metrics import STATUSES, RequestOutcome, summarize
 from patchedserve.bench.systems import SYSTEMS, objectives_s
 from patchedserve.bench.traces import TraceConfig, TraceRequest, make_trace
 from patchedserve.cluster.costs import MachineCosts, cost_model
 from patchedserve.cluster.dispatch import LeastLoadDispatcher
 from patchedserve.cluster.simulator import ModelEmbedder, SimConfig, build_replicas, exact_embedder, simulate
-from patchedserve.cluster.speed import SpeedTrace, admission_gap_s
+from patchedserve.cluster.speed import Busy, SpeedTrace, admission_gap_s, decode_phases
 from patchedserve.errors import InvalidRequestError
 from patchedserve.request import RequestStatus
 from patchedserve.scheduler import FCFSScheduler, LatencyPredictor, Overhead, SLOScheduler
@@ -338,6 +338,21 @@ def test_speed_trace_takes_steps_net_of_the_decodes_they_overlapped() -> None:
     # Overlapping decode phases (one waiting on the worker behind another) count once.
     doubled = SpeedTrace.from_steps(steps, cost, bucket_s=5.0, decoding=decoding + decoding)
     assert doubled.factors == pytest.approx(net.factors)
+
+
+def test_decode_phases_are_the_finished_requests_and_count_once_where_they_overlap() -> None:
+    outcomes = [
+        RequestOutcome(0, "256x256", 1.0, "finished", 2.0, 5.0, denoised_s=1.5),  # decodes 2.5-3.0
+        RequestOutcome(1, "256x256", 1.25, "finished", 2.25, 5.0, denoised_s=1.25),  # waits: 2.5-3.5
+        RequestOutcome(2, "512x512", 2.0, "dropped", None, 5.0),
+        RequestOutcome(3, "512x512", 2.0, "cancelled", None, 5.0),
+    ]
+    phases = decode_phases(outcomes)
+    assert phases == [(2.5, 3.0), (2.5, 3.5)]
+    busy = Busy([*phases, (6.0, 7.0)])
+    assert busy.overlap_s(0.0, 10.0) == pytest.approx(1.0 + 1.0)
+    assert busy.overlap_s(3.0, 6.5) == pytest.approx(0.5 + 0.5)
+    assert busy.overlap_s(4.0, 5.0) == 0.0
 
 
 def test_speed_trace_measures_the_step_to_step_noise_its_buckets_average_away() -> None:

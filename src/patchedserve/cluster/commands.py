@@ -329,7 +329,7 @@ def _speed_reader(
         run_file,
     )
     from patchedserve.cluster.costs import cost_model
-    from patchedserve.cluster.speed import SpeedTrace, infer_progress
+    from patchedserve.cluster.speed import SpeedTrace, decode_phases, infer_progress
 
     def decoding(spec: Any, qps: float) -> list[tuple[float, float]] | None:
         """The run's decode phases (denoised to finished) in trace time; None for Ray replicas
@@ -337,12 +337,7 @@ def _speed_reader(
         path = run_file(real_dir, "outcomes", spec.name, replicas, qps)
         if replicas > 1 or not path.exists():
             return None
-        phases = [
-            (o.arrival_s + o.denoised_s, o.arrival_s + o.latency_s)
-            for o in load_outcomes(path)
-            if o.status == "finished" and o.denoised_s is not None and o.latency_s is not None
-        ]
-        return phases or None
+        return decode_phases(load_outcomes(path)) or None
 
     def speed_for(spec: Any, qps: float) -> SpeedTrace | None:
         path = run_file(real_dir, "steps", spec.name, replicas, qps)

@@ -18,14 +18,15 @@ decodes themselves are priced at that speed. Without ``decoding`` (a log whose o
 phases, or Ray replicas, whose decodes slow each other's steps across engines) the interference
 is left inside the factors (``decode_interference`` None: the simulator must not add it again).
 On session 24's runs the steps that overlapped no decode ran at 0.95-0.99 of the profile's time
-and those inside one at 1.45-1.57, where an interference of 0.36 predicts 1.56: the factors with
-the interference inside (1.1-1.2) priced every decode 10-20% too slow. What the buckets average
-away, each step's own deviation, is
-measured too (``noise``) and can be replayed as random per-step jitter (``simulate
---step-noise measured``). So is the time the loop spends admitting a request before the step it
-joins (``admission_s``: prompt encoding and preparation), read off the gaps between steps: in the
-engine it took about twice the profile's ``encode_s`` (session 16). Only step timings enter, never
-outcomes. Used by ``simulate --compare --speed-trace``.
+and those wholly inside one at 1.45-1.60, where an interference of 0.36 predicts 1.56; the
+factors with the interference inside (1.1-1.2) priced every decode that much too slow.
+
+What the buckets average away, each step's own deviation, is measured too (``noise``) and can
+be replayed as random per-step jitter (``simulate --step-noise measured``). So is the time the
+loop spends admitting a request before the step it joins (``admission_s``: prompt encoding and
+preparation), read off the gaps between steps: in the engine it took about twice the profile's
+``encode_s`` (session 16). Of the outcomes only the decode phases enter, never whether a request
+met its deadline. Used by ``simulate --compare --speed-trace``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from patchedserve.bench.metrics import RequestOutcome
 from patchedserve.bench.results import StepRecord
 from patchedserve.cluster.costs import CostModel
 from patchedserve.scheduler import Entry
@@ -93,7 +95,7 @@ class SpeedTrace:
         are taken within each replica's own steps); ``decoding``: (start, end) of each decode on
         the engine's worker, in step-log time, to take the steps net of the worker's
         ``cost.decode_interference`` (see the module docstring)."""
-        busy = _Busy(decoding) if decoding is not None else None
+        busy = Busy(decoding) if decoding is not None else None
         interference = cost.decode_interference if busy is not None else 0.0
         buckets: dict[int, list[tuple[float, float]]] = {}  # bucket -> [(observed s, modelled s)]
         for i, (start_s, latency_s, entries) in enumerate(steps):
@@ -123,7 +125,17 @@ class SpeedTrace:
         return cls(bucket_s, tuple(filled), _weighted_std(residuals), admission_s, net_of)
 
 
-class _Busy:
+def decode_phases(outcomes: Sequence[RequestOutcome]) -> list[tuple[float, float]]:
+    """(end of denoising, image ready) of each finished request, in trace time: when the decode
+    worker was busy (a phase includes the wait behind another decode, which the union absorbs)."""
+    return [
+        (o.arrival_s + o.denoised_s, o.arrival_s + o.latency_s)
+        for o in outcomes
+        if o.status == "finished" and o.denoised_s is not None and o.latency_s is not None
+    ]
+
+
+class Busy:
     """The union of (start, end) intervals, and how much of a span it covers."""
 
     def __init__(self, intervals: Sequence[tuple[float, float]]) -> None:
