@@ -123,7 +123,7 @@ class ModelBundle:
         and returns the bundle. Convolutions then run without layout conversions and pass the layout
         on to their outputs; values are unchanged, results differ only by float rounding. On this
         repository's 2-core CPU a model-forward step ran 0-18% faster and a VAE decode 18-32%, a
-        mixed patched step within noise (docs/benchmarks.md, session 7); not measured on a GPU.
+        mixed patched step within noise (docs/benchmark-log.md, session 7); not measured on a GPU.
         Moves with ``to`` keep the layout."""
         for module in (self.denoiser, self.vae):
             module.to(memory_format=torch.channels_last)

@@ -15,7 +15,8 @@ class PatchCacheConfig:
 
     threshold: float = 0.1
     """Largest relative squared change of the block input (per patch) that still reuses. 0.1 is the
-    paper's default; on tiny-sdxl it kept PSNR >= 58 dB against the exact images (docs/benchmarks.md)."""
+    paper's default; on tiny-sdxl it kept PSNR >= 58 dB against the exact images
+    (docs/benchmark-log.md, "Patch-level cache")."""
     max_reuse: int = 2
     """Most consecutive steps a patch may reuse one block before it must be recomputed."""
     granularity: str = "image"
