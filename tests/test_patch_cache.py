@@ -12,6 +12,7 @@ and SD3 joint attention, the context stream) runs with arbitrary active sets.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import pytest
 import torch
@@ -33,9 +34,11 @@ def cached_model(name: str, granularity: str) -> PatchedModel:
     return PatchedModel(denoiser, patch_size=PatchedModel.min_patch_size(denoiser), cache=config)
 
 
-def fresh_cache(pm: PatchedModel, seed: int, share: float = 0.5) -> PatchCache:
+def fresh_cache(
+    pm: PatchedModel, seed: int, share: float = 0.5, decisions: list[torch.Tensor] | None = None
+) -> PatchCache:
     """Reset ``pm``'s cache and make it reuse a random ``share`` of the valid patches (or, at image
-    granularity, of the valid images) per block."""
+    granularity, of the valid images) per block; each decision ([N] bool) goes to ``decisions``."""
     assert pm.cache is not None
     pm.cache = PatchCache(pm.cache.config)
     g = torch.Generator().manual_seed(seed)
@@ -45,8 +48,12 @@ def fresh_cache(pm: PatchedModel, seed: int, share: float = 0.5) -> PatchCache:
         valid = state.valid  # type: ignore[attr-defined]
         if per_image:
             entry = ctx.patch_entry  # type: ignore[attr-defined]
-            return valid & (torch.rand(int(entry.max()) + 1, generator=g) < share)[entry]
-        return valid & (torch.rand(valid.shape, generator=g) < share)
+            reuse = valid & (torch.rand(int(entry.max()) + 1, generator=g) < share)[entry]
+        else:
+            reuse = valid & (torch.rand(valid.shape, generator=g) < share)
+        if decisions is not None:
+            decisions.append(reuse)
+        return reuse
 
     pm.cache._decide = decide  # type: ignore[method-assign]
     return pm.cache
@@ -72,15 +79,44 @@ def batch_of(pm: PatchedModel, reqs: list[Req], ids: list[int]) -> PatchBatch:
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("name", FAMILIES)
-def test_partial_block_calls_are_exact_with_exact_stand_ins(name: str, granularity: str) -> None:
+def test_partial_block_calls_are_exact_with_exact_stand_ins(
+    name: str, granularity: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pm = cached_model(name, granularity)
     reqs = [make_request(pm, g, 10 + i) for i, g in enumerate([(1, 1), (2, 1), (2, 2), (3, 2), (1, 3)])]
     refs = [run_full(pm, r) for r in reqs]
-    cache_state = fresh_cache(pm, seed=1)
+    decisions: list[torch.Tensor] = []
+    cache_state = fresh_cache(pm, seed=1, decisions=decisions)
+    computed = count_partial_rows(monkeypatch)
     for _ in range(3):  # the first call computes everything; later ones run partial blocks
         for out, ref in zip(run_patched(pm, reqs), refs, strict=True):
             assert rel_err(out, ref) <= REL_TOL
     assert 0.15 < cache_state.stats.reuse_fraction < 0.65  # partial calls really happened
+    # Identical inputs cannot tell a reused patch from a recomputed one: count what ran instead.
+    # A partial call computes exactly the patches its decision did not reuse.
+    # (A block whose every patch reuses may skip the call: calls that compute nothing are left out.)
+    partial = [int((~d).sum()) for d in decisions if d.any()]
+    assert [n for n in computed if n] == [n for n in partial if n] and len(partial) >= 4
+
+
+def count_partial_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patches each partial block call computes, in call order (from now on)."""
+    rows: list[int] = []
+    call, run_images = PatchCache._call, PatchCache._run_images
+
+    def counted_call(ctx: Any, active: Any, original: Any, bound: Any) -> Any:
+        if not active.full:
+            rows.append(int(active.index.numel()))
+        return call(ctx, active, original, bound)
+
+    def counted_images(self: PatchCache, state: Any, spec: Any, original: Any, bound: Any, ctx: Any,
+                       reuse: torch.Tensor, index: torch.Tensor) -> Any:  # fmt: skip
+        rows.append(int(index.numel()))
+        return run_images(self, state, spec, original, bound, ctx, reuse, index)
+
+    monkeypatch.setattr(PatchCache, "_call", staticmethod(counted_call))
+    monkeypatch.setattr(PatchCache, "_run_images", counted_images)
+    return rows
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

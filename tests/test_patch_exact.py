@@ -1,7 +1,11 @@
 """Patched execution equals each model's own full-image forward (the oracle), for random mixes.
 
-Relative error = max|patched - full| / max|full| must be <= 1e-4 in float32 for every request,
-for the three built-in families, at the smallest legal patch size and a larger one.
+Relative error = max|patched - full| / max|full| must be <= 1e-5 in float32 for every request,
+for the three built-in families, at the smallest legal patch size and a larger one. Measured on
+this machine's CPU (session 26, 1,800 comparisons of this file and test_patch_cache.py, 40
+hypothesis examples each, one and two threads) the largest was 3.0e-6: float32 rounding of sums
+taken in another order. The bound leaves about three times that, and no more, so that an error of
+the patched operators larger than rounding shows.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from patchedserve.models.builtin import build_tiny_sdxl
 from patchedserve.patch import PatchBatch, PatchedModel
 
 FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3"]
-REL_TOL = 1e-4
+REL_TOL = 1e-5
+CUDA_REL_TOL = 1e-4
+"""The CUDA test's bound: cuDNN picks its float32 algorithms per shape, and these tiny models' error
+on a GPU was never recorded apart (sdxl-arch's was 2.5e-6 to 3.2e-6 on an H100, session 11)."""
 TEXT_LEN = 5
 
 
@@ -231,7 +238,7 @@ def test_patched_equals_full_image_forward_on_cuda(name: str) -> None:
                 setattr(r, field, value.cuda())
     with float32_arithmetic():
         for r, out in zip(reqs, run_patched(pm, reqs), strict=True):
-            assert rel_err(out, run_full(pm, r)) <= REL_TOL
+            assert rel_err(out, run_full(pm, r)) <= CUDA_REL_TOL
 
 
 @contextlib.contextmanager
