@@ -16,7 +16,8 @@ from patchedserve.reference import ReferencePipeline
 from patchedserve.request import GenerationRequest, Request, RequestStatus
 from patchedserve.scheduler import QueueScheduler, SchedulerOutput
 
-MAX_PIXEL_DIFF = 2  # out of 255
+MAX_PIXEL_DIFF = 1  # out of 255
+"""Float32 rounding (about 1e-6 here) can move a pixel across one 8-bit rounding boundary, not two."""
 
 
 @cache
@@ -262,6 +263,9 @@ def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(
         ({"prompt": "p" * 32_001}, "prompt"),
         ({"negative_prompt": None}, "negative_prompt"),
         ({"slo_ms": -5.0}, "slo_ms"),
+        ({"slo_ms": float("inf")}, "slo_ms"),
+        ({"slo_ms": "100"}, "slo_ms"),  # a named error, not a TypeError from a comparison
+        ({"width": 100}, "size"),  # neither rule: the patch size is the one to quote
     ],
 )
 def test_bad_requests_are_refused_with_the_field(sdxl_engine: Engine, kwargs: dict, field: str) -> None:
@@ -270,6 +274,39 @@ def test_bad_requests_are_refused_with_the_field(sdxl_engine: Engine, kwargs: di
         sdxl_engine.submit(GenerationRequest(**{"prompt": "p", "width": 64, "height": 64, **kwargs}))
     assert err.value.field == field
     assert sdxl_engine.num_waiting == waiting  # nothing was queued
+
+
+def test_a_size_error_quotes_this_engines_patch_size() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=256)
+    with pytest.raises(InvalidRequestError, match="multiples of 256"):
+        engine.submit(GenerationRequest("a", width=300, height=256))  # not even the model's 32 px unit
+
+
+def test_a_request_without_a_size_gets_the_default_rounded_to_the_patch_size() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=384, decode_in_thread=False)
+    assert engine.bundle.defaults.width == engine.bundle.defaults.height == 512
+    assert engine.served_model.default_size == (384, 384)
+    [result] = engine.generate([GenerationRequest("a", steps=1)])
+    assert result.ok and result.image is not None and result.image.size == (384, 384)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("max_running", "4"), ("max_waiting", 2.0), ("slo_scale", "5"), ("pause", 1)]
+)
+def test_an_option_of_the_wrong_type_is_refused_by_name(option: str, value: object) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        Engine.from_model("tiny-sdxl", **{option: value})
+    assert err.value.field == option and repr(value) in str(err.value)
+
+
+def test_generate_queues_all_or_nothing_and_any_number_beyond_the_queue() -> None:
+    engine = Engine.from_model("tiny-sdxl", patch_size=64, max_waiting=2, decode_in_thread=False)
+    good = [GenerationRequest(f"p{i}", width=64, height=64, steps=1, seed=i) for i in range(5)]
+    with pytest.raises(InvalidRequestError):
+        engine.generate([*good[:2], GenerationRequest("bad", width=96, height=64)])
+    assert engine.num_waiting == 0 and not engine.has_work()  # the good two were not queued
+    results = engine.generate(good)  # five through a queue of two, the caller driving the loop
+    assert [r.params.seed for r in results] == [0, 1, 2, 3, 4] and all(r.ok for r in results)
 
 
 def test_a_full_queue_refuses_new_requests() -> None:

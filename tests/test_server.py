@@ -189,6 +189,9 @@ def test_an_api_key_guards_the_v1_routes_and_leaves_health_and_metrics_open(engi
                 assert resp.status_code == 401, (method, path, headers, resp.text)
                 assert resp.json()["error"]["code"] == "invalid_api_key"  # not the bad body's 400
                 assert resp.headers["www-authenticate"] == "Bearer"
+        as_json = {"Content-Type": "application/json"}
+        garbled = http.post("/v1/images/generations", content=b"{prompt:", headers=as_json)
+        assert garbled.status_code == 401, garbled.text  # the key is checked before the body is parsed
         for path in ("/health", "/metrics"):
             assert http.get(path).status_code == 200
         wrong = OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
@@ -253,6 +256,12 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "prompt-too-long": ({"prompt": "a cat " * 5400}, "prompt"),  # 32,400 characters
     "negative-too-long": ({"negative_prompt": "x" * 32_001}, "negative_prompt"),
     "model-name-huge": ({"model": "m" * 100_000}, "model"),
+    "size-fullwidth-digits": ({"size": "\uff16\uff14x64"}, "size"),  # int() would read them as 64
+    "slo-infinite": ({"slo_ms": float("inf")}, "slo_ms"),  # json.dumps sends Infinity
+    "seed-plus-n-past-max": ({"seed": 2**63 - 1, "n": 2}, "seed"),  # image 1 would take seed + 1
+    "quality-hd": ({"quality": "hd"}, "quality"),
+    "background-transparent": ({"background": "transparent"}, "background"),
+    "style": ({"style": "vivid"}, "style"),
 }
 
 
@@ -261,13 +270,16 @@ def test_bad_input_is_400_naming_the_field(http: httpx.Client, case: str) -> Non
     fields, param = BAD_INPUTS[case]
     body = {"prompt": "a cat", "size": "64x64", **FAST, **fields}
     body = {k: v for k, v in body.items() if not (case == "no-prompt" and k == "prompt")}
-    resp = post(http, body)
+    as_json = {"Content-Type": "application/json"}  # json.dumps writes Infinity, which pydantic reads
+    resp = http.post("/v1/images/generations", content=json.dumps(body), headers=as_json)
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert param in error["message"] and len(error["message"]) < 300  # quotes the input, shortened
     if case == "url-format":
         assert "only response_format='b64_json' is supported" in error["message"]
+    if case == "seed-plus-n-past-max":  # the seed sent, and why it is too large with n images
+        assert "with n 2" in error["message"] and str(2**63) not in error["message"]
 
 
 def test_a_body_over_the_cap_is_413_whether_declared_or_streamed(http: httpx.Client) -> None:
@@ -296,6 +308,48 @@ def test_malformed_body_is_400(http: httpx.Client, raw: str) -> None:
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["type"] == "invalid_request_error"
     assert "Content-Type" not in resp.json()["error"]["message"]  # it was sent as JSON
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"prompt": "a \xff cat"}', b"[" * 5000 + b"]" * 5000], ids=["utf8", "nested"]
+)
+def test_a_body_json_cannot_decode_is_400_invalid_json(http: httpx.Client, raw: bytes) -> None:
+    resp = http.post("/v1/images/generations", content=raw, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_json"
+
+
+def test_openai_fields_at_values_that_describe_our_images_are_accepted(http: httpx.Client) -> None:
+    body = {"prompt": "a cat", "size": "64x64", **FAST}
+    extra = {"quality": "auto", "background": "opaque", "moderation": "low", "user": "u1"}
+    resp = post(http, {**body, **extra})
+    assert resp.status_code == 200, resp.text
+    assert png_size(resp.json()["data"][0]["b64_json"]) == (64, 64)
+    style = post(http, {**body, "style": "natural"}).json()["error"]["message"]
+    assert "OpenAI Images API" in style and "not supported" in style  # known, not an "unknown" typo
+
+
+def test_a_forced_quit_answers_the_requests_in_flight_with_a_json_503(engine: Engine) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="critical"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    assert wait_for(lambda: server.started, 30)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=base, timeout=60) as http:
+        pending = pool.submit(post, http, {"prompt": "a cat", **LONG})
+        assert wait_for(lambda: engine.num_running > 0, 30)
+        server.should_exit = True  # the first Ctrl-C: a graceful shutdown begins...
+        time.sleep(0.3)
+        server.force_exit = True  # ...and the second forces it
+        resp = pending.result(timeout=60)
+    thread.join(timeout=30)
+    sock.close()
+    assert not thread.is_alive()
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "server_shutting_down"
+    assert wait_for(lambda: engine.num_running == 0 and engine.num_waiting == 0)  # its image was cancelled
 
 
 def test_a_body_sent_without_the_json_content_type_is_told_so(http: httpx.Client) -> None:
@@ -374,25 +428,26 @@ def test_client_disconnect_cancels_the_engine_request(engine: Engine, http: http
     assert wait_for(lambda: engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0, 60)
 
 
-def test_cancel_endpoint_ends_a_running_generation(http: httpx.Client) -> None:
-    assert http.post("/v1/images/generations/job-1/cancel").status_code == 404
+@pytest.mark.parametrize("gen_id", ["job-1", "team/job-1"])
+def test_cancel_endpoint_ends_a_running_generation(http: httpx.Client, gen_id: str) -> None:
+    assert http.post(f"/v1/images/generations/{gen_id}/cancel").status_code == 404
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(
             http.post,
             "/v1/images/generations",
             json={"prompt": "a cat", **LONG},
-            headers={"X-Request-ID": "job-1"},
+            headers={"X-Request-ID": gen_id},
         )
         answers: list[httpx.Response] = []
 
         def cancel() -> bool:
-            answers.append(http.post("/v1/images/generations/job-1/cancel"))
+            answers.append(http.post(f"/v1/images/generations/{gen_id}/cancel"))
             return answers[-1].status_code == 200
 
         assert wait_for(cancel, 60)
         resp = pending.result(timeout=60)
     assert answers[-1].json() == {
-        "id": "job-1",
+        "id": gen_id,
         "object": "image.generation.cancel",
         "cancelled": True,
         "num_open": 1,

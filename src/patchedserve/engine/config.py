@@ -5,7 +5,8 @@ parser can show the defaults without it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from patchedserve.errors import InvalidRequestError
@@ -63,7 +64,7 @@ class EngineConfig:
     """NIRVANA-style reuse of similar prompts' intermediate latents (a baseline; approximate)."""
     approx_cache_similarity: str = "model"
     """How that cache compares prompts: ``model`` (text embeddings) or ``exact`` (repeats only)."""
-    profile: str | None = None
+    profile: str | os.PathLike[str] | None = None
     """Latency profile (``patchedserve profile --out``); without one, ``slo`` profiles briefly at start."""
     streams: int | None = None
     """Parts of each step's batch denoised side by side, each on a share of the torch threads
@@ -73,6 +74,7 @@ class EngineConfig:
     """Decode finished images on a worker thread so denoising does not wait for the VAE."""
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.max_running < 1 or self.max_waiting < 1:
             raise InvalidRequestError("max_running and max_waiting must be at least 1", field="max_running")
         if self.dtype not in DTYPES:
@@ -131,3 +133,29 @@ def check_device(name: str) -> None:
             )
     elif device.type != "cpu":
         raise InvalidRequestError(f"device {name!r}: only cpu and cuda are supported", "device")
+
+
+_PLAIN_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "str": ((str,), "a string"),
+    "str | os.PathLike[str]": ((str, os.PathLike), "a path"),
+    "bool": ((bool,), "True or False"),
+    "PatchCacheConfig": ((PatchCacheConfig,), "a PatchCacheConfig"),
+}
+
+
+def check_field_types(config: object) -> None:
+    """Refuse a field of the wrong type (``max_running="4"``) with a named error, before a
+    comparison deep inside fails with a ``TypeError``. Reads the dataclass's own annotations."""
+    for field in fields(config):  # type: ignore[arg-type]
+        annotation = str(field.type)
+        optional = annotation.endswith(" | None")
+        known = _PLAIN_TYPES.get(annotation.removesuffix(" | None"))
+        value = getattr(config, field.name)
+        if known is None or (optional and value is None):
+            continue
+        allowed, kind = known
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            kind += " or None" if optional else ""
+            raise InvalidRequestError(f"{field.name} must be {kind}; got {value!r}", field=field.name)

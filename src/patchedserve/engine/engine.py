@@ -35,7 +35,7 @@ from patchedserve.engine.scheduling import build_scheduler
 from patchedserve.engine.served import CacheUsage, ServedModel
 from patchedserve.errors import InvalidRequestError, PatchedServeError
 from patchedserve.models import GenerationParams, ModelBundle, decode_latents, load_model, validate_generation
-from patchedserve.models.validation import check_prompts
+from patchedserve.models.validation import check_prompts, check_slo_ms
 from patchedserve.patch import PatchedModel
 from patchedserve.request import GenerationRequest, Request, RequestStatus
 from patchedserve.scheduler import Scheduler, StepOutcome
@@ -141,7 +141,9 @@ class Engine:
 
     # ------------------------------------------------------------------ submitting
     def submit(self, gen: GenerationRequest) -> Future[GenerationResult]:
-        """Validate and queue one request; its future resolves when it reaches a final state.
+        """Validate and queue one request; its future resolves when it reaches a final state. The
+        engine moves requests on while its loop runs (``start``) or while the caller drives it
+        (``step``, ``generate``); a future submitted to a stopped engine waits for either.
 
         Raises:
             InvalidRequestError: a field is out of range (message names it).
@@ -165,19 +167,23 @@ class Engine:
 
     def _validate(self, gen: GenerationRequest) -> GenerationParams:
         check_prompts(gen.prompt, gen.negative_prompt)
-        if gen.slo_ms is not None and not gen.slo_ms > 0:
-            raise InvalidRequestError(f"slo_ms must be positive; got {gen.slo_ms}", field="slo_ms")
-        params = validate_generation(
-            self.bundle, gen.width, gen.height, gen.steps, gen.guidance_scale, gen.sampler, gen.seed
+        check_slo_ms(gen.slo_ms)
+        width, height = gen.width, gen.height
+        if self.config.execution == "patched":  # the patch rule is this engine's, and the stricter one
+            default_width, default_height = self.served_model.default_size
+            width = default_width if width is None else width
+            height = default_height if height is None else height
+            lp = self.model.patch_size
+            sides = [v for v in (width, height) if isinstance(v, int) and not isinstance(v, bool)]
+            if any(v % lp for v in sides):
+                raise InvalidRequestError(
+                    f"size {width}x{height} is not a multiple of this engine's patch size {lp} px; "
+                    f"allowed sizes are multiples of {lp} in both width and height",
+                    field="size",
+                )
+        return validate_generation(
+            self.bundle, width, height, gen.steps, gen.guidance_scale, gen.sampler, gen.seed
         )
-        lp = self.model.patch_size
-        if self.config.execution == "patched" and (params.width % lp or params.height % lp):
-            raise InvalidRequestError(
-                f"size {params.width}x{params.height} is not a multiple of this engine's patch size {lp} px; "
-                f"allowed sizes are multiples of {lp} in both width and height",
-                field="size",
-            )
-        return params
 
     def _enqueue(self, gen: GenerationRequest, params: GenerationParams) -> Future[GenerationResult]:
         lp = self.model.patch_size
@@ -354,9 +360,22 @@ class Engine:
 
     # ------------------------------------------------------------------ front ends
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Generate all requests (blocking); results in input order."""
-        futures = [self.submit(g) for g in requests]
-        while not all(f.done() for f in futures):
+        """Generate all requests (blocking); results in input order.
+
+        All or nothing: if one request is invalid, none is queued. A list longer than the free room
+        in the queue is queued as room frees up, so any number of requests can be generated.
+        """
+        for g in requests:
+            self._validate(g)
+        pending = list(requests)
+        futures: list[Future[GenerationResult]] = []
+        while pending or not all(f.done() for f in futures):
+            if pending:
+                room = self.config.max_waiting - self.num_waiting
+                if room > 0:
+                    with contextlib.suppress(QueueFullError):  # another caller took the room first
+                        futures += self.submit_many(pending[:room])
+                        del pending[:room]
             if self._loop is None and self.has_work():
                 self.step()
             else:

@@ -28,6 +28,13 @@ class ServedModel:
     patch_size: int
     """Patch side in pixels; every image side must be a multiple of it."""
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(width, height) of a request that gives no size: the model's default, each side rounded
+        down to a multiple of the patch size (at least one patch)."""
+        d, p = self.defaults, self.patch_size
+        return max(p, d.width // p * p), max(p, d.height // p * p)
+
 
 @dataclass(frozen=True)
 class CacheUsage:

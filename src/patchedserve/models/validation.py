@@ -7,6 +7,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -136,3 +137,17 @@ def check_prompts(prompt: object, negative_prompt: object) -> None:
             raise InvalidRequestError(
                 f"{field} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted", field=field
             )
+
+
+def check_slo_ms(slo_ms: object) -> None:
+    """A request's latency objective: None, or a positive finite number of milliseconds.
+
+    Raises:
+        InvalidRequestError: with ``field`` ``slo_ms``.
+    """
+    if slo_ms is None:
+        return
+    if isinstance(slo_ms, bool) or not isinstance(slo_ms, (int, float)):
+        raise InvalidRequestError(f"slo_ms must be a number of milliseconds; got {slo_ms!r}", field="slo_ms")
+    if not 0 < slo_ms < math.inf:
+        raise InvalidRequestError(f"slo_ms must be positive and finite; got {slo_ms}", field="slo_ms")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -291,7 +292,7 @@ class LatencyPredictor:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, online: OnlineConfig | None = None) -> LatencyPredictor:
+    def load(cls, path: str | os.PathLike[str], online: OnlineConfig | None = None) -> LatencyPredictor:
         """Reads a profile written by ``save`` (``patchedserve profile --out``)."""
         path = Path(path)
         try:

@@ -22,6 +22,7 @@ after. The app registers its metrics observer on the engine and removes it at sh
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,8 +33,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from patchedserve.engine.served import ServedEngine
-from patchedserve.server.auth import require_api_key
-from patchedserve.server.errors import APIError, install_error_handlers
+from patchedserve.server.auth import ApiKeyGate, require_api_key
+from patchedserve.server.errors import APIError, error_response, install_error_handlers, shutting_down
 from patchedserve.server.generation import CLIENT_GONE_STATUS, ClientDisconnected, ImageService
 from patchedserve.server.limits import BodyLimit
 from patchedserve.server.metrics import ServerMetrics
@@ -76,6 +77,8 @@ def create_app(engine: ServedEngine, api_key: str | None = None) -> FastAPI:
     app.state.service = service
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    if api_key is not None:
+        app.add_middleware(ApiKeyGate, api_key=api_key)  # added last, so it runs first
     v1 = APIRouter(prefix="/v1", dependencies=[] if api_key is None else [Depends(require_api_key(api_key))])
 
     @v1.post("/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
@@ -88,8 +91,10 @@ def create_app(engine: ServedEngine, api_key: str | None = None) -> FastAPI:
             return await service.generate(body, request, x_request_id)
         except ClientDisconnected:
             return Response(status_code=CLIENT_GONE_STATUS)
+        except asyncio.CancelledError:  # a forced quit: the images were cancelled, say so as JSON
+            return error_response(shutting_down())
 
-    @v1.post("/images/generations/{gen_id}/cancel", responses=ERROR_RESPONSES)
+    @v1.post("/images/generations/{gen_id:path}/cancel", responses=ERROR_RESPONSES)  # ids may hold "/"
     async def cancel_generation(gen_id: str) -> dict[str, Any]:
         num_open = service.cancel(gen_id)  # images not yet finished, each sent a cancel
         # False when every image had already finished: the response is on its way, uncancelled.

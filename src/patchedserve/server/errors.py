@@ -23,6 +23,9 @@ from patchedserve.server.schemas import ErrorObject, ErrorResponse, shown
 RETRY_AFTER_S = 1
 """Seconds a client is told to wait after a 429."""
 
+OPENAI_UNSUPPORTED = frozenset({"style", "stream", "partial_images", "input_fidelity"})
+"""OpenAI Images API fields this server refuses at any value (it has no styles and does not stream)."""
+
 API_PARAM = {"width": "size", "height": "size", "steps": "num_inference_steps"}
 """Engine field name -> request field name, where they differ."""
 
@@ -64,6 +67,12 @@ class APIError(Exception):
         return cls(429, message, type="rate_limit_error", code="queue_full", headers=headers)
 
 
+def shutting_down() -> APIError:
+    """503 for a request the server gave up on as it was forced to quit (retry elsewhere)."""
+    message = "the server is shutting down and cancelled this request; retry it"
+    return APIError(503, message, type="server_error", code="server_shutting_down")
+
+
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body.model_dump(), status_code=err.status, headers=err.headers)
 
@@ -83,7 +92,10 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     if param is None:
         return APIError(400, "the request body must be a JSON object with a prompt", code="invalid_body")
     if kind == "extra_forbidden":
-        message = f"unknown parameter {shown(param)}: this server does not accept it"
+        if param in OPENAI_UNSUPPORTED:
+            message = f"parameter {shown(param)} of the OpenAI Images API is not supported by this server"
+        else:
+            message = f"unknown parameter {shown(param)}: this server does not accept it"
         return APIError(400, message, param=param, code="unknown_parameter")
     if kind == "missing":
         return APIError(400, f"{param} is required", param=param, code="missing_required_parameter")
@@ -107,6 +119,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(_: Request, err: Exception) -> JSONResponse:
         # Unknown routes and wrong methods, which Starlette answers before any endpoint runs.
         assert isinstance(err, StarletteHTTPException)
+        if err.status_code == 400:  # FastAPI could not decode the body (bad UTF-8, nesting too deep)
+            message = f"the request body is not valid JSON in UTF-8 ({err.detail})"
+            return error_response(APIError(400, message, code="invalid_json"))
         kind = "invalid_request_error" if err.status_code < 500 else "server_error"
         api = APIError(err.status_code, str(err.detail), type=kind, headers=err.headers)
         return error_response(api)

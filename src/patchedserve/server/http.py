@@ -104,9 +104,8 @@ def banner(host: str, port: int, model: ServedModel, replicas: int = 1, keyed: b
     API key gets requests that read it from ``$PATCHEDSERVE_API_KEY``; the key is never printed."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{shown}:{port}"
-    d, patch_size = model.defaults, model.patch_size
-    width, height = (max(patch_size, side // patch_size * patch_size) for side in (d.width, d.height))
-    size = f"{width}x{height}"
+    width, height = model.default_size
+    size, steps = f"{width}x{height}", model.defaults.steps
     body = json.dumps({"model": model.name, "prompt": EXAMPLE_PROMPT, "size": size})
     save = (
         "import base64, json, sys; "
@@ -134,7 +133,7 @@ def banner(host: str, port: int, model: ServedModel, replicas: int = 1, keyed: b
             "  resp = client.images.generate(",
             f"      model={json.dumps(model.name)}, size={json.dumps(size)},",
             f"      prompt={json.dumps(EXAMPLE_PROMPT)},",
-            f'      response_format="b64_json", extra_body={{"num_inference_steps": {d.steps}}},',
+            f'      response_format="b64_json", extra_body={{"num_inference_steps": {steps}}},',
             "  )",
             '  open("cat.png", "wb").write(base64.b64decode(resp.data[0].b64_json))',
             "",

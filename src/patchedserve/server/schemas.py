@@ -7,8 +7,10 @@ everything past the edge uses the engine's dataclasses (`GenerationRequest`, `Ge
 Unknown fields are refused (``extra="forbid"``): the official clients send only the fields a caller
 set, so an unknown one is almost always a typo of an extension field (``steps`` for
 ``num_inference_steps``) that would otherwise silently fall back to a default. OpenAI fields that
-cannot change our output are accepted and ignored (``user``, ``safety_identifier``); those we cannot
-honour are refused by value (``response_format="url"``, ``output_format="gif"``).
+cannot change our output are accepted and ignored (``user``, ``safety_identifier``, ``moderation``),
+as are the values of ``quality`` and ``background`` that ask for what we make anyway (``auto``,
+``opaque``); other values we cannot honour are refused by value (``response_format="url"``,
+``output_format="gif"``, ``quality="hd"``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from patchedserve.models.validation import MAX_PROMPT_CHARS
+from patchedserve.models.validation import MAX_PROMPT_CHARS, MAX_SEED
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
@@ -28,9 +30,18 @@ are several times smaller, at the quality ``output_compression`` sets)."""
 MAX_IMAGES = 10
 """Most images one request may ask for (``n``), as in the OpenAI API."""
 
-SIZE_PATTERN = re.compile(r"(\d{1,6})x(\d{1,6})")
+SIZE_PATTERN = re.compile(r"(\d{1,6})x(\d{1,6})", re.ASCII)
 """``WIDTHxHEIGHT`` in pixels, e.g. ``768x512`` (at most six digits a side: ``int`` refuses a
-string of thousands of digits, and no model takes a side of a million pixels)."""
+string of thousands of digits, and no model takes a side of a million pixels). ASCII digits only:
+a Unicode digit class would also match other scripts' digits, which ``int`` reads."""
+
+
+ANSWERED_AS_IS: dict[str, tuple[tuple[str, ...], str]] = {
+    "moderation": (("auto", "low"), "this server runs no moderation"),
+    "quality": (("auto",), "this server has one quality (num_inference_steps trades time for detail)"),
+    "background": (("auto", "opaque"), "images are RGB, without transparency"),
+}
+"""OpenAI fields accepted at the values that describe what this server makes anyway."""
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -63,18 +74,25 @@ class ImageGenerationRequest(BaseModel):
     """Accepted and ignored (an end-user identifier in the OpenAI API)."""
     safety_identifier: str | None = None
     """Accepted and ignored."""
+    moderation: str | None = None
+    """``auto`` or ``low``, accepted and ignored: this server moderates nothing."""
+    quality: str | None = None
+    """Only ``auto`` (the OpenAI default): this server has one quality; ``num_inference_steps``
+    trades time for detail."""
+    background: str | None = None
+    """Only ``auto`` or ``opaque``: images are RGB, with no transparency."""
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     """Extension: text to steer away from."""
     num_inference_steps: int | None = None
     """Extension: denoising steps; omitted means the model's default."""
     guidance_scale: float | None = None
     """Extension: classifier-free guidance scale; <= 1 turns guidance off."""
-    seed: int = Field(default=0, ge=0)
-    """Extension: seed of the first image's noise."""
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    """Extension: seed of the first image's noise; image ``i`` uses ``seed + i``."""
     sampler: str | None = None
     """Extension: sampler name; omitted means the model's default."""
-    slo_ms: float | None = Field(default=None, gt=0)
-    """Extension: latency objective in milliseconds from arrival."""
+    slo_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    """Extension: latency objective in milliseconds from arrival (positive, finite)."""
 
     @field_validator("prompt")
     @classmethod
@@ -90,6 +108,23 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError(
                 f"size must be WIDTHxHEIGHT in pixels (e.g. 512x512) or auto; got {shown(value)}"
             )
+        return value
+
+    @field_validator("moderation", "quality", "background")
+    @classmethod
+    def _what_we_make(cls, value: str | None, info: ValidationInfo) -> str | None:
+        allowed, why = ANSWERED_AS_IS[str(info.field_name)]
+        if value is not None and value not in allowed:
+            choices = " or ".join(repr(a) for a in allowed)
+            raise ValueError(f"{info.field_name} {shown(value)} is not supported: {why}; send {choices}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_fit(cls, value: int, info: ValidationInfo) -> int:
+        n = info.data.get("n", 1)  # n is declared before seed (absent if invalid)
+        if value + n - 1 > MAX_SEED:
+            raise ValueError(f"seed must be at most {MAX_SEED - n + 1} with n {n}, as image i uses seed + i")
         return value
 
     @field_validator("response_format")
