@@ -17,7 +17,7 @@ is what ``patchedserve serve --replicas N`` puts behind the HTTP server:
 - a replica that dies fails its open requests with ``ReplicaLostError`` and is left out of dispatch
   while Ray restarts it (a fresh engine); it is back once it answers a poll.
 
-Ray is imported here only, so nothing else needs it installed.
+Ray is imported here and by ``bench.replicas`` only, so nothing else needs it installed.
 """
 
 from __future__ import annotations
