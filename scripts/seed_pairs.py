@@ -52,27 +52,40 @@ def _trace_names(folders: list[Path]) -> dict[tuple[Path, float], str]:
 
 
 def _points(
-    folders: list[Path], rerun: bool = False, aliases: dict[str, str] | None = None
+    folders: list[Path],
+    rerun: bool = False,
+    aliases: dict[str, str] | None = None,
+    slo_scale: float | None = None,
 ) -> dict[tuple[str, float], dict[str, tuple[int, int]]]:
     """(system, qps) -> {trace name: (met, requests)}. A system that replayed one trace in two
     folders is an error, unless ``rerun``: then the later folder counts (a rerun on newer code).
-    ``aliases``: as ``bench.results.single_replica_runs``."""
+    ``aliases``: as ``bench.results.single_replica_runs``. ``slo_scale``: only the runs at that
+    SLO scale (a sweep over several replays each trace once per scale)."""
     names = _trace_names(folders)
     points: dict[tuple[str, float], dict[str, tuple[int, int]]] = defaultdict(dict)
     for folder in folders:
         for system, run in single_replica_runs(load_results(folder / "results.json")["runs"], aliases):
+            if slo_scale is not None and float(run["slo_scale"]) != slo_scale:
+                continue
             qps = float(run["qps"])
             trace = names.get((folder, qps), folder.name)
             if trace in points[(system, qps)] and not rerun:
-                raise ValueError(f"{system} at {qps} req/s replayed the trace of {trace} twice")
+                raise ValueError(
+                    f"{system} at {qps} req/s replayed the trace of {trace} twice"
+                    " (runs at several SLO scales: choose one with --slo-scale)"
+                )
             points[(system, qps)][trace] = (int(run["met"]), int(run["requests"]))
     return points
 
 
 def compare(
-    folders: list[Path], reference: str, rerun: bool = False, aliases: dict[str, str] | None = None
+    folders: list[Path],
+    reference: str,
+    rerun: bool = False,
+    aliases: dict[str, str] | None = None,
+    slo_scale: float | None = None,
 ) -> list[dict[str, Any]]:
-    points = _points(folders, rerun, aliases)
+    points = _points(folders, rerun, aliases, slo_scale)
     rows: list[dict[str, Any]] = []
     for system, qps in sorted(points, key=lambda k: (k[1], k[0])):
         own = points[(system, qps)]
@@ -117,12 +130,13 @@ def main() -> None:
         help="a system's run of a trace in a later folder replaces its run in an earlier one",
     )
     ap.add_argument("--alias", action="append", default=[], metavar="OLD=NEW", help=ALIAS_HELP)
+    ap.add_argument("--slo-scale", type=float, help="only the runs at this SLO scale")
     args = ap.parse_args()
     try:
         aliases = parse_aliases(args.alias)
     except ValueError as err:
         ap.error(str(err))
-    rows = compare(args.sweeps, args.reference, args.rerun, aliases)
+    rows = compare(args.sweeps, args.reference, args.rerun, aliases, args.slo_scale)
     for row in rows:
         per_seed = " ".join(f"{v:.3f}" for v in row["satisfaction"].values())
         line = f"{row['qps']:>4} req/s  {row['system']:<22} pooled {row['pooled']:.3f}  seeds {per_seed}"

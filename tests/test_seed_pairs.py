@@ -67,6 +67,21 @@ def test_a_system_replaying_one_trace_twice_is_an_error(tmp_path: Path) -> None:
     assert rows["ref"]["satisfaction"] == {"a": 0.7}  # the later folder's run counts
 
 
+def test_runs_at_two_slo_scales_are_compared_one_scale_at_a_time(tmp_path: Path) -> None:
+    script = load_script("seed_pairs")
+    folder = write_sweep(tmp_path / "a", "trace one\n", {"ref": (8, 10), "other": (6, 10)})
+    results = json.loads((folder / "results.json").read_text())
+    tight = [{**run, "slo_scale": 3.0, "met": run["met"] - 4} for run in results["runs"]]
+    results["runs"] += tight  # the same trace replayed again at 3x: ref 4 of 10, other 2
+    (folder / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="--slo-scale"):
+        script.compare([folder], "ref")
+    for scale, (ref, other) in ((5.0, (0.8, 0.6)), (3.0, (0.4, 0.2))):
+        rows = {r["system"]: r for r in script.compare([folder], "ref", slo_scale=scale)}
+        assert rows["ref"]["satisfaction"] == {"a": ref} and rows["other"]["satisfaction"] == {"a": other}
+        assert math.isclose(rows["other"]["reference_minus_pp"]["mean"], 20.0)
+
+
 def test_an_alias_pairs_a_variant_as_the_system_it_stands_for(tmp_path: Path) -> None:
     script = load_script("seed_pairs")
     folders = [
