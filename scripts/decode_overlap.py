@@ -18,7 +18,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from patchedserve.bench.results import load_outcomes, load_results, load_step_progress, load_steps, run_file
+from patchedserve.bench.results import (
+    find_run_file,
+    load_outcomes,
+    load_results,
+    load_step_progress,
+    load_steps,
+)
 from patchedserve.bench.systems import parse_systems
 from patchedserve.bench.traces import load_trace
 from patchedserve.cluster.commands import _load, _trajectory
@@ -45,8 +51,9 @@ def main() -> None:
             cost = cost_model(spec.execution, profile, costs, patch_cache=spec.patch_cache)
             for t in meta["traces"]:
                 trajectory = _trajectory(load_trace(t["path"])[0])
-                steps_path = run_file(folder, "steps", spec.name, 1, t["qps"])
-                outcomes = load_outcomes(run_file(folder, "outcomes", spec.name, 1, t["qps"]))
+                run = (spec.name, 1, t["qps"], t["slo_scale"])
+                steps_path = find_run_file(folder, "steps", *run)
+                outcomes = load_outcomes(find_run_file(folder, "outcomes", *run))
                 busy = Busy(decode_phases(outcomes))
                 logged = load_step_progress(steps_path)
                 for i, (start_s, latency_s, entries) in enumerate(load_steps(steps_path)):

@@ -29,11 +29,11 @@ from typing import Any
 from patchedserve.bench.metrics import RequestOutcome
 from patchedserve.bench.results import (
     ALIAS_HELP,
+    find_run_file,
     load_outcomes,
     load_results,
     make_run,
     parse_aliases,
-    run_file,
     single_replica_runs,
     trace_digests,
     write_results,
@@ -56,7 +56,7 @@ def pool(
             if qps not in traces:
                 raise ValueError(f"{folder}: the {qps:g} req/s trace file is missing")
             digest, duration_s = traces[qps]
-            path = run_file(folder, "outcomes", run["system"], 1, qps)
+            path = find_run_file(folder, "outcomes", run["system"], 1, qps, float(run["slo_scale"]))
             outcomes = load_outcomes(path)
             if digest in seen[(system, qps)] and not rerun:
                 raise ValueError(f"{system} replayed the {qps:g} req/s trace of {folder} twice")

@@ -68,7 +68,7 @@ def main() -> None:
         for t in meta["traces"]
         if t["qps"] in {float(q) for q in args.qps.split(",")}
     ]
-    trajectories = {trace[0]: _trajectory(trace[2]) for trace in traces}
+    trajectories = {(trace[0], trace[1]): _trajectory(trace[2]) for trace in traces}
     speed_for = _speed_reader(args.sweep, profile, costs, args.speed_bucket, trajectories)
     embedder = _embedder("model", meta["model"])
     config = SimConfig(patch_size=meta["patch_size"], max_running=meta["max_running"])
@@ -76,9 +76,9 @@ def main() -> None:
     systems = parse_systems(args.systems)
     table: dict[str, Any] = {}
     for trace in traces:
-        qps = trace[0]
+        qps, scale = trace[0], trace[1]
         for source in sources:
-            speed = speed_for(source, qps)
+            speed = speed_for(source, qps, scale)
             if speed is None:
                 continue
             print(f"{source.name} @ {qps:g}: speed {speed.mean:.2f}, step noise {speed.noise:.3f}")
@@ -90,7 +90,7 @@ def main() -> None:
                 replace(costs, step_noise=noise),
                 config,
                 embedder,
-                speed_for=lambda _spec, _qps, speed=speed: speed,
+                speed_for=lambda _spec, _qps, _scale, speed=speed: speed,
                 noise_seeds=args.noise_seeds,
             )
             for run in runs:

@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+RUN_NAME = re.compile(r"(?P<system>[^_]+)_(?P<replicas>\d+)r_(?P<qps>[^_]+)qps(?:_slo(?P<scale>[^_]+))?")
+"""A run's file name (``bench.results.run_file``), or the one before session 26 (no ``_slo``)."""
 
 
 @dataclass
@@ -57,15 +61,20 @@ def add_run(run_dir: Path, totals: dict[str, Work]) -> None:
     """Adds one ``bench slo`` output directory's step logs and outcomes to ``totals`` (per system)."""
     traces = {p.stem: _jsonl(p)[1:] for p in sorted((run_dir / "traces").glob("*.jsonl"))}  # header first
     for log in sorted((run_dir / "steps").glob("*.jsonl")):
-        system, rest = log.stem.split("_", 1)  # "<system>_<replicas>r_<qps>qps"
-        qps = rest.split("_", 1)[1].removesuffix("qps")
+        name = RUN_NAME.fullmatch(log.stem)
+        if name is None:
+            raise ValueError(f"{log}: not a run's step log (<system>_<replicas>r_<qps>qps_slo<scale>)")
+        system, qps, scale = name["system"], name["qps"], name["scale"]
         work = totals[system]
         for _, seconds, entries, *_ in _jsonl(log):  # [time_s, seconds, [[width, height, cfg], ...], ...]
             work.step_s += float(seconds)
             work.request_steps += len(entries)
             work.megapixel_steps += sum(w * h * (2 if cfg else 1) for w, h, cfg in entries) / 1e6
         outcomes = run_dir / "outcomes" / log.name
-        trace = next(t for name, t in traces.items() if name.startswith(f"qps{qps}_"))
+        if scale is None:  # written before session 26: no scale in the name, one scale's files per load
+            trace = next(t for stem, t in traces.items() if stem.startswith(f"qps{qps}_"))
+        else:
+            trace = traces[f"qps{qps}_slo{scale}"]
         for row in _jsonl(outcomes):
             work.arrived += 1
             if row["status"] == "finished":

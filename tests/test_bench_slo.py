@@ -96,6 +96,25 @@ def test_qps_at_90_percent_interpolates_the_crossing() -> None:
     assert table["image-fcfs@5x"]["ratio"] == pytest.approx(1.5 / (1.0 + 0.05 / 0.45))
 
 
+def test_runs_at_two_slo_scales_keep_their_own_outcomes_and_steps(tmp_path: Path) -> None:
+    from patchedserve.bench.metrics import RequestOutcome
+    from patchedserve.bench.results import find_run_file, load_outcomes, save_outcomes, save_steps
+
+    for scale, status in ((3.0, "dropped"), (10.0, "finished")):
+        run = {"system": "nirvana", "replicas": 1, "qps": 1.0, "slo_scale": scale}
+        save_outcomes(tmp_path, run, [RequestOutcome(0, "64x64", 0.0, status, 1.0, 2.0)])
+        save_steps(tmp_path, run, [(0.0, 0.1 * scale, [(64, 64, True)])])
+    for scale, status in ((3.0, "dropped"), (10.0, "finished")):
+        [outcome] = load_outcomes(find_run_file(tmp_path, "outcomes", "nirvana", 1, 1.0, scale))
+        [(_, latency_s, _)] = load_steps(find_run_file(tmp_path, "steps", "nirvana", 1, 1.0, scale))
+        assert outcome.status == status and latency_s == pytest.approx(0.1 * scale)
+    # A folder written before session 26 named no scale: its one file per load is found for any.
+    legacy = tmp_path / "old" / "outcomes" / "nirvana_1r_1qps.jsonl"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text("")
+    assert find_run_file(tmp_path / "old", "outcomes", "nirvana", 1, 1.0, 5.0) == legacy
+
+
 def write_profile(path: Path) -> Path:
     """A rough synthetic profile of tiny-sdxl at patch 64 (deadlines only need to be generous)."""
     coef = (0.005, 0.002, 0.0001, 0.001, 0.0005, 0.0005, 0.001, 0.001)
@@ -153,9 +172,13 @@ def test_tiny_real_replay_writes_results_and_plots(
     for path in outcome_files:  # every request finished: denoised before its image was ready
         for row in map(json.loads, path.read_text().splitlines()):
             assert 0.0 < row["denoised_s"] < row["latency_s"]
-    steps = load_steps(run_file(out, "steps", "patched-fcfs", 1, data["runs"][3]["qps"]))
+    steps = load_steps(
+        run_file(out, "steps", "patched-fcfs", 1, data["runs"][3]["qps"], data["runs"][3]["slo_scale"])
+    )
     assert sum(len(entries) for _, _, entries in steps) == 2 + 2 + 2  # every request ran its 2 steps
-    progress = load_step_progress(run_file(out, "steps", "patched-fcfs", 1, data["runs"][3]["qps"]))
+    progress = load_step_progress(
+        run_file(out, "steps", "patched-fcfs", 1, data["runs"][3]["qps"], data["runs"][3]["slo_scale"])
+    )
     assert progress is not None and len(progress) == len(steps)
     taken: dict[int, list[int]] = {}
     for step in progress:

@@ -335,11 +335,11 @@ def test_bench_slo_replays_a_trace_on_ray_replicas_and_the_simulator_replays_it_
     assert data["meta"]["replica_profile"] == str(replica_profile.resolve())
     (run,) = data["runs"]
     assert (run["system"], run["replicas"], run["slo_satisfaction"]) == ("patchedserve", 2, 1.0)
-    outcomes = load_outcomes(run_file(out, "outcomes", "patchedserve", 2, run["qps"]))
+    outcomes = load_outcomes(run_file(out, "outcomes", "patchedserve", 2, run["qps"], run["slo_scale"]))
     assert [o.status for o in outcomes] == ["finished"] * 4
     assert all(0.0 < (o.denoised_s or 0.0) < (o.latency_s or 0.0) for o in outcomes)
     # Each replica logged its own steps; the log merges them, with unique ids and whose step it was.
-    steps_file = run_file(out, "steps", "patchedserve", 2, run["qps"])
+    steps_file = run_file(out, "steps", "patchedserve", 2, run["qps"], run["slo_scale"])
     steps, progress = load_steps(steps_file), load_step_progress(steps_file)
     replica = load_step_replicas(steps_file)
     assert progress is not None and replica is not None and set(replica) == {0, 1}

@@ -8,6 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from script_module import load_script
 
 
@@ -16,7 +18,8 @@ def write_jsonl(path: Path, rows: list[Any]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_counts_steps_against_those_asked_and_prices_them_per_megapixel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["nirvana_1r_2qps_slo5", "nirvana_1r_2qps"], ids=["named", "before-26"])
+def test_counts_steps_against_those_asked_and_prices_them_per_megapixel(tmp_path: Path, name: str) -> None:
     script = load_script("step_work")
     trace: list[Any] = [
         {"format": "patchedserve-trace"},
@@ -31,13 +34,13 @@ def test_counts_steps_against_those_asked_and_prices_them_per_megapixel(tmp_path
         [t, 0.25, [[1000, 1000, False]]] for t in (1, 2, 3)
     ]
     steps.append([4.0, 0.5, [[1000, 500, True]]])
-    write_jsonl(tmp_path / "steps" / "nirvana_1r_2qps.jsonl", steps)
+    write_jsonl(tmp_path / "steps" / f"{name}.jsonl", steps)
     outcomes = [
         {"index": 0, "status": "finished", "latency_s": 1.0, "slo_s": 2.0, "denoised_s": 0.5},
         {"index": 1, "status": "finished", "latency_s": 3.0, "slo_s": 2.0, "denoised_s": 1.9},
         {"index": 2, "status": "dropped"},
     ]
-    write_jsonl(tmp_path / "outcomes" / "nirvana_1r_2qps.jsonl", outcomes)
+    write_jsonl(tmp_path / "outcomes" / f"{name}.jsonl", outcomes)
     totals: defaultdict[str, Any] = defaultdict(script.Work)
     script.add_run(tmp_path, totals)
     w = totals["nirvana"]

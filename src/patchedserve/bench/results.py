@@ -4,8 +4,8 @@ Layout: ``{"meta": {...}, "runs": [...], "goodput_at_90": {...}}``. Each run hol
 ``qps``, ``slo_scale``, ``slo_satisfaction``, ``goodput_rps``, ``p50_s``, ``p90_s``, ``p99_s``,
 ``drop_rate``, ``per_resolution`` (the same figures per ``"WxH"``), plus ``replicas``, counts,
 ``unfinished_rate`` and ``latencies_s`` (finished requests, for the CDF plot). Per-request
-outcomes go to ``outcomes/<system>_<replicas>r_<qps>qps.jsonl`` and, for real runs, every executed
-step to ``steps/<same>.jsonl`` (what ``cluster.speed`` reads the machine's speed from). Written by
+outcomes go to ``outcomes/<system>_<replicas>r_<qps>qps_slo<scale>.jsonl`` and, for real runs, every
+executed step to ``steps/<same>.jsonl`` (what ``cluster.speed`` reads the machine's speed from). Written by
 ``bench slo`` and ``simulate``; read back by ``simulate --compare``.
 """
 
@@ -50,13 +50,21 @@ def make_run(
     return run
 
 
-def run_file(out_dir: Path, kind: str, system: str, replicas: int, qps: float) -> Path:
-    """``out_dir/<kind>/<system>_<replicas>r_<qps>qps.jsonl`` (kind: outcomes or steps)."""
-    return out_dir / kind / f"{system}_{replicas}r_{qps:g}qps.jsonl"
+def run_file(out_dir: Path, kind: str, system: str, replicas: int, qps: float, slo_scale: float) -> Path:
+    """``out_dir/<kind>/<system>_<replicas>r_<qps>qps_slo<scale>.jsonl`` (kind: outcomes or steps)."""
+    return out_dir / kind / f"{system}_{replicas}r_{qps:g}qps_slo{slo_scale:g}.jsonl"
+
+
+def find_run_file(out_dir: Path, kind: str, system: str, replicas: int, qps: float, slo_scale: float) -> Path:
+    """The file of a run to read: ``run_file``'s, or the name folders written before session 26 used,
+    without the SLO scale (such a folder kept only its last scale's files for each load)."""
+    path = run_file(out_dir, kind, system, replicas, qps, slo_scale)
+    legacy = out_dir / kind / f"{system}_{replicas}r_{qps:g}qps.jsonl"
+    return path if path.exists() or not legacy.exists() else legacy
 
 
 def save_outcomes(out_dir: Path, run: dict[str, Any], outcomes: Sequence[RequestOutcome]) -> Path:
-    path = run_file(out_dir, "outcomes", run["system"], run["replicas"], run["qps"])
+    path = run_file(out_dir, "outcomes", run["system"], run["replicas"], run["qps"], run["slo_scale"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(asdict(o)) + "\n" for o in outcomes))
     return path
@@ -77,7 +85,7 @@ def save_steps(
 ) -> Path:
     """One JSON line per step: ``[start_s, latency_s, [[w, h, cfg], ...], [[id, step], ...]]``
     (the last only with ``progress``), then, for a run on Ray replicas, the replica's index."""
-    path = run_file(out_dir, "steps", run["system"], run["replicas"], run["qps"])
+    path = run_file(out_dir, "steps", run["system"], run["replicas"], run["qps"], run["slo_scale"])
     path.parent.mkdir(parents=True, exist_ok=True)
     rows: list[list[Any]] = [
         [round(t, 4), round(lat, 5), [list(e) for e in entries]] for t, lat, entries in steps

@@ -247,7 +247,7 @@ def run_compare(args: argparse.Namespace) -> int:
     embedder = _embedder(args.nirvana_similarity, meta["model"])
     speed_for = None
     if args.speed_trace:
-        trajectories = {t[0]: _trajectory(t[2]) for t in traces}
+        trajectories = {(t[0], t[1]): _trajectory(t[2]) for t in traces}
         speed_for = _speed_reader(
             Path(args.compare).parent, profile, costs, args.speed_bucket, trajectories, replicas
         )
@@ -285,9 +285,10 @@ def _with_decode_phase(run: dict[str, Any], real_dir: Path) -> dict[str, Any]:
     """``run`` with its decode phase P50 read off its outcomes file, for results.json files
     written before ``summarize`` reported it (as is, where it has it or has no outcomes file)."""
     from patchedserve.bench.metrics import summarize
-    from patchedserve.bench.results import load_outcomes, run_file
+    from patchedserve.bench.results import find_run_file, load_outcomes
 
-    path = run_file(real_dir, "outcomes", run["system"], run.get("replicas", 1), run["qps"])
+    replicas = run.get("replicas", 1)
+    path = find_run_file(real_dir, "outcomes", run["system"], replicas, run["qps"], run["slo_scale"])
     if "decode_p50_s" in run or not path.exists():
         return run
     return {**run, "decode_p50_s": summarize(load_outcomes(path), run["duration_s"])["decode_p50_s"]}
@@ -316,36 +317,36 @@ def _speed_reader(
     profile: Any,
     costs: Any,
     bucket_s: float,
-    trajectories: dict[float, int | None],
+    trajectories: dict[tuple[float, float], int | None],
     replicas: int = 1,
-) -> Callable[[Any, float], Any]:
-    """(system spec, qps) -> the ``SpeedTrace`` of that real run's step log (of all its replicas'
-    steps, for a run on Ray replicas), or None without one."""
+) -> Callable[[Any, float, float], Any]:
+    """(system spec, qps, SLO scale) -> the ``SpeedTrace`` of that real run's step log (of all its
+    replicas' steps, for a run on Ray replicas), or None without one."""
     from patchedserve.bench.results import (
+        find_run_file,
         load_outcomes,
         load_step_progress,
         load_step_replicas,
         load_steps,
-        run_file,
     )
     from patchedserve.cluster.costs import cost_model
     from patchedserve.cluster.speed import SpeedTrace, decode_phases, infer_progress
 
-    def decoding(spec: Any, qps: float) -> list[tuple[float, float]] | None:
+    def decoding(spec: Any, qps: float, scale: float) -> list[tuple[float, float]] | None:
         """The run's decode phases (denoised to finished) in trace time; None for Ray replicas
         (each engine's decodes slow the others' steps too) or where the outcomes lack them."""
-        path = run_file(real_dir, "outcomes", spec.name, replicas, qps)
+        path = find_run_file(real_dir, "outcomes", spec.name, replicas, qps, scale)
         if replicas > 1 or not path.exists():
             return None
         return decode_phases(load_outcomes(path)) or None
 
-    def speed_for(spec: Any, qps: float) -> SpeedTrace | None:
-        path = run_file(real_dir, "steps", spec.name, replicas, qps)
+    def speed_for(spec: Any, qps: float, scale: float) -> SpeedTrace | None:
+        path = find_run_file(real_dir, "steps", spec.name, replicas, qps, scale)
         if not path.exists():
             return None
         cost = cost_model(spec.execution, profile, costs, patch_cache=spec.patch_cache)
         steps, logged = load_steps(path), load_step_progress(path)
-        trajectory = trajectories.get(qps)
+        trajectory = trajectories.get((qps, scale))
         progress = None
         if cost.cache_steps and trajectory:
             if logged is not None:
@@ -356,7 +357,7 @@ def _speed_reader(
             print(f"warning: {path}: no step indices; speed from the flat cache factor", file=sys.stderr)
         ids = None if logged is None else [[i for i, _ in taken] for taken in logged]
         return SpeedTrace.from_steps(
-            steps, cost, bucket_s, progress, ids, load_step_replicas(path), decoding(spec, qps)
+            steps, cost, bucket_s, progress, ids, load_step_replicas(path), decoding(spec, qps, scale)
         )
 
     return speed_for

@@ -31,13 +31,13 @@ def simulate_traces(
     config: SimConfig,
     embedder: Callable[[], Embedder] | None = None,
     log: Callable[[str], None] | None = None,
-    speed_for: Callable[[SystemSpec, float], SpeedTrace | None] | None = None,
+    speed_for: Callable[[SystemSpec, float, float], SpeedTrace | None] | None = None,
     measured_noise: bool = False,
     noise_seeds: int = 1,
     engine_profile: LatencyPredictor | None = None,
 ) -> list[dict[str, Any]]:
     """One run per (trace, system) on ``config.replicas`` simulated engines; ``speed_for`` (system,
-    qps) gives the machine's speed over that run's time (``cluster.speed``), if any, and with
+    qps, SLO scale) gives the machine's speed over that run's time (``cluster.speed``), if any, and with
     ``measured_noise`` also its per-step jitter (else ``costs.step_noise``). Deadlines come from
     ``profile``; the engines' schedulers and the dispatcher load ``engine_profile`` (default: the
     same), as real replicas may be given a profile of their own.
@@ -54,7 +54,7 @@ def simulate_traces(
             start = time.perf_counter()
             exact = spec.nirvana_similarity == "exact"
             embed = embedder() if spec.approx_cache and embedder is not None and not exact else None
-            speed = speed_for(spec, qps) if speed_for is not None else None
+            speed = speed_for(spec, qps, scale) if speed_for is not None else None
             run_costs = replace(costs, speed=speed)
             if speed is not None:  # a speed with the decode interference inside: not added again
                 run_costs = replace(run_costs, decode_interference=speed.decode_interference or 0.0)
