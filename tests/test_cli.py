@@ -132,6 +132,56 @@ def test_a_file_that_is_missing_or_of_another_kind_is_one_error_line(
     assert not (tmp_path / "sim").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "--qps", "nan"], "positive finite numbers"),
+        (["simulate", "--qps", "1,inf"], "positive finite numbers"),
+        (["simulate", "--replicas", "0.5"], "whole numbers"),
+        (["simulate", "--speed-bucket", "0"], "positive finite number"),
+        (["simulate", "--patch-size", "0"], "whole number >= 1"),
+        (["profile", "--threads", "0"], "whole number >= 1"),
+        (["bench", "calibrate", "--threads", "-1"], "whole number >= 1"),
+    ],
+)
+def test_a_flag_out_of_range_is_a_usage_error(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--prompt", "a", "--out", "cat.xyz"], "no image format is written as .xyz"),
+        (["generate", "--prompt", "a", "--out", "folder"], "is a folder"),
+        (["profile", "--out", "plain.txt/p.json"], "cannot write under plain.txt"),
+        (["bench", "step", "--json", "folder"], "is a folder"),
+        (["bench", "calibrate", "--out", "plain.txt/costs"], "cannot write under plain.txt"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import patchedserve.models as models
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "plain.txt").write_text("a file, not a folder\n")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the work began"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
 def test_serve_flags_reach_the_engine_config() -> None:
     from patchedserve.cli import build_parser
     from patchedserve.server.commands import engine_config

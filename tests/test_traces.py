@@ -93,6 +93,10 @@ def test_jsonl_round_trip_keeps_requests_and_config(tmp_path: Path) -> None:
     assert len(path.read_text().splitlines()) == len(trace) + 1
 
 
+HEADER = '{"format": "patchedserve-trace", "version": 1}\n'
+"""A trace file's first line, without a config."""
+
+
 def test_bad_configs_are_refused() -> None:
     with pytest.raises(ValueError):
         TraceConfig(qps=0.0)
@@ -100,6 +104,10 @@ def test_bad_configs_are_refused() -> None:
         TraceConfig(mix="custom")
     with pytest.raises(ValueError):
         TraceConfig(repetition=1.5)
+    with pytest.raises(ValueError, match="finite"):
+        TraceConfig(qps=float("inf"))
+    with pytest.raises(ValueError, match="at most 1,000,000"):
+        TraceConfig(qps=1e9, duration_s=60.0)  # would be generated until memory ran out
 
 
 @pytest.mark.parametrize(
@@ -109,6 +117,9 @@ def test_bad_configs_are_refused() -> None:
         ("not json\n", "is not a trace file (JSON lines)"),
         ('{"format": "other"}\n', "is not a patchedserve-trace version"),
         ("[1, 2]\n", "is not a patchedserve-trace version"),
+        (HEADER + '{"arrival_s": 0.0,\n', "line 2 is not a trace request"),  # cut short
+        (HEADER + '{"arrival_s": 0.0}\n', "line 2 is not a trace request"),  # fields missing
+        (HEADER + "[1]\n", "line 2 is not a trace request"),
     ],
 )
 def test_a_file_that_is_not_a_trace_is_refused_by_name(tmp_path: Path, text: str, message: str) -> None:

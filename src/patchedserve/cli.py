@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 # Library chatter (optional-dependency hints, deprecations) is noise on a command line.
@@ -45,6 +47,37 @@ def at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}")
     return value
+
+
+def positive_number(text: str) -> float:
+    """An option's value that measures something: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number; got {text!r}")
+    return value
+
+
+def check_output_paths(*paths: Path | None, folder: Path | None = None) -> None:
+    """Refuses, before a command does its work, files it could not write at the end: a path that
+    is a folder, or whose folder cannot be made or written. Makes the folders (``folder`` itself
+    for a command that writes several files into one)."""
+    for path in (*paths, folder):
+        if path is None:
+            continue
+        target = path if path is folder else path.parent
+        if path is not folder and path.is_dir():
+            raise InvalidRequestError(f"{path} is a folder; name a file to write", field="out")
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InvalidRequestError(
+                f"cannot write under {target}: {err.strerror or err}", field="out"
+            ) from err
+        if not os.access(target, os.W_OK):
+            raise InvalidRequestError(f"cannot write under {target}: permission denied", field="out")
 
 
 def add_streams_arg(parser: argparse.ArgumentParser) -> None:

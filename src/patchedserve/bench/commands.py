@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from patchedserve.bench.slo_commands import add_parsers as add_slo_parsers
+from patchedserve.cli import check_output_paths
 from patchedserve.errors import InvalidRequestError
 
 
@@ -85,6 +86,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_step(args: argparse.Namespace) -> int:
+    check_output_paths(args.json)  # before the measuring
     import torch
 
     from patchedserve.bench.step import run_step_bench, summary_lines, write_report
@@ -109,6 +111,7 @@ def run_step(args: argparse.Namespace) -> int:
 
 
 def run_burst(args: argparse.Namespace) -> int:
+    check_output_paths(args.json)
     from patchedserve.bench.burst import run_burst_bench
     from patchedserve.bench.step import write_report
 
@@ -132,6 +135,7 @@ def run_burst(args: argparse.Namespace) -> int:
 
 
 def run_replicas(args: argparse.Namespace) -> int:
+    check_output_paths(args.json)
     from patchedserve.bench.replicas import run_replica_bench
     from patchedserve.bench.step import write_report
 

@@ -11,6 +11,7 @@ costs (``cluster.calibrate``) so ``simulate --compare`` can replay the same trac
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import replace
@@ -26,7 +27,7 @@ from patchedserve.bench.traces import (
     make_trace,
     save_trace,
 )
-from patchedserve.cli import add_streams_arg, apply_streams_arg
+from patchedserve.cli import add_streams_arg, apply_streams_arg, at_least_one, check_output_paths
 from patchedserve.errors import InvalidRequestError
 
 Trace = tuple[float, float, list[TraceRequest], float, Path]
@@ -38,13 +39,16 @@ def _floats(text: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    if not values or not all(0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive finite numbers, got {text!r}")
     return values
 
 
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in _floats(text)]
+    values = _floats(text)
+    if any(v != int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected whole numbers, got {text!r}")
+    return [int(v) for v in values]
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -79,7 +83,7 @@ def add_system_args(p: argparse.ArgumentParser, default_systems: str) -> None:
     """Flags of the compared systems and where results go."""
     p.add_argument("--model", default="tiny-sdxl", help="built-in name or diffusers folder")
     p.add_argument("--systems", default=default_systems, help="comma-separated, from bench.systems.SYSTEMS")
-    p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels")
+    p.add_argument("--patch-size", type=at_least_one, default=256, help="patch side in pixels")
     p.add_argument("--max-running", type=int, default=12, help="batch cap of the batching systems")
     p.add_argument("--profile", type=Path, default=None, help="latency profile (patchedserve profile --out)")
     p.add_argument("--image-cost", type=Path, default=None, help="image-level step cost (bench calibrate)")
@@ -91,7 +95,8 @@ def make_traces(args: argparse.Namespace, out_dir: Path) -> list[Trace]:
     """The sweep's traces, written to ``out_dir/traces`` (the same file serves every system)."""
     if args.trace is not None:
         requests, config = load_trace(args.trace)
-        duration_s = config.duration_s if config else max((r.arrival_s for r in requests), default=1.0)
+        last_s = max((r.arrival_s for r in requests), default=0.0)
+        duration_s = config.duration_s if config else last_s if last_s > 0 else 1.0
         qps = config.qps if config else len(requests) / duration_s
         scales = sorted(r.slo_scale for r in requests)
         path = save_trace(out_dir / "traces" / Path(args.trace).name, requests, config)
@@ -114,7 +119,10 @@ def make_traces(args: argparse.Namespace, out_dir: Path) -> list[Trace]:
     traces = []
     for scale in args.slo_scale:
         for qps in args.qps:
-            config = replace(base, qps=qps, slo_scales=(scale,))
+            try:
+                config = replace(base, qps=qps, slo_scales=(scale,))
+            except ValueError as err:  # a load the trace cannot hold
+                raise InvalidRequestError(str(err), field="qps") from err
             requests = make_trace(config)
             path = save_trace(out_dir / "traces" / f"qps{qps:g}_slo{scale:g}.jsonl", requests, config)
             traces.append((qps, scale, requests, config.duration_s, path))
@@ -135,7 +143,8 @@ def add_parsers(group: Any) -> None:
     slo = group.add_parser("slo", help="replay traces on every system on the wall clock (SLO satisfaction)")
     add_trace_args(slo)
     add_system_args(slo, "image-fcfs,res-batch,nirvana,patched-fcfs,patchedserve,patchedserve-cache")
-    slo.add_argument("--threads", type=int, default=None, help="torch CPU threads (match the profile's)")
+    threads_help = "torch CPU threads (match the profile's)"
+    slo.add_argument("--threads", type=at_least_one, default=None, help=threads_help)
     add_streams_arg(slo)
     slo.add_argument("--device", default="cpu")
     slo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -165,9 +174,9 @@ def add_parsers(group: Any) -> None:
     cal.add_argument("--sizes", type=_sizes, default=[(256, 256), (512, 256), (512, 512)])
     cal.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 12])
     cal.add_argument("--guidance", type=float, default=5.0)
-    cal.add_argument("--patch-size", type=int, default=256)
+    cal.add_argument("--patch-size", type=at_least_one, default=256)
     cal.add_argument("--profile", type=Path, default=None, help="take encode/decode costs from this profile")
-    cal.add_argument("--threads", type=int, default=None)
+    cal.add_argument("--threads", type=at_least_one, default=None)
     add_streams_arg(cal)
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -210,6 +219,7 @@ def run_slo(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    check_output_paths(folder=args.out)  # before the calibration is measured
     import torch
 
     from patchedserve.cluster.calibrate import Calibration, calibrate_all

@@ -10,6 +10,7 @@ and the simulator (``patchedserve simulate``), which replay the same file on eve
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,6 +24,9 @@ from patchedserve.errors import InvalidRequestError
 FORMAT = "patchedserve-trace"
 """Value of the header line's ``format`` key."""
 VERSION = 1
+MAX_TRACE_REQUESTS = 1_000_000
+"""Most requests a generated trace may hold (qps x duration): more would exhaust memory before any
+replay or simulation could use them."""
 """Trace file layout version."""
 MIXES: tuple[str, ...] = ("uniform", "skewed", "custom")
 """Resolution mixes: equal shares, 50/25/25 (first size half, the rest share the other half), or
@@ -93,8 +97,14 @@ class TraceConfig:
     """Seed of every draw."""
 
     def __post_init__(self) -> None:
-        if not self.qps > 0.0 or not self.duration_s > 0.0:
-            raise ValueError(f"qps and duration_s must be positive; got {self.qps}, {self.duration_s}")
+        if not 0.0 < self.qps < math.inf or not 0.0 < self.duration_s < math.inf:
+            got = f"{self.qps}, {self.duration_s}"
+            raise ValueError(f"qps and duration_s must be positive and finite; got {got}")
+        if self.qps * self.duration_s > MAX_TRACE_REQUESTS:
+            raise ValueError(
+                f"qps x duration_s asks for {self.qps * self.duration_s:.3g} requests; a trace holds at most "
+                f"{MAX_TRACE_REQUESTS:,}"
+            )
         if self.arrivals not in ARRIVALS or self.mix not in MIXES:
             raise ValueError(f"arrivals must be one of {ARRIVALS} and mix one of {MIXES}")
         if not self.burstiness > 0.0 or not 0.0 <= self.repetition <= 1.0:
@@ -206,9 +216,14 @@ def load_trace(path: str | Path) -> tuple[list[TraceRequest], TraceConfig | None
     if header.get("config") is not None:
         config = config_from_dict(header["config"])
     known = {f.name for f in fields(TraceRequest)}
-    requests = [
-        TraceRequest(**{k: v for k, v in json.loads(line).items() if k in known}) for line in lines[1:]
-    ]
+    requests = []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            row = json.loads(line)
+            requests.append(TraceRequest(**{k: v for k, v in row.items() if k in known}))
+        except (json.JSONDecodeError, TypeError, AttributeError) as err:  # not JSON, an object, its keys
+            message = f"{path} line {number} is not a trace request: {err}"
+            raise InvalidRequestError(message, field="trace") from err
     return requests, config
 
 

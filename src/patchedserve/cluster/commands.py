@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from patchedserve.bench.slo_commands import Trace, _ints, add_system_args, add_trace_args, make_traces
 from patchedserve.bench.traces import load_trace
-from patchedserve.cli import at_least_one
+from patchedserve.cli import at_least_one, positive_number
 from patchedserve.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="with --compare: scale costs by the machine speed each real run measured over time",
     )
-    p.add_argument("--speed-bucket", type=float, default=5.0, help="seconds per speed-trace bucket")
+    p.add_argument("--speed-bucket", type=positive_number, default=5.0, help="seconds per speed-trace bucket")
     p.add_argument(
         "--step-noise",
         type=_noise,

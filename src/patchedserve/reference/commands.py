@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from patchedserve.errors import InvalidRequestError
 from patchedserve.models.names import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ def load_pipeline(model: str) -> ReferencePipeline:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_image_path(args.out)  # before the model loads and the image is made
     pipeline = load_pipeline(args.model)
     width, height = args.size if args.size is not None else (None, None)
     result = pipeline.generate(
@@ -95,6 +98,24 @@ def run_main_job(args: argparse.Namespace) -> int:
         _report(pipeline, result, out)
     print(f"done: {len(RUN_SIZES)} images in {args.out_dir.resolve()}")
     return 0
+
+
+def check_image_path(out: Path) -> None:
+    """Refuses a path that is a folder or whose extension no image format is written under, and
+    makes its folder, so that a bad ``--out`` costs no generation."""
+    import PIL.Image
+
+    if out.is_dir():
+        message = f"--out {out} is a folder; name a file, e.g. {out / 'image.png'}"
+        raise InvalidRequestError(message, field="out")
+    kind = PIL.Image.registered_extensions().get(out.suffix.lower())
+    if kind is None or kind not in PIL.Image.SAVE:
+        raise InvalidRequestError(
+            f"--out {out}: no image format is written as {out.suffix or 'a file without an extension'}; "
+            "use .png, .jpg or .webp",
+            field="out",
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _default_path(folder: Path, pipeline: ReferencePipeline, result: ReferenceResult) -> Path:

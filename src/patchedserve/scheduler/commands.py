@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from patchedserve.cli import add_streams_arg, apply_streams_arg
+from patchedserve.cli import add_streams_arg, apply_streams_arg, at_least_one, check_output_paths
 from patchedserve.errors import InvalidRequestError
 from patchedserve.models.names import DEFAULT_MODEL
 from patchedserve.reference.commands import parse_size
@@ -55,7 +55,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--compare", action="store_true", help="also report the MAPE of alternative models")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    threads_help = "torch CPU threads (default: torch's)"
+    parser.add_argument("--threads", type=at_least_one, default=None, help=threads_help)
     add_streams_arg(parser)
     parser.add_argument("--out", type=Path, required=True, help="profile file to write (JSON)")
     parser.add_argument("--json", type=Path, default=None, help="report to write (JSON)")
@@ -63,6 +64,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_profile_command(args: argparse.Namespace) -> int:
+    check_output_paths(args.out, args.json)  # before the profile is measured
     import torch
 
     from patchedserve.models import load_model
