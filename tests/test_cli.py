@@ -142,6 +142,9 @@ def test_a_file_that_is_missing_or_of_another_kind_is_one_error_line(
         (["simulate", "--patch-size", "0"], "whole number >= 1"),
         (["profile", "--threads", "0"], "whole number >= 1"),
         (["bench", "calibrate", "--threads", "-1"], "whole number >= 1"),
+        (["bench", "burst", "--count", "-2"], "whole number >= 1"),
+        (["serve", "--port", "70000"], "port from 0 to 65535"),
+        (["serve", "--log-level", "bogus"], "invalid choice"),
     ],
 )
 def test_a_flag_out_of_range_is_a_usage_error(

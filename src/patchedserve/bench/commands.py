@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from patchedserve.bench.slo_commands import add_parsers as add_slo_parsers
-from patchedserve.cli import check_output_paths
+from patchedserve.cli import at_least_one, check_output_paths
 from patchedserve.errors import InvalidRequestError
 
 
@@ -57,7 +57,7 @@ def add_parser(subparsers: Any) -> None:
     burst = group.add_parser("burst", help="engine throughput on a burst vs the reference one at a time")
     burst.add_argument("--model", default="tiny-sdxl")
     burst.add_argument("--sizes", default="512x512,768x768,1024x1024", help="WxH list, cycled")
-    burst.add_argument("--count", type=int, default=12)
+    burst.add_argument("--count", type=at_least_one, default=12)
     burst.add_argument("--steps", type=int, default=10)
     burst.add_argument("--guidance", type=float, default=5.0)
     burst.add_argument("--patch-size", type=int, default=256)

@@ -76,6 +76,17 @@ def shown_default(field: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0-65535 (0: any free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535; got {text!r}")
+    return value
+
+
 def add_parser(subparsers: Any) -> None:
     serve = subparsers.add_parser(
         "serve",
@@ -84,8 +95,10 @@ def add_parser(subparsers: Any) -> None:
     )
     serve.add_argument("--model", default=DEFAULT_MODEL, help="built-in name or diffusers folder")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    serve.add_argument("--log-level", default="info", help="uvicorn log level")
+    serve.add_argument("--port", type=port_number, default=8000, help="0 picks a free port")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
+    )
     serve.add_argument(
         "--api-key",
         default=None,
