@@ -64,18 +64,16 @@ def check_output_paths(*paths: Path | None, folder: Path | None = None) -> None:
     """Refuses, before a command does its work, files it could not write at the end: a path that
     is a folder, or whose folder cannot be made or written. Makes the folders (``folder`` itself
     for a command that writes several files into one)."""
-    for path in (*paths, folder):
-        if path is None:
-            continue
-        target = path if path is folder else path.parent
-        if path is not folder and path.is_dir():
+    files = [p for p in paths if p is not None]
+    for path in files:
+        if path.is_dir():
             raise InvalidRequestError(f"{path} is a folder; name a file to write", field="out")
+    for target in [*(p.parent for p in files), *([] if folder is None else [folder])]:
         try:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise InvalidRequestError(
-                f"cannot write under {target}: {err.strerror or err}", field="out"
-            ) from err
+            message = f"cannot write under {target}: {err.strerror or err}"
+            raise InvalidRequestError(message, field="out") from err
         if not os.access(target, os.W_OK):
             raise InvalidRequestError(f"cannot write under {target}: permission denied", field="out")
 

@@ -101,21 +101,20 @@ def run_main_job(args: argparse.Namespace) -> int:
 
 
 def check_image_path(out: Path) -> None:
-    """Refuses a path that is a folder or whose extension no image format is written under, and
-    makes its folder, so that a bad ``--out`` costs no generation."""
+    """Refuses a path whose extension no image format is written under, or that could not be
+    written (``cli.check_output_paths``), so that a bad ``--out`` costs no generation."""
     import PIL.Image
 
-    if out.is_dir():
-        message = f"--out {out} is a folder; name a file, e.g. {out / 'image.png'}"
-        raise InvalidRequestError(message, field="out")
+    from patchedserve.cli import check_output_paths
+
     kind = PIL.Image.registered_extensions().get(out.suffix.lower())
-    if kind is None or kind not in PIL.Image.SAVE:
+    if not out.is_dir() and (kind is None or kind not in PIL.Image.SAVE):
         raise InvalidRequestError(
             f"--out {out}: no image format is written as {out.suffix or 'a file without an extension'}; "
             "use .png, .jpg or .webp",
             field="out",
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_paths(out)
 
 
 def _default_path(folder: Path, pipeline: ReferencePipeline, result: ReferenceResult) -> Path:
