@@ -24,10 +24,10 @@ from patchedserve.errors import InvalidRequestError
 FORMAT = "patchedserve-trace"
 """Value of the header line's ``format`` key."""
 VERSION = 1
+"""Trace file layout version."""
 MAX_TRACE_REQUESTS = 1_000_000
 """Most requests a generated trace may hold (qps x duration): more would exhaust memory before any
 replay or simulation could use them."""
-"""Trace file layout version."""
 MIXES: tuple[str, ...] = ("uniform", "skewed", "custom")
 """Resolution mixes: equal shares, 50/25/25 (first size half, the rest share the other half), or
 ``weights`` given explicitly."""
