@@ -143,6 +143,8 @@ def test_a_file_that_is_missing_or_of_another_kind_is_one_error_line(
         (["profile", "--threads", "0"], "whole number >= 1"),
         (["bench", "calibrate", "--threads", "-1"], "whole number >= 1"),
         (["bench", "burst", "--count", "-2"], "whole number >= 1"),
+        (["bench", "step", "--repeats", "0"], "whole number >= 1"),
+        (["profile", "--repeats", "0"], "whole number >= 1"),
         (["serve", "--port", "70000"], "port from 0 to 65535"),
         (["serve", "--log-level", "bogus"], "invalid choice"),
     ],
@@ -165,9 +167,13 @@ def test_a_flag_out_of_range_is_a_usage_error(
         (["profile", "--out", "plain.txt/p.json"], "cannot write under plain.txt"),
         (["bench", "step", "--json", "folder"], "is a folder"),
         (["bench", "calibrate", "--out", "plain.txt/costs"], "cannot write under plain.txt"),
+        (["profile", "--out", "p.json", "--device", "bogus"], "is not a torch device"),
+        (["bench", "calibrate", "--out", "costs", "--device", "cuda:99"], "is not available here"),
+        (["bench", "step", "--device", "bogus"], "is not a torch device"),
+        (["bench", "slo", "--out", "slo", "--device", "bogus"], "is not a torch device"),
     ],
 )
-def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+def test_an_output_or_device_this_machine_lacks_is_refused_before_any_work(
     args: list[str],
     message: str,
     tmp_path: Path,

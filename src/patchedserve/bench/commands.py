@@ -46,7 +46,7 @@ def add_parser(subparsers: Any) -> None:
     step.add_argument("--sizes", default="512x512,768x768,1024x1024", help="WxH list")
     step.add_argument("--per-size", default="1,4", help="requests of each size, one mix per value")
     step.add_argument("--patch-size", type=int, default=256, help="patch side in image pixels")
-    step.add_argument("--repeats", type=int, default=3)
+    step.add_argument("--repeats", type=at_least_one, default=3)
     step.add_argument("--device", default="auto", help="auto, cpu or cuda")
     step.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     step.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -88,6 +88,11 @@ def add_parser(subparsers: Any) -> None:
 def run_step(args: argparse.Namespace) -> int:
     check_output_paths(args.json)  # before the measuring
     import torch
+
+    from patchedserve.engine.config import check_device
+
+    if args.device != "auto":
+        check_device(args.device)
 
     from patchedserve.bench.step import run_step_bench, summary_lines, write_report
 

@@ -211,6 +211,9 @@ def run_report(args: argparse.Namespace) -> int:
 
 def run_slo(args: argparse.Namespace) -> int:
     from patchedserve.bench.slo_run import run_slo_sweep
+    from patchedserve.engine.config import check_device
+
+    check_device(args.device)  # before the model loads
 
     start = time.perf_counter()
     path = run_slo_sweep(args)
@@ -221,6 +224,10 @@ def run_slo(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     check_output_paths(folder=args.out)  # before the calibration is measured
     import torch
+
+    from patchedserve.engine.config import check_device
+
+    check_device(args.device)
 
     from patchedserve.cluster.calibrate import Calibration, calibrate_all
     from patchedserve.models import load_model

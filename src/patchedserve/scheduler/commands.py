@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
         "--max-requests", type=int, default=defaults.max_requests, help="requests per mix, at most"
     )
     parser.add_argument(
-        "--repeats", type=int, default=defaults.repeats, help="timed runs per mix (median kept)"
+        "--repeats", type=at_least_one, default=defaults.repeats, help="timed runs per mix (median kept)"
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
@@ -66,6 +66,10 @@ def add_parser(subparsers: Any) -> None:
 def run_profile_command(args: argparse.Namespace) -> int:
     check_output_paths(args.out, args.json)  # before the profile is measured
     import torch
+
+    from patchedserve.engine.config import check_device
+
+    check_device(args.device)
 
     from patchedserve.models import load_model
     from patchedserve.scheduler.compare import compare_models
